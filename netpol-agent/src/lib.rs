@@ -1,0 +1,11 @@
+//! netpol's node agent as a library: the binary (`main.rs`) only wires these modules together.
+//!
+//! Data flow: API objects or manifest files → [`model::ClusterState`] → [`compile`] (pure) →
+//! [`layout::KernelMaps`] (desired map contents) → [`dataplane`] (writes the diff to the kernel).
+
+pub mod compile;
+pub mod dataplane;
+pub mod explain;
+pub mod layout;
+pub mod manifest;
+pub mod model;

@@ -1,0 +1,135 @@
+//! Per-CPU packet and byte counters, keyed by endpoint, direction and reason.
+
+/// Why a packet passed or was dropped. Every path through the programs ends in exactly one reason.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// A new flow allowed by a rule.
+    AllowPolicy = 1,
+    /// A packet of a tracked, allowed flow (either orientation).
+    AllowConntrack = 2,
+    /// No policy selects the endpoint in this direction.
+    AllowUnpoliced = 3,
+    /// Not IP (ARP, LLDP) or IPv6 neighbour discovery: never policed.
+    AllowNonIp = 4,
+    /// Would have been denied; passed because the endpoint is in audit mode.
+    Audit = 5,
+    /// No rule allows the flow.
+    DenyPolicy = 16,
+    /// A tracked flow that the current policy no longer allows (policy changed).
+    DenyPolicyChanged = 17,
+    /// Truncated or inconsistent headers.
+    DenyMalformed = 18,
+    /// A non-first IP fragment of a flow that is not tracked.
+    DenyFragment = 19,
+    /// The conntrack entry could not be created.
+    DenyConntrackFull = 20,
+}
+
+impl Reason {
+    /// Every reason, for iteration in user space.
+    pub const ALL: [Reason; 10] = [
+        Reason::AllowPolicy,
+        Reason::AllowConntrack,
+        Reason::AllowUnpoliced,
+        Reason::AllowNonIp,
+        Reason::Audit,
+        Reason::DenyPolicy,
+        Reason::DenyPolicyChanged,
+        Reason::DenyMalformed,
+        Reason::DenyFragment,
+        Reason::DenyConntrackFull,
+    ];
+
+    /// `true` if packets with this reason are dropped.
+    pub const fn is_drop(self) -> bool {
+        (self as u8) >= 16
+    }
+
+    /// The label value used in metrics and CLI output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::AllowPolicy => "policy_allow",
+            Reason::AllowConntrack => "conntrack",
+            Reason::AllowUnpoliced => "unpoliced",
+            Reason::AllowNonIp => "non_ip",
+            Reason::Audit => "audit",
+            Reason::DenyPolicy => "policy_deny",
+            Reason::DenyPolicyChanged => "policy_changed",
+            Reason::DenyMalformed => "malformed",
+            Reason::DenyFragment => "fragment",
+            Reason::DenyConntrackFull => "conntrack_full",
+        }
+    }
+
+    /// The reason with this numeric value.
+    pub const fn from_u8(v: u8) -> Option<Reason> {
+        let mut i = 0;
+        while i < Self::ALL.len() {
+            if Self::ALL[i] as u8 == v {
+                return Some(Self::ALL[i]);
+            }
+            i += 1;
+        }
+        None
+    }
+}
+
+/// Key of [`crate::maps::COUNTERS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterKey {
+    /// Host-side interface of the endpoint.
+    pub ifindex: u32,
+    /// `DIR_INGRESS` or `DIR_EGRESS`.
+    pub direction: u8,
+    /// A [`Reason`] as `u8`.
+    pub reason: u8,
+    /// Always zero.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CounterKey>() == 8);
+
+/// Value of [`crate::maps::COUNTERS`] and [`crate::maps::RULE_COUNTERS`] (one per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CounterValue {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes (length of the packet as seen by TC, link-layer header included).
+    pub bytes: u64,
+}
+
+/// Key of [`crate::maps::RULE_COUNTERS`]: new flows decided by a rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleCounterKey {
+    /// The rule id from [`crate::policy::PortValue`].
+    pub rule_id: u32,
+}
+
+/// Index in [`crate::maps::STATS`]: events written to the ring buffer.
+pub const STAT_EVENTS_SENT: u32 = 0;
+/// Index in [`crate::maps::STATS`]: events lost because the ring buffer was full.
+pub const STAT_EVENTS_LOST: u32 = 1;
+/// Index in [`crate::maps::STATS`]: events suppressed by the rate limit.
+pub const STAT_EVENTS_RATE_LIMITED: u32 = 2;
+/// Index in [`crate::maps::STATS`]: packets on an interface that has no endpoint entry.
+pub const STAT_NO_ENDPOINT: u32 = 3;
+/// Number of slots in [`crate::maps::STATS`].
+pub const STAT_SLOTS: u32 = 8;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_round_trip_and_classify() {
+        for r in Reason::ALL {
+            assert_eq!(Reason::from_u8(r as u8), Some(r));
+        }
+        assert_eq!(Reason::from_u8(0), None);
+        assert!(Reason::DenyMalformed.is_drop());
+        assert!(!Reason::Audit.is_drop());
+    }
+}

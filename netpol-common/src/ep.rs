@@ -1,0 +1,83 @@
+//! The endpoint map: which policy sets apply to the pod behind an interface.
+
+/// Key of [`crate::maps::EP`]: the ifindex of a pod's host-side interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    /// Interface index in the host network namespace.
+    pub ifindex: u32,
+}
+
+/// Set id meaning "no policy of this tier applies in this direction".
+///
+/// For the NetworkPolicy tier this is the Kubernetes notion of a pod that is not isolated: every
+/// packet is allowed by that tier. An isolated pod whose policies allow nothing points at a set id
+/// that has no entries, so every lookup misses and the default deny applies.
+pub const SET_NONE: u32 = 0;
+
+/// Would-be drops of this endpoint pass and are counted and reported as `audit`.
+pub const EP_FLAG_AUDIT: u32 = 1;
+
+/// Value of [`crate::maps::EP`]: written by the agent, read by both programs for every packet.
+///
+/// The agent replaces the whole value in one map update when a pod's rules change, so a packet
+/// sees either the old or the new sets, never a mix. `generation` changes with every such update;
+/// conntrack entries decided under another generation are re-evaluated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// Bumped on every change of this endpoint's sets or flags.
+    pub generation: u32,
+    /// `EP_FLAG_*` bits.
+    pub flags: u32,
+    /// Admin-tier set for traffic entering the pod ([`SET_NONE`] if none).
+    pub ingress_admin: u32,
+    /// NetworkPolicy set for traffic entering the pod ([`SET_NONE`]: not isolated).
+    pub ingress_np: u32,
+    /// Baseline-tier set for traffic entering the pod ([`SET_NONE`] if none).
+    pub ingress_baseline: u32,
+    /// Admin-tier set for traffic leaving the pod.
+    pub egress_admin: u32,
+    /// NetworkPolicy set for traffic leaving the pod ([`SET_NONE`]: not isolated).
+    pub egress_np: u32,
+    /// Baseline-tier set for traffic leaving the pod.
+    pub egress_baseline: u32,
+}
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 32);
+
+/// Which tier a set belongs to; index into [`Endpoint::sets`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tier {
+    /// ClusterNetworkPolicy Admin tier (AdminNetworkPolicy), evaluated first.
+    Admin = 0,
+    /// Namespaced NetworkPolicy.
+    NetworkPolicy = 1,
+    /// ClusterNetworkPolicy Baseline tier (BaselineAdminNetworkPolicy), evaluated last.
+    Baseline = 2,
+}
+
+impl Endpoint {
+    /// The three set ids of one direction, in evaluation order (admin, netpol, baseline).
+    #[inline(always)]
+    pub const fn sets(&self, dir: u8) -> [u32; 3] {
+        if dir == crate::DIR_INGRESS {
+            [self.ingress_admin, self.ingress_np, self.ingress_baseline]
+        } else {
+            [self.egress_admin, self.egress_np, self.egress_baseline]
+        }
+    }
+
+    /// Sets the id of one tier and direction.
+    pub fn set_tier(&mut self, dir: u8, tier: Tier, id: u32) {
+        let slot = match (dir == crate::DIR_INGRESS, tier) {
+            (true, Tier::Admin) => &mut self.ingress_admin,
+            (true, Tier::NetworkPolicy) => &mut self.ingress_np,
+            (true, Tier::Baseline) => &mut self.ingress_baseline,
+            (false, Tier::Admin) => &mut self.egress_admin,
+            (false, Tier::NetworkPolicy) => &mut self.egress_np,
+            (false, Tier::Baseline) => &mut self.egress_baseline,
+        };
+        *slot = id;
+    }
+}

@@ -1,0 +1,58 @@
+//! Map names (the kernel keeps at most 15 characters), sizes and pin locations.
+//!
+//! Every map is pinned under [`PIN_DIR`]; the `v1` in the path is the layout version, so a future
+//! incompatible layout is installed beside this one and migrated explicitly.
+
+/// Directory of the pinned maps, programs and links.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/netpol";
+/// Directory of this layout version's pinned maps.
+pub const PIN_DIR: &str = "/sys/fs/bpf/netpol/v1";
+
+/// HASH ifindex → [`crate::ep::Endpoint`].
+pub const EP: &str = "np_ep";
+/// LPM (set id, remote address) → port-set id.
+pub const PEER: &str = "np_peer";
+/// LPM (port-set id, protocol, port) → action and rule id.
+pub const PORTS: &str = "np_ports";
+/// LRU HASH [`crate::ct::CtKey`] → [`crate::ct::CtValue`].
+pub const CT: &str = "np_ct";
+/// LRU HASH [`crate::ct::FragKey`] → [`crate::ct::FragValue`]: datagrams whose first fragment passed.
+pub const FRAG: &str = "np_frag";
+/// PERCPU HASH (ifindex, direction, reason) → packets and bytes.
+pub const COUNTERS: &str = "np_cnt";
+/// PERCPU HASH rule id → packets and bytes of the new flows it decided.
+pub const RULE_COUNTERS: &str = "np_rule_cnt";
+/// PERCPU ARRAY of global statistics (`STAT_*`).
+pub const STATS: &str = "np_stats";
+/// RINGBUF of [`crate::event::DenyEvent`].
+pub const EVENTS: &str = "np_events";
+/// PERCPU ARRAY token bucket of the event rate limit.
+pub const EVENT_RATE: &str = "np_ev_rate";
+/// ARRAY[1] of [`crate::event::Config`].
+pub const CONFIG: &str = "np_cfg";
+
+/// Every pinned map, for inspection and uninstall.
+pub const ALL: [&str; 11] =
+    [EP, PEER, PORTS, CT, FRAG, COUNTERS, RULE_COUNTERS, STATS, EVENTS, EVENT_RATE, CONFIG];
+
+/// Capacity of [`EP`]: pods per node.
+pub const EP_MAX: usize = 16_384;
+/// Capacity of [`PEER`].
+pub const PEER_MAX: usize = 1 << 20;
+/// Capacity of [`PORTS`].
+pub const PORTS_MAX: usize = 1 << 18;
+/// Default capacity of [`CT`] (the agent can override it at load time).
+pub const CT_MAX: usize = 1 << 19;
+/// Capacity of [`FRAG`].
+pub const FRAG_MAX: usize = 1 << 14;
+/// Capacity of [`COUNTERS`].
+pub const COUNTERS_MAX: usize = 1 << 16;
+/// Capacity of [`RULE_COUNTERS`].
+pub const RULE_COUNTERS_MAX: usize = 1 << 16;
+/// Size of [`EVENTS`] in bytes.
+pub const EVENTS_BYTES: usize = 1 << 18;
+
+/// Name of the program attached at TC ingress of the host-side interface (pod egress policy).
+pub const PROG_FROM_POD: &str = "from_pod";
+/// Name of the program attached at TC egress of the host-side interface (pod ingress policy).
+pub const PROG_TO_POD: &str = "to_pod";

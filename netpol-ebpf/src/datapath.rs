@@ -1,0 +1,210 @@
+//! The decision for one packet: endpoint → parse → conntrack → policy → counters and events.
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
+    programs::TcContext,
+};
+use netpol_common::{
+    counters::{Reason, STAT_NO_ENDPOINT},
+    ct::{
+        tcp_next_state, CtKey, CtValue, FragKey, FragValue, CT_ACTIVE, CT_TCP_ESTABLISHED,
+        CT_TCP_SYN_SENT, CT_VERDICT_ALLOW, CT_VERDICT_AUDIT,
+    },
+    ep::{Endpoint, EndpointKey, EP_FLAG_AUDIT},
+    DIR_EGRESS,
+};
+
+use crate::{
+    counters::{count, count_rule, stat},
+    events::emit,
+    maps::{CT_MAP, EP_MAP, FRAG_MAP},
+    parse::{parse, Flow, FlowKind, Packet, PROTO_TCP, PROTO_UDP},
+    policy::evaluate,
+};
+
+/// Pass, and let later TC programs (if any) and the stack carry on.
+const TC_PASS: i32 = TC_ACT_UNSPEC;
+const TC_DROP: i32 = TC_ACT_SHOT as i32;
+
+/// The one fail-open/fail-closed choice: a packet on an interface that carries our programs but
+/// has no endpoint entry (the agent is attaching or detaching it) passes. The agent writes the
+/// endpoint entry before it attaches and removes it after it detaches, so this is a short window.
+const UNKNOWN_ENDPOINT_VERDICT: i32 = TC_PASS;
+
+#[inline(always)]
+pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(ep) = (unsafe { EP_MAP.get(EndpointKey { ifindex }) }) else {
+        stat(STAT_NO_ENDPOINT);
+        return UNKNOWN_ENDPOINT_VERDICT;
+    };
+    let ep = *ep;
+    let mut flow = Flow::EMPTY;
+    let reason = match parse(ctx.skb.skb, &mut flow) {
+        Packet::Malformed => Reason::DenyMalformed,
+        Packet::Control => Reason::AllowNonIp,
+        Packet::Ip => match flow.kind {
+            FlowKind::Normal => decide_flow(ifindex, dir, &ep, &flow),
+            FlowKind::Fragment => decide_fragment(ifindex, &flow),
+            FlowKind::IcmpError => decide_icmp_error(ifindex, dir, &ep, &flow),
+        },
+    };
+    count(ifindex, dir, reason, ctx.len());
+    if reason.is_drop() {
+        TC_DROP
+    } else {
+        TC_PASS
+    }
+}
+
+/// Conntrack key of a packet seen in direction `dir`, oriented from the pod's side.
+#[inline(always)]
+fn ct_key(ifindex: u32, dir: u8, src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16, proto: u8) -> CtKey {
+    if dir == DIR_EGRESS {
+        CtKey { ifindex, local_port: sport, remote_port: dport, local_addr: *src, remote_addr: *dst, proto, _pad: [0; 3] }
+    } else {
+        CtKey { ifindex, local_port: dport, remote_port: sport, local_addr: *dst, remote_addr: *src, proto, _pad: [0; 3] }
+    }
+}
+
+/// Destination port of a connection opened in direction `origin`: the peer's port for egress,
+/// the pod's own port for ingress.
+#[inline(always)]
+fn service_port(key: &CtKey, origin: u8) -> u16 {
+    if origin == DIR_EGRESS {
+        key.remote_port
+    } else {
+        key.local_port
+    }
+}
+
+/// A BPF subprogram, like [`parse`], so its frame does not add to the parser's.
+#[inline(never)]
+fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
+    let key = ct_key(ifindex, dir, &flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let audit = ep.flags & EP_FLAG_AUDIT != 0;
+
+    if let Some(ct) = CT_MAP.get_ptr_mut(&key) {
+        let ct = unsafe { &mut *ct };
+        if ct.generation != ep.generation {
+            // The endpoint's policy changed since this flow was decided: check it again in the
+            // orientation it was opened, so a policy change cuts established connections.
+            let d = evaluate(ep, ct.origin, &key.remote_addr, key.proto, service_port(&key, ct.origin));
+            if d.allow {
+                ct.verdict = CT_VERDICT_ALLOW;
+            } else if audit {
+                ct.verdict = CT_VERDICT_AUDIT;
+            } else {
+                let _ = CT_MAP.remove(&key);
+                emit(ifindex, dir, ep.generation, d.rule_id, Reason::DenyPolicyChanged, flow);
+                return Reason::DenyPolicyChanged;
+            }
+            ct.generation = ep.generation;
+            ct.rule_id = d.rule_id;
+        }
+        ct.last_seen_ns = now;
+        if flow.proto == PROTO_TCP {
+            ct.state = tcp_next_state(ct.state, flow.tcp_flags, ct.origin != dir);
+        }
+        if flow.first_fragment {
+            remember_fragment(ifindex, flow, now);
+        }
+        return if ct.verdict == CT_VERDICT_AUDIT { Reason::Audit } else { Reason::AllowConntrack };
+    }
+
+    // Not tracked: a new flow, or one whose tracking started late (agent restart, eviction).
+    let fwd = evaluate(ep, dir, &key.remote_addr, key.proto, service_port(&key, dir));
+    let (origin, rule_id, verdict, reason) = if fwd.allow {
+        let reason = if fwd.policed { Reason::AllowPolicy } else { Reason::AllowUnpoliced };
+        (dir, fwd.rule_id, CT_VERDICT_ALLOW, reason)
+    } else {
+        // Mid-flow pickup: a packet that cannot open a connection (TCP without SYN, SCTP without
+        // INIT, ICMP echo reply) passes if the connection is allowed the other way round. UDP
+        // cannot tell, so the reverse orientation counts only when a policy explicitly allows it
+        // (a DNS reply to a pod whose egress allows DNS), never merely because the reverse
+        // direction is unpoliced: that would void every ingress-only policy for UDP.
+        let rev_dir = dir ^ 1;
+        let rev = if !flow.initiates || flow.proto == PROTO_UDP {
+            let d = evaluate(ep, rev_dir, &key.remote_addr, key.proto, service_port(&key, rev_dir));
+            d.allow && (flow.proto != PROTO_UDP || d.policed)
+        } else {
+            false
+        };
+        if rev {
+            (rev_dir, 0, CT_VERDICT_ALLOW, Reason::AllowConntrack)
+        } else if audit {
+            emit(ifindex, dir, ep.generation, fwd.rule_id, Reason::Audit, flow);
+            (dir, fwd.rule_id, CT_VERDICT_AUDIT, Reason::Audit)
+        } else {
+            emit(ifindex, dir, ep.generation, fwd.rule_id, Reason::DenyPolicy, flow);
+            return Reason::DenyPolicy;
+        }
+    };
+
+    let state = if flow.proto != PROTO_TCP {
+        CT_ACTIVE
+    } else if flow.initiates {
+        CT_TCP_SYN_SENT
+    } else {
+        CT_TCP_ESTABLISHED
+    };
+    let value = CtValue {
+        last_seen_ns: now,
+        generation: ep.generation,
+        rule_id,
+        origin,
+        state,
+        verdict,
+        _pad: [0; 5],
+    };
+    if CT_MAP.insert(&key, value, 0).is_err() {
+        return Reason::DenyConntrackFull;
+    }
+    count_rule(rule_id, 1);
+    if flow.first_fragment {
+        remember_fragment(ifindex, flow, now);
+    }
+    reason
+}
+
+#[inline(always)]
+fn frag_key(ifindex: u32, flow: &Flow) -> FragKey {
+    FragKey { ifindex, id: flow.frag_id, src_addr: flow.src, dst_addr: flow.dst, proto: flow.proto, _pad: [0; 3] }
+}
+
+#[inline(always)]
+fn remember_fragment(ifindex: u32, flow: &Flow, now: u64) {
+    let _ = FRAG_MAP.insert(frag_key(ifindex, flow), FragValue { first_seen_ns: now }, 0);
+}
+
+/// Non-first fragments carry no ports: they follow their first fragment, or are dropped.
+#[inline(always)]
+fn decide_fragment(ifindex: u32, flow: &Flow) -> Reason {
+    if FRAG_MAP.get_ptr(frag_key(ifindex, flow)).is_some() {
+        Reason::AllowConntrack
+    } else {
+        Reason::DenyFragment
+    }
+}
+
+/// ICMP errors pass if they concern a tracked flow of this endpoint; others are ordinary ICMP.
+#[inline(never)]
+fn decide_icmp_error(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
+    // The offending packet travelled the other way through this interface.
+    let t = &flow.inner;
+    let key = ct_key(ifindex, dir ^ 1, &t.src, &t.dst, t.sport, t.dport, t.proto);
+    if CT_MAP.get_ptr(&key).is_some() {
+        return Reason::AllowConntrack;
+    }
+    let remote = if dir == DIR_EGRESS { &flow.dst } else { &flow.src };
+    let d = evaluate(ep, dir, remote, flow.proto, 0);
+    if d.allow {
+        if d.policed { Reason::AllowPolicy } else { Reason::AllowUnpoliced }
+    } else if ep.flags & EP_FLAG_AUDIT != 0 {
+        Reason::Audit
+    } else {
+        emit(ifindex, dir, ep.generation, d.rule_id, Reason::DenyPolicy, flow);
+        Reason::DenyPolicy
+    }
+}

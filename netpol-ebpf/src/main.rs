@@ -1,0 +1,35 @@
+//! netpol's TC programs. One pair serves every pod: `from_pod` at TC ingress of the pod's
+//! host-side interface (packets leaving the pod: its egress policy) and `to_pod` at TC egress
+//! (packets entering the pod: its ingress policy). Each finds its endpoint by ifindex.
+#![no_std]
+#![no_main]
+
+mod counters;
+mod datapath;
+mod events;
+mod maps;
+mod parse;
+mod policy;
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use netpol_common::{DIR_EGRESS, DIR_INGRESS};
+
+#[classifier]
+pub fn from_pod(ctx: TcContext) -> i32 {
+    datapath::handle(&ctx, DIR_EGRESS)
+}
+
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    datapath::handle(&ctx, DIR_INGRESS)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

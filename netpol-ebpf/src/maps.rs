@@ -1,0 +1,49 @@
+//! Every map of the programs. BTF-typed (`#[btf_map]`) so `bpftool map dump` prints field names;
+//! names and sizes come from `netpol_common::maps`, which documents who writes and reads each.
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    macros::btf_map,
+};
+use netpol_common::{
+    counters::{CounterKey, CounterValue, RuleCounterKey, STAT_SLOTS},
+    ct::{CtKey, CtValue, FragKey, FragValue},
+    ep::{Endpoint, EndpointKey},
+    event::{Config, RateState},
+    maps::*,
+    policy::{PeerData, PeerValue, PortData, PortValue},
+};
+
+#[btf_map(name = "np_ep")]
+pub static EP_MAP: HashMap<EndpointKey, Endpoint, EP_MAX> = HashMap::new();
+
+#[btf_map(name = "np_peer")]
+pub static PEER_MAP: LpmTrie<PeerData, PeerValue, PEER_MAX> = LpmTrie::new();
+
+#[btf_map(name = "np_ports")]
+pub static PORTS_MAP: LpmTrie<PortData, PortValue, PORTS_MAX> = LpmTrie::new();
+
+#[btf_map(name = "np_ct")]
+pub static CT_MAP: LruHashMap<CtKey, CtValue, CT_MAX> = LruHashMap::new();
+
+#[btf_map(name = "np_frag")]
+pub static FRAG_MAP: LruHashMap<FragKey, FragValue, FRAG_MAX> = LruHashMap::new();
+
+#[btf_map(name = "np_cnt")]
+pub static COUNTER_MAP: PerCpuHashMap<CounterKey, CounterValue, COUNTERS_MAX> =
+    PerCpuHashMap::new();
+
+#[btf_map(name = "np_rule_cnt")]
+pub static RULE_COUNTER_MAP: PerCpuHashMap<RuleCounterKey, CounterValue, RULE_COUNTERS_MAX> =
+    PerCpuHashMap::new();
+
+#[btf_map(name = "np_stats")]
+pub static STATS_MAP: PerCpuArray<u64, { STAT_SLOTS as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "np_events")]
+pub static EVENTS_MAP: RingBuf<u8, EVENTS_BYTES> = RingBuf::new();
+
+#[btf_map(name = "np_ev_rate")]
+pub static EVENT_RATE_MAP: PerCpuArray<RateState, 1> = PerCpuArray::new();
+
+#[btf_map(name = "np_cfg")]
+pub static CONFIG_MAP: Array<Config, 1> = Array::new();
