@@ -31,7 +31,11 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("netpol-ebpf manifest has no parent directory"))?;
     aya_build::build_ebpf(
-        [Package { name: "netpol-ebpf", root_dir: root_dir.as_str(), ..Default::default() }],
+        [Package {
+            name: "netpol-ebpf",
+            root_dir: root_dir.as_str(),
+            ..Default::default()
+        }],
         Toolchain::default(),
     )
     .context(

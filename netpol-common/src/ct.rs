@@ -175,10 +175,19 @@ mod tests {
 
     #[test]
     fn tcp_states() {
-        assert_eq!(tcp_next_state(CT_TCP_SYN_SENT, SYN | ACK, true), CT_TCP_ESTABLISHED);
+        assert_eq!(
+            tcp_next_state(CT_TCP_SYN_SENT, SYN | ACK, true),
+            CT_TCP_ESTABLISHED
+        );
         assert_eq!(tcp_next_state(CT_TCP_SYN_SENT, SYN, false), CT_TCP_SYN_SENT);
-        assert_eq!(tcp_next_state(CT_TCP_ESTABLISHED, ACK, false), CT_TCP_ESTABLISHED);
-        assert_eq!(tcp_next_state(CT_TCP_ESTABLISHED, FIN | ACK, true), CT_TCP_CLOSING);
+        assert_eq!(
+            tcp_next_state(CT_TCP_ESTABLISHED, ACK, false),
+            CT_TCP_ESTABLISHED
+        );
+        assert_eq!(
+            tcp_next_state(CT_TCP_ESTABLISHED, FIN | ACK, true),
+            CT_TCP_CLOSING
+        );
         assert_eq!(tcp_next_state(CT_TCP_CLOSING, RST, false), CT_TCP_CLOSED);
         assert_eq!(tcp_next_state(CT_TCP_CLOSED, FIN, false), CT_TCP_CLOSED);
     }

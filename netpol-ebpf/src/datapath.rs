@@ -59,11 +59,35 @@ pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
 
 /// Conntrack key of a packet seen in direction `dir`, oriented from the pod's side.
 #[inline(always)]
-fn ct_key(ifindex: u32, dir: u8, src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16, proto: u8) -> CtKey {
+fn ct_key(
+    ifindex: u32,
+    dir: u8,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> CtKey {
     if dir == DIR_EGRESS {
-        CtKey { ifindex, local_port: sport, remote_port: dport, local_addr: *src, remote_addr: *dst, proto, _pad: [0; 3] }
+        CtKey {
+            ifindex,
+            local_port: sport,
+            remote_port: dport,
+            local_addr: *src,
+            remote_addr: *dst,
+            proto,
+            _pad: [0; 3],
+        }
     } else {
-        CtKey { ifindex, local_port: dport, remote_port: sport, local_addr: *dst, remote_addr: *src, proto, _pad: [0; 3] }
+        CtKey {
+            ifindex,
+            local_port: dport,
+            remote_port: sport,
+            local_addr: *dst,
+            remote_addr: *src,
+            proto,
+            _pad: [0; 3],
+        }
     }
 }
 
@@ -81,7 +105,9 @@ fn service_port(key: &CtKey, origin: u8) -> u16 {
 /// A BPF subprogram, like [`parse`], so its frame does not add to the parser's.
 #[inline(never)]
 fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
-    let key = ct_key(ifindex, dir, &flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
+    let key = ct_key(
+        ifindex, dir, &flow.src, &flow.dst, flow.sport, flow.dport, flow.proto,
+    );
     let now = unsafe { bpf_ktime_get_ns() };
     let audit = ep.flags & EP_FLAG_AUDIT != 0;
 
@@ -90,14 +116,27 @@ fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
         if ct.generation != ep.generation {
             // The endpoint's policy changed since this flow was decided: check it again in the
             // orientation it was opened, so a policy change cuts established connections.
-            let d = evaluate(ep, ct.origin, &key.remote_addr, key.proto, service_port(&key, ct.origin));
+            let d = evaluate(
+                ep,
+                ct.origin,
+                &key.remote_addr,
+                key.proto,
+                service_port(&key, ct.origin),
+            );
             if d.allow {
                 ct.verdict = CT_VERDICT_ALLOW;
             } else if audit {
                 ct.verdict = CT_VERDICT_AUDIT;
             } else {
                 let _ = CT_MAP.remove(&key);
-                emit(ifindex, dir, ep.generation, d.rule_id, Reason::DenyPolicyChanged, flow);
+                emit(
+                    ifindex,
+                    dir,
+                    ep.generation,
+                    d.rule_id,
+                    Reason::DenyPolicyChanged,
+                    flow,
+                );
                 return Reason::DenyPolicyChanged;
             }
             ct.generation = ep.generation;
@@ -110,13 +149,27 @@ fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
         if flow.first_fragment {
             remember_fragment(ifindex, flow, now);
         }
-        return if ct.verdict == CT_VERDICT_AUDIT { Reason::Audit } else { Reason::AllowConntrack };
+        return if ct.verdict == CT_VERDICT_AUDIT {
+            Reason::Audit
+        } else {
+            Reason::AllowConntrack
+        };
     }
 
     // Not tracked: a new flow, or one whose tracking started late (agent restart, eviction).
-    let fwd = evaluate(ep, dir, &key.remote_addr, key.proto, service_port(&key, dir));
+    let fwd = evaluate(
+        ep,
+        dir,
+        &key.remote_addr,
+        key.proto,
+        service_port(&key, dir),
+    );
     let (origin, rule_id, verdict, reason) = if fwd.allow {
-        let reason = if fwd.policed { Reason::AllowPolicy } else { Reason::AllowUnpoliced };
+        let reason = if fwd.policed {
+            Reason::AllowPolicy
+        } else {
+            Reason::AllowUnpoliced
+        };
         (dir, fwd.rule_id, CT_VERDICT_ALLOW, reason)
     } else {
         // Mid-flow pickup: a packet that cannot open a connection (TCP without SYN, SCTP without
@@ -126,7 +179,13 @@ fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
         // direction is unpoliced: that would void every ingress-only policy for UDP.
         let rev_dir = dir ^ 1;
         let rev = if !flow.initiates || flow.proto == PROTO_UDP {
-            let d = evaluate(ep, rev_dir, &key.remote_addr, key.proto, service_port(&key, rev_dir));
+            let d = evaluate(
+                ep,
+                rev_dir,
+                &key.remote_addr,
+                key.proto,
+                service_port(&key, rev_dir),
+            );
             d.allow && (flow.proto != PROTO_UDP || d.policed)
         } else {
             false
@@ -134,10 +193,24 @@ fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
         if rev {
             (rev_dir, 0, CT_VERDICT_ALLOW, Reason::AllowConntrack)
         } else if audit {
-            emit(ifindex, dir, ep.generation, fwd.rule_id, Reason::Audit, flow);
+            emit(
+                ifindex,
+                dir,
+                ep.generation,
+                fwd.rule_id,
+                Reason::Audit,
+                flow,
+            );
             (dir, fwd.rule_id, CT_VERDICT_AUDIT, Reason::Audit)
         } else {
-            emit(ifindex, dir, ep.generation, fwd.rule_id, Reason::DenyPolicy, flow);
+            emit(
+                ifindex,
+                dir,
+                ep.generation,
+                fwd.rule_id,
+                Reason::DenyPolicy,
+                flow,
+            );
             return Reason::DenyPolicy;
         }
     };
@@ -170,7 +243,14 @@ fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
 
 #[inline(always)]
 fn frag_key(ifindex: u32, flow: &Flow) -> FragKey {
-    FragKey { ifindex, id: flow.frag_id, src_addr: flow.src, dst_addr: flow.dst, proto: flow.proto, _pad: [0; 3] }
+    FragKey {
+        ifindex,
+        id: flow.frag_id,
+        src_addr: flow.src,
+        dst_addr: flow.dst,
+        proto: flow.proto,
+        _pad: [0; 3],
+    }
 }
 
 #[inline(always)]
@@ -197,14 +277,29 @@ fn decide_icmp_error(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reaso
     if CT_MAP.get_ptr(&key).is_some() {
         return Reason::AllowConntrack;
     }
-    let remote = if dir == DIR_EGRESS { &flow.dst } else { &flow.src };
+    let remote = if dir == DIR_EGRESS {
+        &flow.dst
+    } else {
+        &flow.src
+    };
     let d = evaluate(ep, dir, remote, flow.proto, 0);
     if d.allow {
-        if d.policed { Reason::AllowPolicy } else { Reason::AllowUnpoliced }
+        if d.policed {
+            Reason::AllowPolicy
+        } else {
+            Reason::AllowUnpoliced
+        }
     } else if ep.flags & EP_FLAG_AUDIT != 0 {
         Reason::Audit
     } else {
-        emit(ifindex, dir, ep.generation, d.rule_id, Reason::DenyPolicy, flow);
+        emit(
+            ifindex,
+            dir,
+            ep.generation,
+            d.rule_id,
+            Reason::DenyPolicy,
+            flow,
+        );
         Reason::DenyPolicy
     }
 }

@@ -17,11 +17,15 @@ const MAX_EVENTS_PER_SEC: u64 = 1_000_000;
 
 #[inline(always)]
 fn take_token(now: u64) -> bool {
-    let Some(cfg) = CONFIG_MAP.get(0) else { return false };
+    let Some(cfg) = CONFIG_MAP.get(0) else {
+        return false;
+    };
     if cfg.events_per_sec == 0 {
         return false;
     }
-    let Some(state) = EVENT_RATE_MAP.get_ptr_mut(0) else { return false };
+    let Some(state) = EVENT_RATE_MAP.get_ptr_mut(0) else {
+        return false;
+    };
     let state = unsafe { &mut *state };
     // Tokens are counted in token-nanoseconds: refilling is a multiplication, no division.
     let cap = cfg.events_burst.max(1) as u64 * NS_PER_SEC;

@@ -1,0 +1,454 @@
+//! The kernel side of the agent: loads the embedded programs, pins their maps under
+//! `/sys/fs/bpf/netpol/v1`, attaches the programs to pod interfaces and writes map entries.
+//!
+//! Everything that issues bpf() or netlink calls lives here, behind [`Dataplane`]; the compiler
+//! never sees it.
+
+mod bpffs;
+mod counters;
+mod object;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError},
+    programs::{
+        tc::{self, SchedClassifierLinkId, TcAttachType},
+        ProgramError, SchedClassifier,
+    },
+    Btf, Ebpf, EbpfError, EbpfLoader,
+};
+pub use counters::{CounterSnapshot, Stats};
+use netpol_common::{
+    ep::{Endpoint, EndpointKey},
+    event::Config,
+    maps,
+    policy::{PeerData, PeerValue, PortData, PortValue},
+};
+
+/// Errors of the dataplane.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The binary was built with `AYA_BUILD_SKIP=1` and carries no programs.
+    #[error("this netpol-agent was built without its eBPF programs (AYA_BUILD_SKIP); rebuild without it")]
+    NoObject,
+    /// bpffs is not mounted and could not be mounted.
+    #[error("mounting bpffs at {path}")]
+    Bpffs {
+        /// Mount point.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Creating the pin directory failed.
+    #[error("creating pin directory {path}")]
+    PinDir {
+        /// Directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Loading the object (maps, BTF, relocations) failed.
+    #[error("loading the eBPF object")]
+    Load(#[source] Box<EbpfError>),
+    /// A program is missing or failed verification.
+    #[error("loading program {name}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: Box<ProgramError>,
+    },
+    /// A map is missing from the object.
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap {
+        /// Map name.
+        name: &'static str,
+    },
+    /// A map operation failed.
+    #[error("map {name}: {op}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// What was attempted.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: Box<MapError>,
+    },
+    /// Attaching to or detaching from an interface failed.
+    #[error("attaching {program} to {interface}")]
+    Attach {
+        /// Program name.
+        program: &'static str,
+        /// Interface name.
+        interface: String,
+        /// Cause.
+        #[source]
+        source: Box<ProgramError>,
+    },
+    /// The interface does not exist.
+    #[error("interface {interface} not found")]
+    NoInterface {
+        /// Interface name.
+        interface: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+/// Load-time settings.
+#[derive(Clone, Debug)]
+pub struct DataplaneOptions {
+    /// Where maps are pinned (one directory per layout version).
+    pub pin_dir: PathBuf,
+    /// Capacity of the conntrack map (`None`: [`maps::CT_MAX`]).
+    pub ct_max_entries: Option<u32>,
+    /// Deny events per second and CPU (0 disables events).
+    pub events_per_sec: u32,
+    /// Burst of the event rate limit.
+    pub events_burst: u32,
+}
+
+impl Default for DataplaneOptions {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from(maps::PIN_DIR),
+            ct_max_entries: None,
+            events_per_sec: 100,
+            events_burst: 200,
+        }
+    }
+}
+
+/// Links of one attached interface.
+struct Attachment {
+    name: String,
+    from_pod: SchedClassifierLinkId,
+    to_pod: SchedClassifierLinkId,
+}
+
+/// The loaded programs and their maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    attached: BTreeMap<u32, Attachment>,
+}
+
+impl Dataplane {
+    /// Mounts bpffs if needed, loads the programs and creates (or re-opens) the pinned maps.
+    pub fn load(opts: &DataplaneOptions) -> Result<Self> {
+        let object = object::bytes().ok_or(DataplaneError::NoObject)?;
+        bpffs::ensure_mounted(Path::new("/sys/fs/bpf"))?;
+        std::fs::create_dir_all(&opts.pin_dir).map_err(|source| DataplaneError::PinDir {
+            path: opts.pin_dir.clone(),
+            source,
+        })?;
+        let btf = Btf::from_sys_fs().ok();
+        let mut loader = EbpfLoader::new();
+        loader.btf(btf.as_ref());
+        let paths: Vec<(&'static str, PathBuf)> = maps::ALL
+            .iter()
+            .map(|name| (*name, opts.pin_dir.join(name)))
+            .collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        if let Some(ct) = opts.ct_max_entries {
+            loader.map_max_entries(maps::CT, ct);
+        }
+        let mut ebpf = loader
+            .load(object)
+            .map_err(|e| DataplaneError::Load(Box::new(e)))?;
+        for name in [maps::PROG_FROM_POD, maps::PROG_TO_POD] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Program {
+                    name,
+                    source: Box::new(ProgramError::NotLoaded),
+                })?
+                .try_into()
+                .map_err(|e| DataplaneError::Program {
+                    name,
+                    source: Box::new(e),
+                })?;
+            prog.load().map_err(|e| DataplaneError::Program {
+                name,
+                source: Box::new(e),
+            })?;
+        }
+        let mut dp = Self {
+            ebpf,
+            pin_dir: opts.pin_dir.clone(),
+            attached: BTreeMap::new(),
+        };
+        dp.set_config(Config {
+            events_per_sec: opts.events_per_sec,
+            events_burst: opts.events_burst,
+        })?;
+        Ok(dp)
+    }
+
+    /// Directory of the pinned maps.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap { name })
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
+        self.ebpf
+            .map(name)
+            .ok_or(DataplaneError::MissingMap { name })
+    }
+
+    fn set_config(&mut self, cfg: Config) -> Result<()> {
+        let name = maps::CONFIG;
+        let mut arr: Array<&mut MapData, Config> = self
+            .map_mut(name)?
+            .try_into()
+            .map_err(map_err(name, "open"))?;
+        arr.set(0, cfg, 0).map_err(map_err(name, "set"))
+    }
+
+    /// Attaches both programs to `interface` (a pod's host-side interface): `from_pod` at TC
+    /// ingress, `to_pod` at TC egress. Uses TCX links on kernels ≥ 6.6 and a clsact qdisc with
+    /// netlink filters below. Returns the interface index.
+    pub fn attach(&mut self, interface: &str) -> Result<u32> {
+        let ifindex = ifindex(interface)?;
+        if self.attached.contains_key(&ifindex) {
+            return Ok(ifindex);
+        }
+        // Needed only on the netlink path (kernels < 6.6); harmless if it already exists.
+        if let Err(e) = tc::qdisc_add_clsact(interface) {
+            tracing::debug!(interface, error = %e, "clsact qdisc not added (exists or TCX in use)");
+        }
+        let from_pod = self.attach_one(maps::PROG_FROM_POD, interface, TcAttachType::Ingress)?;
+        let to_pod = match self.attach_one(maps::PROG_TO_POD, interface, TcAttachType::Egress) {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = self
+                    .classifier(maps::PROG_FROM_POD)
+                    .map(|p| p.detach(from_pod));
+                return Err(e);
+            }
+        };
+        self.attached.insert(
+            ifindex,
+            Attachment {
+                name: interface.to_owned(),
+                from_pod,
+                to_pod,
+            },
+        );
+        Ok(ifindex)
+    }
+
+    fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::Program {
+                name,
+                source: Box::new(ProgramError::NotLoaded),
+            })?
+            .try_into()
+            .map_err(|e| DataplaneError::Program {
+                name,
+                source: Box::new(e),
+            })
+    }
+
+    fn attach_one(
+        &mut self,
+        program: &'static str,
+        interface: &str,
+        at: TcAttachType,
+    ) -> Result<SchedClassifierLinkId> {
+        self.classifier(program)?
+            .attach(interface, at)
+            .map_err(|e| DataplaneError::Attach {
+                program,
+                interface: interface.to_owned(),
+                source: Box::new(e),
+            })
+    }
+
+    /// Detaches both programs from the interface with index `ifindex`, if attached.
+    pub fn detach(&mut self, ifindex: u32) -> Result<()> {
+        let Some(a) = self.attached.remove(&ifindex) else {
+            return Ok(());
+        };
+        for (program, id) in [
+            (maps::PROG_FROM_POD, a.from_pod),
+            (maps::PROG_TO_POD, a.to_pod),
+        ] {
+            self.classifier(program)?
+                .detach(id)
+                .map_err(|e| DataplaneError::Attach {
+                    program,
+                    interface: a.name.clone(),
+                    source: Box::new(e),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Interfaces this process attached to, by ifindex.
+    pub fn attached(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.attached.iter().map(|(i, a)| (*i, a.name.as_str()))
+    }
+
+    /// Writes the endpoint entry of `ifindex` (one map update: a packet sees the old or the new
+    /// value, never a mix).
+    pub fn set_endpoint(&mut self, ifindex: u32, ep: Endpoint) -> Result<()> {
+        let name = maps::EP;
+        let mut m: HashMap<&mut MapData, EndpointKey, Endpoint> = self
+            .map_mut(name)?
+            .try_into()
+            .map_err(map_err(name, "open"))?;
+        m.insert(EndpointKey { ifindex }, ep, 0)
+            .map_err(map_err(name, "insert"))
+    }
+
+    /// Reads the endpoint entry of `ifindex`.
+    pub fn endpoint(&self, ifindex: u32) -> Result<Option<Endpoint>> {
+        let name = maps::EP;
+        let m: HashMap<&MapData, EndpointKey, Endpoint> =
+            self.map(name)?.try_into().map_err(map_err(name, "open"))?;
+        match m.get(&EndpointKey { ifindex }, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(name, "get")(e)),
+        }
+    }
+
+    /// Removes the endpoint entry of `ifindex`.
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
+        let name = maps::EP;
+        let mut m: HashMap<&mut MapData, EndpointKey, Endpoint> = self
+            .map_mut(name)?
+            .try_into()
+            .map_err(map_err(name, "open"))?;
+        match m.remove(&EndpointKey { ifindex }) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(name, "remove")(e)),
+        }
+    }
+
+    /// Inserts or replaces a peer entry (stage 1 of the policy lookup).
+    pub fn upsert_peer(&mut self, prefix_len: u32, data: PeerData, value: PeerValue) -> Result<()> {
+        let name = maps::PEER;
+        let mut m: LpmTrie<&mut MapData, PeerData, PeerValue> = self
+            .map_mut(name)?
+            .try_into()
+            .map_err(map_err(name, "open"))?;
+        m.insert(&Key::new(prefix_len, data), value, 0)
+            .map_err(map_err(name, "insert"))
+    }
+
+    /// Removes a peer entry.
+    pub fn remove_peer(&mut self, prefix_len: u32, data: PeerData) -> Result<()> {
+        let name = maps::PEER;
+        let mut m: LpmTrie<&mut MapData, PeerData, PeerValue> = self
+            .map_mut(name)?
+            .try_into()
+            .map_err(map_err(name, "open"))?;
+        match m.remove(&Key::new(prefix_len, data)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(name, "remove")(e)),
+        }
+    }
+
+    /// Inserts or replaces a port entry (stage 2 of the policy lookup).
+    pub fn upsert_port(&mut self, prefix_len: u32, data: PortData, value: PortValue) -> Result<()> {
+        let name = maps::PORTS;
+        let mut m: LpmTrie<&mut MapData, PortData, PortValue> = self
+            .map_mut(name)?
+            .try_into()
+            .map_err(map_err(name, "open"))?;
+        m.insert(&Key::new(prefix_len, data), value, 0)
+            .map_err(map_err(name, "insert"))
+    }
+
+    /// Removes a port entry.
+    pub fn remove_port(&mut self, prefix_len: u32, data: PortData) -> Result<()> {
+        let name = maps::PORTS;
+        let mut m: LpmTrie<&mut MapData, PortData, PortValue> = self
+            .map_mut(name)?
+            .try_into()
+            .map_err(map_err(name, "open"))?;
+        match m.remove(&Key::new(prefix_len, data)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(name, "remove")(e)),
+        }
+    }
+
+    /// Sums the per-CPU counters of every (endpoint, direction, reason) and the global stats.
+    pub fn counters(&self) -> Result<CounterSnapshot> {
+        counters::read(
+            self.map(maps::COUNTERS)?,
+            self.map(maps::RULE_COUNTERS)?,
+            self.map(maps::STATS)?,
+        )
+    }
+
+    /// Mutable access to a map by name, for callers that need a map type not wrapped here.
+    pub fn raw_map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.map_mut(name)
+    }
+
+    /// Detaches every interface this process attached. Pinned maps stay (restart without a gap
+    /// needs them); [`remove_pins`] deletes them.
+    pub fn detach_all(&mut self) -> Result<()> {
+        let ifindexes: Vec<u32> = self.attached.keys().copied().collect();
+        for i in ifindexes {
+            self.detach(i)?;
+        }
+        Ok(())
+    }
+}
+
+/// Deletes the pinned maps in `pin_dir` and the directory itself (uninstall, tests).
+pub fn remove_pins(pin_dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(pin_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |e| DataplaneError::Map {
+        name,
+        op,
+        source: Box::new(e),
+    }
+}
+
+fn ifindex(interface: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(interface).map_err(|e| DataplaneError::NoInterface {
+        interface: interface.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+    })?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        return Err(DataplaneError::NoInterface {
+            interface: interface.to_owned(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(i)
+}

@@ -1,0 +1,166 @@
+//! A lab node: pods as network namespaces behind host-side veths (routed topology).
+use std::{
+    net::Ipv4Addr,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::cmd::{ip, run, sysctl};
+
+/// First two octets of every lab address.
+pub const LAB_PREFIX: [u8; 2] = [10, 213];
+/// Prefix of every network namespace and interface the harness creates.
+const NAME_PREFIX: &str = "npt";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// One pod of the lab.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    /// Short name given by the test.
+    pub name: String,
+    /// Network namespace name.
+    pub netns: String,
+    /// Host-side interface name (where the programs attach).
+    pub host_if: String,
+    /// The pod's IPv4 address.
+    pub ip: Ipv4Addr,
+}
+
+/// A set of pods in one /24 of the lab range, torn down on drop.
+pub struct Lab {
+    id: String,
+    subnet: u8,
+    pods: Vec<Pod>,
+    blackhole: String,
+}
+
+impl Lab {
+    /// Creates an empty lab with its own /24 (blackholed in the host namespace first).
+    pub fn new() -> Result<Lab> {
+        crate::require_root();
+        reap_stale()?;
+        let pid = std::process::id();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}{}", pid % 100_000, n % 100);
+        // Pick a free /24: an existing blackhole means another lab (or run) owns it.
+        let mut subnet = ((pid.wrapping_mul(7) + n * 13) % 200 + 20) as u8;
+        for _ in 0..200 {
+            let net = format!("{}.{}.{subnet}.0/24", LAB_PREFIX[0], LAB_PREFIX[1]);
+            if ip(&format!("route add blackhole {net}")).is_ok() {
+                return Ok(Lab {
+                    id,
+                    subnet,
+                    pods: Vec::new(),
+                    blackhole: net,
+                });
+            }
+            subnet = subnet % 200 + 21;
+        }
+        anyhow::bail!(
+            "no free /24 in {}.{}.0.0/16 for the lab",
+            LAB_PREFIX[0],
+            LAB_PREFIX[1]
+        )
+    }
+
+    /// Adds a pod: namespace, veth pair, address, routes, forwarding and proxy ARP on the host
+    /// side (per interface: never the global ip_forward).
+    pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
+        let idx = self.pods.len() + 2;
+        let pod = Pod {
+            name: name.to_owned(),
+            netns: format!("{NAME_PREFIX}-{}-{idx}", self.id),
+            host_if: format!("{NAME_PREFIX}{}h{idx}", self.id),
+            ip: Ipv4Addr::new(LAB_PREFIX[0], LAB_PREFIX[1], self.subnet, idx as u8),
+        };
+        // Record first so that drop removes a half-built pod too.
+        self.pods.push(pod.clone());
+        let (ns, hif) = (&pod.netns, &pod.host_if);
+        ip(&format!("netns add {ns}"))?;
+        ip(&format!(
+            "link add {hif} type veth peer name eth0 netns {ns}"
+        ))?;
+        let inside = |args: &str| ip(&format!("-n {ns} {args}"));
+        inside("link set lo up")?;
+        inside(&format!("addr add {}/32 dev eth0", pod.ip))?;
+        inside("link set eth0 up")?;
+        // Calico-style: the gateway is a fixed link-local address answered by proxy ARP.
+        inside("route add 169.254.1.1 dev eth0 scope link")?;
+        inside("route add default via 169.254.1.1 dev eth0")?;
+        sysctl(&format!("net.ipv4.conf.{hif}.forwarding"), "1")?;
+        sysctl(&format!("net.ipv4.conf.{hif}.proxy_arp"), "1")?;
+        sysctl(&format!("net.ipv4.neigh.{hif}.proxy_delay"), "0")?;
+        // Without this, a pod without a matching return route would be dropped by rp_filter.
+        sysctl(&format!("net.ipv4.conf.{hif}.rp_filter"), "0")?;
+        ip(&format!("link set {hif} up"))?;
+        ip(&format!("route add {}/32 dev {hif}", pod.ip))?;
+        Ok(pod)
+    }
+
+    /// The pods added so far.
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    /// Removes everything this lab created. Called by drop; errors are reported, not fatal.
+    fn teardown(&mut self) {
+        for pod in self.pods.drain(..) {
+            // Deleting the namespace deletes the pod end of the veth, and with it the host end
+            // and its /32 route.
+            if let Err(e) = ip(&format!("netns del {}", pod.netns)) {
+                eprintln!("lab teardown: {e:#}");
+            }
+        }
+        if let Err(e) = ip(&format!("route del blackhole {}", self.blackhole)) {
+            eprintln!("lab teardown: {e:#}");
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Removes namespaces left behind by a harness process that no longer exists (killed run).
+fn reap_stale() -> Result<()> {
+    let list = run("ip", &["netns", "list"]).context("listing network namespaces")?;
+    for line in list.lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix(&format!("{NAME_PREFIX}-")) else {
+            continue;
+        };
+        let Some(id) = rest.split('-').next() else {
+            continue;
+        };
+        // id = pid % 100000 followed by two digits of a counter; the owner is gone if no process
+        // with a matching pid exists.
+        if id.len() < 3 {
+            continue;
+        }
+        let pid = &id[..id.len() - 2];
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && pid.parse::<u32>().ok() != Some(std::process::id() % 100_000);
+        let mine = pid.parse::<u32>().ok() == Some(std::process::id() % 100_000);
+        if !alive && !mine {
+            let _ = ip(&format!("netns del {name}"));
+        }
+    }
+    // Stale blackholes of dead runs are harmless (they only ever drop lab traffic) and get
+    // reused by the next lab that picks the same /24.
+    Ok(())
+}
+
+/// Interface index of a host-side interface.
+pub fn ifindex(name: &str) -> Result<u32> {
+    let s = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+        .with_context(|| format!("reading the ifindex of {name}"))?;
+    s.trim()
+        .parse()
+        .with_context(|| format!("parsing the ifindex of {name}"))
+}
