@@ -1,1 +1,51 @@
-fn main() {}
+//! `cargo xtask <command>`: everything needed to set up, build, test and demonstrate netpol.
+mod exec;
+mod preflight;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "netpol build, setup, test and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the build and the tests need (idempotent): Debian packages, bpf-linker
+    /// built against LLVM 22, nightly rust-src, bpffs.
+    Setup,
+    /// Report what is missing for building and for the privileged tests, without changing anything.
+    Check,
+    /// Set up, build, and run every test: unit, property, privileged datapath and end-to-end.
+    Test(test::TestArgs),
+    /// Set up, build, and run the demo on a local lab node.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::Check => {
+            let missing = preflight::missing(preflight::Needs::ALL);
+            if missing.is_empty() {
+                println!("xtask: everything needed is installed");
+                Ok(())
+            } else {
+                preflight::report(&missing)
+            }
+        }
+        Command::Test(args) => {
+            setup::run()?;
+            test::run(&args)
+        }
+        Command::Demo => {
+            setup::run()?;
+            exec::cargo(&["build", "-p", "netpol-it", "--bin", "netpol-demo"])?;
+            exec::run_status(exec::target_dir().join("debug/netpol-demo"), &[])
+        }
+    }
+}
