@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo => {
             setup::run()?;
             exec::cargo(&["build", "-p", "netpol-it", "--bin", "netpol-demo"])?;
-            exec::run_status(exec::target_dir().join("debug/netpol-demo"), &[])
+            exec::run_status(exec::target_dir().join("debug/netpol-demo"), &[] as &[&str])
         }
     }
 }

@@ -34,7 +34,10 @@ pub struct Needs {
 
 impl Needs {
     /// Everything.
-    pub const ALL: Needs = Needs { build: true, privileged: true };
+    pub const ALL: Needs = Needs {
+        build: true,
+        privileged: true,
+    };
 }
 
 /// One missing prerequisite and how to get it.
@@ -56,14 +59,25 @@ fn missing_packages() -> Vec<&'static str> {
 
 /// `true` if bpf-linker is installed and linked against LLVM 22.
 pub fn bpf_linker_ok() -> bool {
-    let Some(path) = output("sh", &["-c", "command -v bpf-linker"]) else { return false };
+    let Some(path) = output("sh", &["-c", "command -v bpf-linker"]) else {
+        return false;
+    };
     output("ldd", &[path.trim()]).is_some_and(|l| l.contains("LLVM") && l.contains("22"))
 }
 
 /// `true` if the eBPF toolchain has the rust-src component.
 pub fn rust_src_ok() -> bool {
-    output("rustup", &["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN])
-        .is_some_and(|l| l.lines().any(|c| c.starts_with("rust-src")))
+    output(
+        "rustup",
+        &[
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            EBPF_TOOLCHAIN,
+        ],
+    )
+    .is_some_and(|l| l.lines().any(|c| c.starts_with("rust-src")))
 }
 
 /// `true` if a bpf filesystem is mounted at /sys/fs/bpf.
@@ -88,10 +102,16 @@ pub fn missing(needs: Needs) -> Vec<Missing> {
     if needs.build {
         let pkgs = missing_packages();
         if !pkgs.is_empty() {
-            m.push(Missing { what: format!("Debian packages: {}", pkgs.join(" ")), fix: setup.clone() });
+            m.push(Missing {
+                what: format!("Debian packages: {}", pkgs.join(" ")),
+                fix: setup.clone(),
+            });
         }
         if !bpf_linker_ok() {
-            m.push(Missing { what: "bpf-linker built against LLVM 22".into(), fix: setup.clone() });
+            m.push(Missing {
+                what: "bpf-linker built against LLVM 22".into(),
+                fix: setup.clone(),
+            });
         }
         if !rust_src_ok() {
             m.push(Missing {
@@ -108,7 +128,10 @@ pub fn missing(needs: Needs) -> Vec<Missing> {
             });
         }
         if !bpffs_ok() {
-            m.push(Missing { what: "bpffs mounted at /sys/fs/bpf".into(), fix: setup });
+            m.push(Missing {
+                what: "bpffs mounted at /sys/fs/bpf".into(),
+                fix: setup,
+            });
         }
     }
     m

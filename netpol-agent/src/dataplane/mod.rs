@@ -405,6 +405,27 @@ impl Dataplane {
         )
     }
 
+    /// Runs a program once per `repeat` on `packet` with BPF_PROG_TEST_RUN (no interface
+    /// involved; `skb->ifindex` is the loopback's, 1). Returns the program's return value and the
+    /// kernel-measured mean duration per run. Used by the datapath tests and benchmarks.
+    pub fn test_run(
+        &mut self,
+        program: &'static str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, std::time::Duration)> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let prog = self.classifier(program)?;
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.repeat = repeat.max(1);
+        let r = prog.test_run(opts).map_err(|e| DataplaneError::Program {
+            name: program,
+            source: Box::new(e),
+        })?;
+        Ok((r.return_value as i32, r.duration))
+    }
+
     /// Mutable access to a map by name, for callers that need a map type not wrapped here.
     pub fn raw_map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
         self.map_mut(name)

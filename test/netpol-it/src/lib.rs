@@ -7,8 +7,10 @@
 //! when a test panics; namespaces left by a killed run are removed by the next one.
 
 pub mod cmd;
+pub mod fixture;
 pub mod lab;
 pub mod netns;
+pub mod packet;
 pub mod probe;
 
 /// Panics unless running as root with bpffs available: privileged tests must fail loudly, never
