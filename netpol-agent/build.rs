@@ -17,10 +17,8 @@ fn main() -> anyhow::Result<()> {
         println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
         return Ok(());
     }
-    let metadata = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("cargo metadata")?;
+    let metadata =
+        cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
     let ebpf = metadata
         .packages
         .into_iter()
@@ -31,11 +29,7 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("netpol-ebpf manifest has no parent directory"))?;
     aya_build::build_ebpf(
-        [Package {
-            name: "netpol-ebpf",
-            root_dir: root_dir.as_str(),
-            ..Default::default()
-        }],
+        [Package { name: "netpol-ebpf", root_dir: root_dir.as_str(), ..Default::default() }],
         Toolchain::default(),
     )
     .context(

@@ -38,6 +38,9 @@ pub const CT_ACTIVE: u8 = 5;
 pub const CT_VERDICT_ALLOW: u8 = 1;
 /// The flow would have been denied but the endpoint is in audit mode.
 pub const CT_VERDICT_AUDIT: u8 = 2;
+/// Tombstone of a flow that a policy change cut: its packets are dropped, and it is never
+/// "picked up" again as an untracked mid-flow connection (its retransmissions would be).
+pub const CT_VERDICT_DENY: u8 = 3;
 
 /// Value of [`crate::maps::CT`].
 #[repr(C)]
@@ -139,6 +142,9 @@ pub struct Timeouts {
     pub icmp: u64,
     /// Every other protocol.
     pub other: u64,
+    /// Tombstones of flows cut by a policy change ([`CT_VERDICT_DENY`]), refreshed by every
+    /// dropped packet.
+    pub denied: u64,
 }
 
 impl Timeouts {
@@ -152,7 +158,17 @@ impl Timeouts {
         sctp: 600,
         icmp: 30,
         other: 600,
+        denied: 60,
     };
+
+    /// Idle timeout of a conntrack entry.
+    pub const fn for_value(&self, proto: u8, value: &CtValue) -> u64 {
+        if value.verdict == CT_VERDICT_DENY {
+            self.denied
+        } else {
+            self.for_entry(proto, value.state)
+        }
+    }
 
     /// Idle timeout of an entry with protocol `proto` in state `state`.
     pub const fn for_entry(&self, proto: u8, state: u8) -> u64 {
@@ -175,19 +191,10 @@ mod tests {
 
     #[test]
     fn tcp_states() {
-        assert_eq!(
-            tcp_next_state(CT_TCP_SYN_SENT, SYN | ACK, true),
-            CT_TCP_ESTABLISHED
-        );
+        assert_eq!(tcp_next_state(CT_TCP_SYN_SENT, SYN | ACK, true), CT_TCP_ESTABLISHED);
         assert_eq!(tcp_next_state(CT_TCP_SYN_SENT, SYN, false), CT_TCP_SYN_SENT);
-        assert_eq!(
-            tcp_next_state(CT_TCP_ESTABLISHED, ACK, false),
-            CT_TCP_ESTABLISHED
-        );
-        assert_eq!(
-            tcp_next_state(CT_TCP_ESTABLISHED, FIN | ACK, true),
-            CT_TCP_CLOSING
-        );
+        assert_eq!(tcp_next_state(CT_TCP_ESTABLISHED, ACK, false), CT_TCP_ESTABLISHED);
+        assert_eq!(tcp_next_state(CT_TCP_ESTABLISHED, FIN | ACK, true), CT_TCP_CLOSING);
         assert_eq!(tcp_next_state(CT_TCP_CLOSING, RST, false), CT_TCP_CLOSED);
         assert_eq!(tcp_next_state(CT_TCP_CLOSED, FIN, false), CT_TCP_CLOSED);
     }

@@ -31,9 +31,7 @@ pub const fn direction_name(dir: u8) -> &'static str {
 /// Turns an IPv4 address into the IPv4-mapped IPv6 form (`::ffff:a.b.c.d`) used in every key, so
 /// one map serves both families.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
-    ]
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3]]
 }
 
 /// Bits before the IPv4 part of an IPv4-mapped address.

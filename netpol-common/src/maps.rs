@@ -32,19 +32,8 @@ pub const EVENT_RATE: &str = "np_ev_rate";
 pub const CONFIG: &str = "np_cfg";
 
 /// Every pinned map, for inspection and uninstall.
-pub const ALL: [&str; 11] = [
-    EP,
-    PEER,
-    PORTS,
-    CT,
-    FRAG,
-    COUNTERS,
-    RULE_COUNTERS,
-    STATS,
-    EVENTS,
-    EVENT_RATE,
-    CONFIG,
-];
+pub const ALL: [&str; 11] =
+    [EP, PEER, PORTS, CT, FRAG, COUNTERS, RULE_COUNTERS, STATS, EVENTS, EVENT_RATE, CONFIG];
 
 /// Capacity of [`EP`]: pods per node.
 pub const EP_MAX: usize = 16_384;

@@ -111,11 +111,7 @@ pub fn decide(admin: TierLookup, np: TierLookup, baseline: TierLookup) -> Decisi
     let mut skip_np = false;
     match admin {
         TierLookup::Hit(v) if v.action == ACTION_ALLOW || v.action == ACTION_DENY => {
-            return Decision {
-                allow: v.action == ACTION_ALLOW,
-                rule_id: v.rule_id,
-                policed: true,
-            }
+            return Decision { allow: v.action == ACTION_ALLOW, rule_id: v.rule_id, policed: true }
         }
         TierLookup::Hit(_) => {
             skip_np = true;
@@ -134,36 +130,18 @@ pub fn decide(admin: TierLookup, np: TierLookup, baseline: TierLookup) -> Decisi
                 }
             }
             TierLookup::Miss => {
-                return Decision {
-                    allow: false,
-                    rule_id: RULE_NONE,
-                    policed: true,
-                }
+                return Decision { allow: false, rule_id: RULE_NONE, policed: true }
             }
             TierLookup::NoSet => {}
         }
     }
     match baseline {
-        TierLookup::Hit(v) if v.action == ACTION_DENY => Decision {
-            allow: false,
-            rule_id: v.rule_id,
-            policed: true,
-        },
-        TierLookup::Hit(v) => Decision {
-            allow: true,
-            rule_id: v.rule_id,
-            policed: true,
-        },
-        TierLookup::Miss => Decision {
-            allow: true,
-            rule_id: RULE_NONE,
-            policed: true,
-        },
-        TierLookup::NoSet => Decision {
-            allow: true,
-            rule_id: RULE_NONE,
-            policed,
-        },
+        TierLookup::Hit(v) if v.action == ACTION_DENY => {
+            Decision { allow: false, rule_id: v.rule_id, policed: true }
+        }
+        TierLookup::Hit(v) => Decision { allow: true, rule_id: v.rule_id, policed: true },
+        TierLookup::Miss => Decision { allow: true, rule_id: RULE_NONE, policed: true },
+        TierLookup::NoSet => Decision { allow: true, rule_id: RULE_NONE, policed },
     }
 }
 
@@ -177,11 +155,7 @@ pub fn for_each_port_prefix(lo: u16, hi: u16, mut f: impl FnMut(u16, u32)) {
     let end = hi as u32;
     while start <= end {
         // Largest aligned block starting at `start` that does not pass `end`.
-        let mut size_bits = if start == 0 {
-            16
-        } else {
-            start.trailing_zeros().min(16)
-        };
+        let mut size_bits = if start == 0 { 16 } else { start.trailing_zeros().min(16) };
         while start + (1 << size_bits) - 1 > end {
             size_bits -= 1;
         }
@@ -205,33 +179,18 @@ mod tests {
 
     fn covered(p: &[(u16, u32)], port: u16) -> bool {
         p.iter().any(|&(start, bits)| {
-            let mask: u16 = if bits == 0 {
-                0
-            } else {
-                u16::MAX << (16 - bits)
-            };
+            let mask: u16 = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
             port & mask == start & mask
         })
     }
 
     #[test]
     fn port_prefixes_cover_exactly_the_range() {
-        for &(lo, hi) in &[
-            (1, 65535),
-            (80, 80),
-            (0, 65535),
-            (1000, 2000),
-            (32768, 65535),
-            (5, 6),
-        ] {
+        for &(lo, hi) in &[(1, 65535), (80, 80), (0, 65535), (1000, 2000), (32768, 65535), (5, 6)] {
             let p = prefixes(lo, hi);
             assert!(p.len() <= 30, "{lo}-{hi}: {} prefixes", p.len());
             for port in 0..=u16::MAX {
-                assert_eq!(
-                    covered(&p, port),
-                    (lo..=hi).contains(&port),
-                    "{lo}-{hi} port {port}"
-                );
+                assert_eq!(covered(&p, port), (lo..=hi).contains(&port), "{lo}-{hi} port {port}");
             }
         }
         assert_eq!(prefixes(0, 65535), [(0, 0)]);
@@ -240,11 +199,7 @@ mod tests {
     }
 
     fn hit(action: u8, rule_id: u32) -> TierLookup {
-        TierLookup::Hit(PortValue {
-            rule_id,
-            action,
-            _pad: [0; 3],
-        })
+        TierLookup::Hit(PortValue { rule_id, action, _pad: [0; 3] })
     }
 
     #[test]
@@ -255,34 +210,17 @@ mod tests {
             ((NoSet, NoSet, NoSet), (true, 0, false)),
             ((NoSet, Miss, NoSet), (false, 0, true)),
             ((NoSet, hit(ACTION_ALLOW, 7), NoSet), (true, 7, true)),
-            (
-                (hit(ACTION_DENY, 1), hit(ACTION_ALLOW, 7), NoSet),
-                (false, 1, true),
-            ),
+            ((hit(ACTION_DENY, 1), hit(ACTION_ALLOW, 7), NoSet), (false, 1, true)),
             ((hit(ACTION_ALLOW, 1), Miss, NoSet), (true, 1, true)),
             ((hit(ACTION_PASS, 1), Miss, NoSet), (true, 0, true)),
-            (
-                (hit(ACTION_PASS, 1), Miss, hit(ACTION_DENY, 9)),
-                (false, 9, true),
-            ),
+            ((hit(ACTION_PASS, 1), Miss, hit(ACTION_DENY, 9)), (false, 9, true)),
             ((Miss, NoSet, hit(ACTION_DENY, 9)), (false, 9, true)),
-            (
-                (Miss, hit(ACTION_ALLOW, 7), hit(ACTION_DENY, 9)),
-                (true, 7, true),
-            ),
+            ((Miss, hit(ACTION_ALLOW, 7), hit(ACTION_DENY, 9)), (true, 7, true)),
             ((NoSet, Miss, hit(ACTION_ALLOW, 9)), (false, 0, true)),
             ((NoSet, NoSet, Miss), (true, 0, true)),
         ];
         for ((a, n, b), (allow, rule_id, policed)) in cases {
-            assert_eq!(
-                decide(a, n, b),
-                Decision {
-                    allow,
-                    rule_id,
-                    policed
-                },
-                "{a:?} {n:?} {b:?}"
-            );
+            assert_eq!(decide(a, n, b), Decision { allow, rule_id, policed }, "{a:?} {n:?} {b:?}");
         }
     }
 }

@@ -5,12 +5,7 @@ use crate::maps::{COUNTER_MAP, RULE_COUNTER_MAP, STATS_MAP};
 
 #[inline(always)]
 pub fn count(ifindex: u32, dir: u8, reason: Reason, bytes: u32) {
-    let key = CounterKey {
-        ifindex,
-        direction: dir,
-        reason: reason as u8,
-        _pad: [0; 2],
-    };
+    let key = CounterKey { ifindex, direction: dir, reason: reason as u8, _pad: [0; 2] };
     add(&COUNTER_MAP, &key, bytes);
 }
 
@@ -34,14 +29,7 @@ fn add<K, const N: usize>(
             (*v).bytes += bytes as u64;
         }
     } else {
-        let _ = map.insert(
-            key,
-            CounterValue {
-                packets: 1,
-                bytes: bytes as u64,
-            },
-            0,
-        );
+        let _ = map.insert(key, CounterValue { packets: 1, bytes: bytes as u64 }, 0);
     }
 }
 

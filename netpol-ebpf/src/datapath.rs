@@ -8,7 +8,7 @@ use netpol_common::{
     counters::{Reason, STAT_NO_ENDPOINT},
     ct::{
         tcp_next_state, CtKey, CtValue, FragKey, FragValue, CT_ACTIVE, CT_TCP_ESTABLISHED,
-        CT_TCP_SYN_SENT, CT_VERDICT_ALLOW, CT_VERDICT_AUDIT,
+        CT_TCP_SYN_SENT, CT_VERDICT_ALLOW, CT_VERDICT_AUDIT, CT_VERDICT_DENY,
     },
     ep::{Endpoint, EndpointKey, EP_FLAG_AUDIT},
     DIR_EGRESS,
@@ -105,9 +105,7 @@ fn service_port(key: &CtKey, origin: u8) -> u16 {
 /// A BPF subprogram, like [`parse`], so its frame does not add to the parser's.
 #[inline(never)]
 fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
-    let key = ct_key(
-        ifindex, dir, &flow.src, &flow.dst, flow.sport, flow.dport, flow.proto,
-    );
+    let key = ct_key(ifindex, dir, &flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
     let now = unsafe { bpf_ktime_get_ns() };
     let audit = ep.flags & EP_FLAG_AUDIT != 0;
 
@@ -116,60 +114,41 @@ fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
         if ct.generation != ep.generation {
             // The endpoint's policy changed since this flow was decided: check it again in the
             // orientation it was opened, so a policy change cuts established connections.
-            let d = evaluate(
-                ep,
-                ct.origin,
-                &key.remote_addr,
-                key.proto,
-                service_port(&key, ct.origin),
-            );
-            if d.allow {
-                ct.verdict = CT_VERDICT_ALLOW;
+            let d =
+                evaluate(ep, ct.origin, &key.remote_addr, key.proto, service_port(&key, ct.origin));
+            let cut = ct.verdict != CT_VERDICT_DENY;
+            ct.verdict = if d.allow {
+                CT_VERDICT_ALLOW
             } else if audit {
-                ct.verdict = CT_VERDICT_AUDIT;
+                CT_VERDICT_AUDIT
             } else {
-                let _ = CT_MAP.remove(&key);
-                emit(
-                    ifindex,
-                    dir,
-                    ep.generation,
-                    d.rule_id,
-                    Reason::DenyPolicyChanged,
-                    flow,
-                );
-                return Reason::DenyPolicyChanged;
-            }
+                // Keep a tombstone rather than deleting the entry: the flow's retransmissions
+                // would otherwise look untracked and be picked up again by the reverse check.
+                if cut {
+                    emit(ifindex, dir, ep.generation, d.rule_id, Reason::DenyPolicyChanged, flow);
+                }
+                CT_VERDICT_DENY
+            };
             ct.generation = ep.generation;
             ct.rule_id = d.rule_id;
         }
         ct.last_seen_ns = now;
+        if ct.verdict == CT_VERDICT_DENY {
+            return Reason::DenyPolicyChanged;
+        }
         if flow.proto == PROTO_TCP {
             ct.state = tcp_next_state(ct.state, flow.tcp_flags, ct.origin != dir);
         }
         if flow.first_fragment {
             remember_fragment(ifindex, flow, now);
         }
-        return if ct.verdict == CT_VERDICT_AUDIT {
-            Reason::Audit
-        } else {
-            Reason::AllowConntrack
-        };
+        return if ct.verdict == CT_VERDICT_AUDIT { Reason::Audit } else { Reason::AllowConntrack };
     }
 
     // Not tracked: a new flow, or one whose tracking started late (agent restart, eviction).
-    let fwd = evaluate(
-        ep,
-        dir,
-        &key.remote_addr,
-        key.proto,
-        service_port(&key, dir),
-    );
+    let fwd = evaluate(ep, dir, &key.remote_addr, key.proto, service_port(&key, dir));
     let (origin, rule_id, verdict, reason) = if fwd.allow {
-        let reason = if fwd.policed {
-            Reason::AllowPolicy
-        } else {
-            Reason::AllowUnpoliced
-        };
+        let reason = if fwd.policed { Reason::AllowPolicy } else { Reason::AllowUnpoliced };
         (dir, fwd.rule_id, CT_VERDICT_ALLOW, reason)
     } else {
         // Mid-flow pickup: a packet that cannot open a connection (TCP without SYN, SCTP without
@@ -179,13 +158,7 @@ fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
         // direction is unpoliced: that would void every ingress-only policy for UDP.
         let rev_dir = dir ^ 1;
         let rev = if !flow.initiates || flow.proto == PROTO_UDP {
-            let d = evaluate(
-                ep,
-                rev_dir,
-                &key.remote_addr,
-                key.proto,
-                service_port(&key, rev_dir),
-            );
+            let d = evaluate(ep, rev_dir, &key.remote_addr, key.proto, service_port(&key, rev_dir));
             d.allow && (flow.proto != PROTO_UDP || d.policed)
         } else {
             false
@@ -193,24 +166,10 @@ fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
         if rev {
             (rev_dir, 0, CT_VERDICT_ALLOW, Reason::AllowConntrack)
         } else if audit {
-            emit(
-                ifindex,
-                dir,
-                ep.generation,
-                fwd.rule_id,
-                Reason::Audit,
-                flow,
-            );
+            emit(ifindex, dir, ep.generation, fwd.rule_id, Reason::Audit, flow);
             (dir, fwd.rule_id, CT_VERDICT_AUDIT, Reason::Audit)
         } else {
-            emit(
-                ifindex,
-                dir,
-                ep.generation,
-                fwd.rule_id,
-                Reason::DenyPolicy,
-                flow,
-            );
+            emit(ifindex, dir, ep.generation, fwd.rule_id, Reason::DenyPolicy, flow);
             return Reason::DenyPolicy;
         }
     };
@@ -274,14 +233,12 @@ fn decide_icmp_error(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reaso
     // The offending packet travelled the other way through this interface.
     let t = &flow.inner;
     let key = ct_key(ifindex, dir ^ 1, &t.src, &t.dst, t.sport, t.dport, t.proto);
-    if CT_MAP.get_ptr(&key).is_some() {
-        return Reason::AllowConntrack;
+    if let Some(ct) = CT_MAP.get_ptr(&key) {
+        if unsafe { (*ct).verdict } != CT_VERDICT_DENY {
+            return Reason::AllowConntrack;
+        }
     }
-    let remote = if dir == DIR_EGRESS {
-        &flow.dst
-    } else {
-        &flow.src
-    };
+    let remote = if dir == DIR_EGRESS { &flow.dst } else { &flow.src };
     let d = evaluate(ep, dir, remote, flow.proto, 0);
     if d.allow {
         if d.policed {
@@ -292,14 +249,7 @@ fn decide_icmp_error(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reaso
     } else if ep.flags & EP_FLAG_AUDIT != 0 {
         Reason::Audit
     } else {
-        emit(
-            ifindex,
-            dir,
-            ep.generation,
-            d.rule_id,
-            Reason::DenyPolicy,
-            flow,
-        );
+        emit(ifindex, dir, ep.generation, d.rule_id, Reason::DenyPolicy, flow);
         Reason::DenyPolicy
     }
 }

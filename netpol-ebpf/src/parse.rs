@@ -47,13 +47,7 @@ pub struct Tuple {
 }
 
 impl Tuple {
-    const EMPTY: Tuple = Tuple {
-        src: [0; 16],
-        dst: [0; 16],
-        sport: 0,
-        dport: 0,
-        proto: 0,
-    };
+    const EMPTY: Tuple = Tuple { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, proto: 0 };
 }
 
 /// The parts of a packet the policy and conntrack look at.
@@ -258,11 +252,7 @@ fn parse_l4(ctx: &TcContext, l4: usize, flow: &mut Flow) -> Result<(), Malformed
             let h: [u8; 8] = load(ctx, l4)?;
             let v6 = flow.proto == PROTO_ICMPV6;
             let (echo_req, echo_reply) = if v6 { (128, 129) } else { (8, 0) };
-            let error = if v6 {
-                h[0] <= 4 && h[0] >= 1
-            } else {
-                matches!(h[0], 3 | 11 | 12)
-            };
+            let error = if v6 { h[0] <= 4 && h[0] >= 1 } else { matches!(h[0], 3 | 11 | 12) };
             if h[0] == echo_req || h[0] == echo_reply {
                 // The identifier plays the role of both ports, so replies find the request.
                 let id = u16::from_be_bytes([h[4], h[5]]);

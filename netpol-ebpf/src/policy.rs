@@ -22,24 +22,13 @@ fn lookup_tier(set_id: u32, remote: &[u8; 16], proto: u8, port: u16) -> u64 {
     if set_id == SET_NONE {
         return LOOKUP_NO_SET;
     }
-    let peer = Key {
-        prefix_len: PEER_FULL_BITS,
-        data: PeerData {
-            set_id,
-            addr: *remote,
-        },
-    };
+    let peer = Key { prefix_len: PEER_FULL_BITS, data: PeerData { set_id, addr: *remote } };
     let Some(pv) = PEER_MAP.get(&peer) else {
         return LOOKUP_MISS;
     };
     let key = Key {
         prefix_len: PORT_FULL_BITS,
-        data: PortData {
-            portset_id: pv.portset_id,
-            proto,
-            port: port.to_be_bytes(),
-            _pad: 0,
-        },
+        data: PortData { portset_id: pv.portset_id, proto, port: port.to_be_bytes(), _pad: 0 },
     };
     match PORTS_MAP.get(&key) {
         Some(v) => LOOKUP_HIT | (v.action as u64) << 8 | (v.rule_id as u64) << 32,

@@ -9,10 +9,7 @@ use anyhow::{bail, Context as _, Result};
 
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
 }
 
 /// The cargo target directory.
@@ -40,17 +37,12 @@ pub fn run_status<S: AsRef<OsStr>>(program: impl AsRef<OsStr>, args: &[S]) -> Re
 /// Runs a command and returns its stdout; `None` if it could not start or failed.
 pub fn output(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `cargo <args>` in the workspace root.
 pub fn cargo(args: &[&str]) -> Result<()> {
-    run_status(
-        std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
-        args,
-    )
+    run_status(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()), args)
 }
 
 fn command_line<S: AsRef<OsStr>>(program: &OsStr, args: &[S]) -> String {

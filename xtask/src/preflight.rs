@@ -34,10 +34,7 @@ pub struct Needs {
 
 impl Needs {
     /// Everything.
-    pub const ALL: Needs = Needs {
-        build: true,
-        privileged: true,
-    };
+    pub const ALL: Needs = Needs { build: true, privileged: true };
 }
 
 /// One missing prerequisite and how to get it.
@@ -67,17 +64,8 @@ pub fn bpf_linker_ok() -> bool {
 
 /// `true` if the eBPF toolchain has the rust-src component.
 pub fn rust_src_ok() -> bool {
-    output(
-        "rustup",
-        &[
-            "component",
-            "list",
-            "--installed",
-            "--toolchain",
-            EBPF_TOOLCHAIN,
-        ],
-    )
-    .is_some_and(|l| l.lines().any(|c| c.starts_with("rust-src")))
+    output("rustup", &["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN])
+        .is_some_and(|l| l.lines().any(|c| c.starts_with("rust-src")))
 }
 
 /// `true` if a bpf filesystem is mounted at /sys/fs/bpf.
@@ -108,10 +96,7 @@ pub fn missing(needs: Needs) -> Vec<Missing> {
             });
         }
         if !bpf_linker_ok() {
-            m.push(Missing {
-                what: "bpf-linker built against LLVM 22".into(),
-                fix: setup.clone(),
-            });
+            m.push(Missing { what: "bpf-linker built against LLVM 22".into(), fix: setup.clone() });
         }
         if !rust_src_ok() {
             m.push(Missing {
@@ -128,10 +113,7 @@ pub fn missing(needs: Needs) -> Vec<Missing> {
             });
         }
         if !bpffs_ok() {
-            m.push(Missing {
-                what: "bpffs mounted at /sys/fs/bpf".into(),
-                fix: setup,
-            });
+            m.push(Missing { what: "bpffs mounted at /sys/fs/bpf".into(), fix: setup });
         }
     }
     m

@@ -56,27 +56,9 @@ fn rust_src() -> Result<bool> {
     let has_nightly = output("rustup", &["toolchain", "list"])
         .is_some_and(|l| l.lines().any(|t| t.starts_with(EBPF_TOOLCHAIN)));
     if !has_nightly {
-        run_status(
-            "rustup",
-            &[
-                "toolchain",
-                "install",
-                EBPF_TOOLCHAIN,
-                "--profile",
-                "minimal",
-            ],
-        )?;
+        run_status("rustup", &["toolchain", "install", EBPF_TOOLCHAIN, "--profile", "minimal"])?;
     }
-    run_status(
-        "rustup",
-        &[
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            EBPF_TOOLCHAIN,
-        ],
-    )?;
+    run_status("rustup", &["component", "add", "rust-src", "--toolchain", EBPF_TOOLCHAIN])?;
     Ok(true)
 }
 
@@ -91,14 +73,7 @@ fn bpf_linker() -> Result<bool> {
     std::env::set_var("PATH", format!("{LLVM_PREFIX}/bin:{path}"));
     run_status(
         "cargo",
-        &[
-            "install",
-            "--force",
-            "bpf-linker",
-            "--no-default-features",
-            "--features",
-            "llvm-22",
-        ],
+        &["install", "--force", "bpf-linker", "--no-default-features", "--features", "llvm-22"],
     )?;
     if !preflight::bpf_linker_ok() {
         bail!("bpf-linker was installed but is not on PATH or not linked against LLVM 22 (check ~/.cargo/bin)");

@@ -23,10 +23,7 @@ struct Tally {
 }
 
 pub fn run(args: &TestArgs) -> Result<()> {
-    let needs = preflight::Needs {
-        build: true,
-        privileged: !args.unit_only,
-    };
+    let needs = preflight::Needs { build: true, privileged: !args.unit_only };
     let missing = preflight::missing(needs);
     if !missing.is_empty() {
         // Privileged tests that cannot run are a failure, never a silent skip.
@@ -35,14 +32,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let mut tally = Tally::default();
     println!("xtask test: unit and property tests");
     let unit = cargo_test(
-        &[
-            "test",
-            "--workspace",
-            "--exclude",
-            "netpol-ebpf",
-            "--exclude",
-            "netpol-it",
-        ],
+        &["test", "--workspace", "--exclude", "netpol-ebpf", "--exclude", "netpol-it"],
         &mut tally,
     );
     let privileged = if args.unit_only || unit.is_err() {
@@ -50,10 +40,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     } else {
         println!("xtask test: privileged datapath and end-to-end tests (real packets between namespaces)");
         // One at a time: they attach programs and create namespaces and routes on this host.
-        cargo_test(
-            &["test", "-p", "netpol-it", "--", "--test-threads=1"],
-            &mut tally,
-        )
+        cargo_test(&["test", "-p", "netpol-it", "--", "--test-threads=1"], &mut tally)
     };
     println!("summary: {} passed, {} failed", tally.passed, tally.failed);
     unit?;

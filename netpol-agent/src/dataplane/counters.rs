@@ -41,12 +41,7 @@ impl CounterSnapshot {
         direction: u8,
         reason: netpol_common::counters::Reason,
     ) -> u64 {
-        let key = CounterKey {
-            ifindex,
-            direction,
-            reason: reason as u8,
-            _pad: [0; 2],
-        };
+        let key = CounterKey { ifindex, direction, reason: reason as u8, _pad: [0; 2] };
         self.by_reason.get(&key).map_or(0, |v| v.packets)
     }
 }
@@ -64,26 +59,21 @@ pub(super) fn read(
     stats: &Map,
 ) -> Result<CounterSnapshot, DataplaneError> {
     let mut snap = CounterSnapshot::default();
-    let m: PerCpuHashMap<&MapData, CounterKey, CounterValue> = counters
-        .try_into()
-        .map_err(map_err(maps::COUNTERS, "open"))?;
+    let m: PerCpuHashMap<&MapData, CounterKey, CounterValue> =
+        counters.try_into().map_err(map_err(maps::COUNTERS, "open"))?;
     for item in m.iter() {
         let (k, v) = item.map_err(map_err(maps::COUNTERS, "iterate"))?;
         snap.by_reason.insert(k, sum(v.iter()));
     }
-    let m: PerCpuHashMap<&MapData, RuleCounterKey, CounterValue> = rules
-        .try_into()
-        .map_err(map_err(maps::RULE_COUNTERS, "open"))?;
+    let m: PerCpuHashMap<&MapData, RuleCounterKey, CounterValue> =
+        rules.try_into().map_err(map_err(maps::RULE_COUNTERS, "open"))?;
     for item in m.iter() {
         let (k, v) = item.map_err(map_err(maps::RULE_COUNTERS, "iterate"))?;
         snap.by_rule.insert(k.rule_id, sum(v.iter()));
     }
     let a: PerCpuArray<&MapData, u64> = stats.try_into().map_err(map_err(maps::STATS, "open"))?;
     let slot = |i: u32| -> Result<u64, DataplaneError> {
-        Ok(a.get(&i, 0)
-            .map_err(map_err(maps::STATS, "get"))?
-            .iter()
-            .sum())
+        Ok(a.get(&i, 0).map_err(map_err(maps::STATS, "get"))?.iter().sum())
     };
     debug_assert!(STAT_SLOTS > netpol_common::counters::STAT_NO_ENDPOINT);
     snap.stats = Stats {

@@ -5,6 +5,7 @@
 //! never sees it.
 
 mod bpffs;
+pub mod conntrack;
 mod counters;
 mod object;
 
@@ -149,48 +150,29 @@ impl Dataplane {
     pub fn load(opts: &DataplaneOptions) -> Result<Self> {
         let object = object::bytes().ok_or(DataplaneError::NoObject)?;
         bpffs::ensure_mounted(Path::new("/sys/fs/bpf"))?;
-        std::fs::create_dir_all(&opts.pin_dir).map_err(|source| DataplaneError::PinDir {
-            path: opts.pin_dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&opts.pin_dir)
+            .map_err(|source| DataplaneError::PinDir { path: opts.pin_dir.clone(), source })?;
         let btf = Btf::from_sys_fs().ok();
         let mut loader = EbpfLoader::new();
         loader.btf(btf.as_ref());
-        let paths: Vec<(&'static str, PathBuf)> = maps::ALL
-            .iter()
-            .map(|name| (*name, opts.pin_dir.join(name)))
-            .collect();
+        let paths: Vec<(&'static str, PathBuf)> =
+            maps::ALL.iter().map(|name| (*name, opts.pin_dir.join(name))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
         if let Some(ct) = opts.ct_max_entries {
             loader.map_max_entries(maps::CT, ct);
         }
-        let mut ebpf = loader
-            .load(object)
-            .map_err(|e| DataplaneError::Load(Box::new(e)))?;
+        let mut ebpf = loader.load(object).map_err(|e| DataplaneError::Load(Box::new(e)))?;
         for name in [maps::PROG_FROM_POD, maps::PROG_TO_POD] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
-                .ok_or(DataplaneError::Program {
-                    name,
-                    source: Box::new(ProgramError::NotLoaded),
-                })?
+                .ok_or(DataplaneError::Program { name, source: Box::new(ProgramError::NotLoaded) })?
                 .try_into()
-                .map_err(|e| DataplaneError::Program {
-                    name,
-                    source: Box::new(e),
-                })?;
-            prog.load().map_err(|e| DataplaneError::Program {
-                name,
-                source: Box::new(e),
-            })?;
+                .map_err(|e| DataplaneError::Program { name, source: Box::new(e) })?;
+            prog.load().map_err(|e| DataplaneError::Program { name, source: Box::new(e) })?;
         }
-        let mut dp = Self {
-            ebpf,
-            pin_dir: opts.pin_dir.clone(),
-            attached: BTreeMap::new(),
-        };
+        let mut dp = Self { ebpf, pin_dir: opts.pin_dir.clone(), attached: BTreeMap::new() };
         dp.set_config(Config {
             events_per_sec: opts.events_per_sec,
             events_burst: opts.events_burst,
@@ -204,23 +186,17 @@ impl Dataplane {
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
-        self.ebpf
-            .map_mut(name)
-            .ok_or(DataplaneError::MissingMap { name })
+        self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap { name })
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
-        self.ebpf
-            .map(name)
-            .ok_or(DataplaneError::MissingMap { name })
+        self.ebpf.map(name).ok_or(DataplaneError::MissingMap { name })
     }
 
     fn set_config(&mut self, cfg: Config) -> Result<()> {
         let name = maps::CONFIG;
-        let mut arr: Array<&mut MapData, Config> = self
-            .map_mut(name)?
-            .try_into()
-            .map_err(map_err(name, "open"))?;
+        let mut arr: Array<&mut MapData, Config> =
+            self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
         arr.set(0, cfg, 0).map_err(map_err(name, "set"))
     }
 
@@ -240,35 +216,20 @@ impl Dataplane {
         let to_pod = match self.attach_one(maps::PROG_TO_POD, interface, TcAttachType::Egress) {
             Ok(id) => id,
             Err(e) => {
-                let _ = self
-                    .classifier(maps::PROG_FROM_POD)
-                    .map(|p| p.detach(from_pod));
+                let _ = self.classifier(maps::PROG_FROM_POD).map(|p| p.detach(from_pod));
                 return Err(e);
             }
         };
-        self.attached.insert(
-            ifindex,
-            Attachment {
-                name: interface.to_owned(),
-                from_pod,
-                to_pod,
-            },
-        );
+        self.attached.insert(ifindex, Attachment { name: interface.to_owned(), from_pod, to_pod });
         Ok(ifindex)
     }
 
     fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
         self.ebpf
             .program_mut(name)
-            .ok_or(DataplaneError::Program {
-                name,
-                source: Box::new(ProgramError::NotLoaded),
-            })?
+            .ok_or(DataplaneError::Program { name, source: Box::new(ProgramError::NotLoaded) })?
             .try_into()
-            .map_err(|e| DataplaneError::Program {
-                name,
-                source: Box::new(e),
-            })
+            .map_err(|e| DataplaneError::Program { name, source: Box::new(e) })
     }
 
     fn attach_one(
@@ -277,13 +238,11 @@ impl Dataplane {
         interface: &str,
         at: TcAttachType,
     ) -> Result<SchedClassifierLinkId> {
-        self.classifier(program)?
-            .attach(interface, at)
-            .map_err(|e| DataplaneError::Attach {
-                program,
-                interface: interface.to_owned(),
-                source: Box::new(e),
-            })
+        self.classifier(program)?.attach(interface, at).map_err(|e| DataplaneError::Attach {
+            program,
+            interface: interface.to_owned(),
+            source: Box::new(e),
+        })
     }
 
     /// Detaches both programs from the interface with index `ifindex`, if attached.
@@ -291,17 +250,12 @@ impl Dataplane {
         let Some(a) = self.attached.remove(&ifindex) else {
             return Ok(());
         };
-        for (program, id) in [
-            (maps::PROG_FROM_POD, a.from_pod),
-            (maps::PROG_TO_POD, a.to_pod),
-        ] {
-            self.classifier(program)?
-                .detach(id)
-                .map_err(|e| DataplaneError::Attach {
-                    program,
-                    interface: a.name.clone(),
-                    source: Box::new(e),
-                })?;
+        for (program, id) in [(maps::PROG_FROM_POD, a.from_pod), (maps::PROG_TO_POD, a.to_pod)] {
+            self.classifier(program)?.detach(id).map_err(|e| DataplaneError::Attach {
+                program,
+                interface: a.name.clone(),
+                source: Box::new(e),
+            })?;
         }
         Ok(())
     }
@@ -315,12 +269,9 @@ impl Dataplane {
     /// value, never a mix).
     pub fn set_endpoint(&mut self, ifindex: u32, ep: Endpoint) -> Result<()> {
         let name = maps::EP;
-        let mut m: HashMap<&mut MapData, EndpointKey, Endpoint> = self
-            .map_mut(name)?
-            .try_into()
-            .map_err(map_err(name, "open"))?;
-        m.insert(EndpointKey { ifindex }, ep, 0)
-            .map_err(map_err(name, "insert"))
+        let mut m: HashMap<&mut MapData, EndpointKey, Endpoint> =
+            self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
+        m.insert(EndpointKey { ifindex }, ep, 0).map_err(map_err(name, "insert"))
     }
 
     /// Reads the endpoint entry of `ifindex`.
@@ -338,12 +289,11 @@ impl Dataplane {
     /// Removes the endpoint entry of `ifindex`.
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
         let name = maps::EP;
-        let mut m: HashMap<&mut MapData, EndpointKey, Endpoint> = self
-            .map_mut(name)?
-            .try_into()
-            .map_err(map_err(name, "open"))?;
+        let mut m: HashMap<&mut MapData, EndpointKey, Endpoint> =
+            self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
         match m.remove(&EndpointKey { ifindex }) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(map_err(name, "remove")(e)),
         }
     }
@@ -351,23 +301,19 @@ impl Dataplane {
     /// Inserts or replaces a peer entry (stage 1 of the policy lookup).
     pub fn upsert_peer(&mut self, prefix_len: u32, data: PeerData, value: PeerValue) -> Result<()> {
         let name = maps::PEER;
-        let mut m: LpmTrie<&mut MapData, PeerData, PeerValue> = self
-            .map_mut(name)?
-            .try_into()
-            .map_err(map_err(name, "open"))?;
-        m.insert(&Key::new(prefix_len, data), value, 0)
-            .map_err(map_err(name, "insert"))
+        let mut m: LpmTrie<&mut MapData, PeerData, PeerValue> =
+            self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
+        m.insert(&Key::new(prefix_len, data), value, 0).map_err(map_err(name, "insert"))
     }
 
     /// Removes a peer entry.
     pub fn remove_peer(&mut self, prefix_len: u32, data: PeerData) -> Result<()> {
         let name = maps::PEER;
-        let mut m: LpmTrie<&mut MapData, PeerData, PeerValue> = self
-            .map_mut(name)?
-            .try_into()
-            .map_err(map_err(name, "open"))?;
+        let mut m: LpmTrie<&mut MapData, PeerData, PeerValue> =
+            self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
         match m.remove(&Key::new(prefix_len, data)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(map_err(name, "remove")(e)),
         }
     }
@@ -375,23 +321,19 @@ impl Dataplane {
     /// Inserts or replaces a port entry (stage 2 of the policy lookup).
     pub fn upsert_port(&mut self, prefix_len: u32, data: PortData, value: PortValue) -> Result<()> {
         let name = maps::PORTS;
-        let mut m: LpmTrie<&mut MapData, PortData, PortValue> = self
-            .map_mut(name)?
-            .try_into()
-            .map_err(map_err(name, "open"))?;
-        m.insert(&Key::new(prefix_len, data), value, 0)
-            .map_err(map_err(name, "insert"))
+        let mut m: LpmTrie<&mut MapData, PortData, PortValue> =
+            self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
+        m.insert(&Key::new(prefix_len, data), value, 0).map_err(map_err(name, "insert"))
     }
 
     /// Removes a port entry.
     pub fn remove_port(&mut self, prefix_len: u32, data: PortData) -> Result<()> {
         let name = maps::PORTS;
-        let mut m: LpmTrie<&mut MapData, PortData, PortValue> = self
-            .map_mut(name)?
-            .try_into()
-            .map_err(map_err(name, "open"))?;
+        let mut m: LpmTrie<&mut MapData, PortData, PortValue> =
+            self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
         match m.remove(&Key::new(prefix_len, data)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(map_err(name, "remove")(e)),
         }
     }
@@ -419,11 +361,32 @@ impl Dataplane {
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);
         opts.repeat = repeat.max(1);
-        let r = prog.test_run(opts).map_err(|e| DataplaneError::Program {
-            name: program,
-            source: Box::new(e),
-        })?;
+        let r = prog
+            .test_run(opts)
+            .map_err(|e| DataplaneError::Program { name: program, source: Box::new(e) })?;
         Ok((r.return_value as i32, r.duration))
+    }
+
+    /// Every conntrack entry.
+    pub fn conntrack(&self) -> Result<Vec<(netpol_common::ct::CtKey, netpol_common::ct::CtValue)>> {
+        conntrack::dump(self.map(maps::CT)?)
+    }
+
+    /// One garbage-collection pass over the conntrack map at time `now_ns` (monotonic clock).
+    pub fn gc_conntrack(
+        &mut self,
+        now_ns: u64,
+        timeouts: &netpol_common::ct::Timeouts,
+    ) -> Result<conntrack::GcStats> {
+        let (scanned, expired) = conntrack::scan(self.map(maps::CT)?, now_ns, timeouts)?;
+        let mut stats = conntrack::sweep(self.map_mut(maps::CT)?, &expired)?;
+        stats.scanned = scanned;
+        Ok(stats)
+    }
+
+    /// Deletes every conntrack entry; returns how many.
+    pub fn clear_conntrack(&mut self) -> Result<u64> {
+        conntrack::clear(self.map_mut(maps::CT)?)
     }
 
     /// Mutable access to a map by name, for callers that need a map type not wrapped here.
@@ -450,12 +413,18 @@ pub fn remove_pins(pin_dir: &Path) -> std::io::Result<()> {
     }
 }
 
-fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
-    move |e| DataplaneError::Map {
-        name,
-        op,
-        source: Box::new(e),
+/// Deleting a missing key is not an error for us (it is gone either way); aya reports it as
+/// `KeyNotFound` or as the raw ENOENT of bpf_map_delete_elem.
+pub(crate) fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
+}
+
+fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |e| DataplaneError::Map { name, op, source: Box::new(e) }
 }
 
 fn ifindex(interface: &str) -> Result<u32> {

@@ -30,10 +30,8 @@ impl Fixture {
     /// Loads the programs with private pins named after `test`.
     pub fn new(test: &str) -> Fixture {
         crate::require_root();
-        let pin_dir = PathBuf::from(format!(
-            "/sys/fs/bpf/netpol-test-{}-{test}",
-            std::process::id()
-        ));
+        let pin_dir =
+            PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-{test}", std::process::id()));
         let _ = remove_pins(&pin_dir);
         let dp = Dataplane::load(&DataplaneOptions {
             pin_dir: pin_dir.clone(),
@@ -73,10 +71,7 @@ impl Fixture {
         self.dp
             .upsert_peer(
                 PEER_SET_BITS + bits,
-                PeerData {
-                    set_id,
-                    addr: bytes,
-                },
+                PeerData { set_id, addr: bytes },
                 PeerValue { portset_id },
             )
             .expect("peer entry");
@@ -84,19 +79,32 @@ impl Fixture {
 
     /// Allows `proto` ports `lo..=hi` in a port set (proto 0: every protocol and port).
     pub fn ports(&mut self, portset_id: u32, proto: u8, lo: u16, hi: u16, rule_id: u32) {
-        let value = PortValue {
-            rule_id,
-            action: ACTION_ALLOW,
-            _pad: [0; 3],
-        };
+        let value = PortValue { rule_id, action: ACTION_ALLOW, _pad: [0; 3] };
+        self.port_entries(portset_id, proto, lo, hi, |dp, bits, data| {
+            dp.upsert_port(bits, data, value).expect("port entry")
+        });
+    }
+
+    /// Removes what [`Fixture::ports`] added for the same arguments.
+    pub fn remove_ports(&mut self, portset_id: u32, proto: u8, lo: u16, hi: u16) {
+        self.port_entries(portset_id, proto, lo, hi, |dp, bits, data| {
+            dp.remove_port(bits, data).expect("removing port entry")
+        });
+    }
+
+    /// Calls `f` with every port-map key that encodes `proto` ports `lo..=hi`.
+    fn port_entries(
+        &mut self,
+        portset_id: u32,
+        proto: u8,
+        lo: u16,
+        hi: u16,
+        mut f: impl FnMut(&mut Dataplane, u32, PortData),
+    ) {
+        let dp = &mut self.dp;
         let mut put = |bits: u32, port: u16, proto: u8| {
-            let data = PortData {
-                portset_id,
-                proto,
-                port: port.to_be_bytes(),
-                _pad: 0,
-            };
-            self.dp.upsert_port(bits, data, value).expect("port entry");
+            let data = PortData { portset_id, proto, port: port.to_be_bytes(), _pad: 0 };
+            f(dp, bits, data);
         };
         if proto == 0 {
             put(PORT_ANY_PROTO_BITS, 0, 0);

@@ -1,6 +1,6 @@
 //! A lab node: pods as network namespaces behind host-side veths (routed topology).
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     sync::atomic::{AtomicU32, Ordering},
 };
 
@@ -26,19 +26,39 @@ pub struct Pod {
     pub host_if: String,
     /// The pod's IPv4 address.
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address (bridged topology only: routing IPv6 between veths would need the
+    /// host-wide IPv6 forwarding switch, which the lab never touches).
+    pub ip6: Option<Ipv6Addr>,
+}
+
+/// How pods are connected to the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// A /32 host route per pod veth and proxy ARP (Calico, Azure CNI transparent mode).
+    Routed,
+    /// Host-side veths enslaved to a Linux bridge (kubenet's cbr0, Azure CNI bridge mode);
+    /// dual-stack, pods in one /24 and one /64.
+    Bridged,
 }
 
 /// A set of pods in one /24 of the lab range, torn down on drop.
 pub struct Lab {
     id: String,
     subnet: u8,
+    topology: Topology,
+    bridge: Option<String>,
     pods: Vec<Pod>,
     blackhole: String,
 }
 
 impl Lab {
-    /// Creates an empty lab with its own /24 (blackholed in the host namespace first).
+    /// Creates an empty routed lab with its own /24 (blackholed in the host namespace first).
     pub fn new() -> Result<Lab> {
+        Lab::with_topology(Topology::Routed)
+    }
+
+    /// Creates an empty lab of the given topology.
+    pub fn with_topology(topology: Topology) -> Result<Lab> {
         crate::require_root();
         reap_stale()?;
         let pid = std::process::id();
@@ -49,20 +69,21 @@ impl Lab {
         for _ in 0..200 {
             let net = format!("{}.{}.{subnet}.0/24", LAB_PREFIX[0], LAB_PREFIX[1]);
             if ip(&format!("route add blackhole {net}")).is_ok() {
-                return Ok(Lab {
-                    id,
-                    subnet,
-                    pods: Vec::new(),
-                    blackhole: net,
-                });
+                let mut lab =
+                    Lab { id, subnet, topology, bridge: None, pods: Vec::new(), blackhole: net };
+                // The IPv6 range too, before any pod gets an address in it.
+                ip(&format!("-6 route add blackhole {}", lab.blackhole6()))?;
+                if topology == Topology::Bridged {
+                    let br = format!("{NAME_PREFIX}{}br", lab.id);
+                    lab.bridge = Some(br.clone());
+                    ip(&format!("link add name {br} type bridge"))?;
+                    ip(&format!("link set {br} up"))?;
+                }
+                return Ok(lab);
             }
             subnet = subnet % 200 + 21;
         }
-        anyhow::bail!(
-            "no free /24 in {}.{}.0.0/16 for the lab",
-            LAB_PREFIX[0],
-            LAB_PREFIX[1]
-        )
+        anyhow::bail!("no free /24 in {}.{}.0.0/16 for the lab", LAB_PREFIX[0], LAB_PREFIX[1])
     }
 
     /// Adds a pod: namespace, veth pair, address, routes, forwarding and proxy ARP on the host
@@ -74,16 +95,26 @@ impl Lab {
             netns: format!("{NAME_PREFIX}-{}-{idx}", self.id),
             host_if: format!("{NAME_PREFIX}{}h{idx}", self.id),
             ip: Ipv4Addr::new(LAB_PREFIX[0], LAB_PREFIX[1], self.subnet, idx as u8),
+            ip6: (self.topology == Topology::Bridged)
+                .then(|| Ipv6Addr::new(0xfd13, 0x213, 0, self.subnet as u16, 0, 0, 0, idx as u16)),
         };
         // Record first so that drop removes a half-built pod too.
         self.pods.push(pod.clone());
         let (ns, hif) = (&pod.netns, &pod.host_if);
         ip(&format!("netns add {ns}"))?;
-        ip(&format!(
-            "link add {hif} type veth peer name eth0 netns {ns}"
-        ))?;
+        ip(&format!("link add {hif} type veth peer name eth0 netns {ns}"))?;
         let inside = |args: &str| ip(&format!("-n {ns} {args}"));
         inside("link set lo up")?;
+        if let Some(br) = &self.bridge {
+            inside(&format!("addr add {}/24 dev eth0", pod.ip))?;
+            if let Some(ip6) = pod.ip6 {
+                inside(&format!("-6 addr add {ip6}/64 dev eth0 nodad"))?;
+            }
+            inside("link set eth0 up")?;
+            ip(&format!("link set {hif} master {br}"))?;
+            ip(&format!("link set {hif} up"))?;
+            return Ok(pod);
+        }
         inside(&format!("addr add {}/32 dev eth0", pod.ip))?;
         inside("link set eth0 up")?;
         // Calico-style: the gateway is a fixed link-local address answered by proxy ARP.
@@ -97,6 +128,10 @@ impl Lab {
         ip(&format!("link set {hif} up"))?;
         ip(&format!("route add {}/32 dev {hif}", pod.ip))?;
         Ok(pod)
+    }
+
+    fn blackhole6(&self) -> String {
+        format!("fd13:213:0:{:x}::/64", self.subnet)
     }
 
     /// The pods added so far.
@@ -113,6 +148,12 @@ impl Lab {
                 eprintln!("lab teardown: {e:#}");
             }
         }
+        if let Some(br) = self.bridge.take() {
+            if let Err(e) = ip(&format!("link del {br}")) {
+                eprintln!("lab teardown: {e:#}");
+            }
+        }
+        let _ = ip(&format!("-6 route del blackhole {}", self.blackhole6()));
         if let Err(e) = ip(&format!("route del blackhole {}", self.blackhole)) {
             eprintln!("lab teardown: {e:#}");
         }
@@ -149,6 +190,7 @@ fn reap_stale() -> Result<()> {
         let mine = pid.parse::<u32>().ok() == Some(std::process::id() % 100_000);
         if !alive && !mine {
             let _ = ip(&format!("netns del {name}"));
+            let _ = ip(&format!("link del {NAME_PREFIX}{id}br"));
         }
     }
     // Stale blackholes of dead runs are harmless (they only ever drop lab traffic) and get
@@ -160,7 +202,5 @@ fn reap_stale() -> Result<()> {
 pub fn ifindex(name: &str) -> Result<u32> {
     let s = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
         .with_context(|| format!("reading the ifindex of {name}"))?;
-    s.trim()
-        .parse()
-        .with_context(|| format!("parsing the ifindex of {name}"))
+    s.trim().parse().with_context(|| format!("parsing the ifindex of {name}"))
 }

@@ -25,12 +25,7 @@ pub enum L4 {
     /// SCTP with one chunk of the given type (1 = INIT).
     Sctp { sport: u16, dport: u16, chunk: u8 },
     /// ICMP or ICMPv6 with type, code, and 4 bytes of rest-of-header, then `payload`.
-    Icmp {
-        kind: u8,
-        code: u8,
-        rest: [u8; 4],
-        payload: Vec<u8>,
-    },
+    Icmp { kind: u8, code: u8, rest: [u8; 4], payload: Vec<u8> },
     /// Raw bytes with an explicit protocol number.
     Raw { proto: u8, bytes: Vec<u8> },
 }
@@ -55,11 +50,7 @@ impl L4 {
     /// The transport header and payload bytes.
     pub fn bytes(&self) -> Vec<u8> {
         match self {
-            L4::Tcp {
-                sport,
-                dport,
-                flags,
-            } => {
+            L4::Tcp { sport, dport, flags } => {
                 let mut b = vec![0u8; 20];
                 b[0..2].copy_from_slice(&sport.to_be_bytes());
                 b[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -76,11 +67,7 @@ impl L4 {
                 b[4..6].copy_from_slice(&8u16.to_be_bytes());
                 b
             }
-            L4::Sctp {
-                sport,
-                dport,
-                chunk,
-            } => {
+            L4::Sctp { sport, dport, chunk } => {
                 let mut b = vec![0u8; 12];
                 b[0..2].copy_from_slice(&sport.to_be_bytes());
                 b[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -95,12 +82,7 @@ impl L4 {
                 b[8..12].copy_from_slice(&crc.to_le_bytes());
                 b
             }
-            L4::Icmp {
-                kind,
-                code,
-                rest,
-                payload,
-            } => {
+            L4::Icmp { kind, code, rest, payload } => {
                 let mut b = vec![*kind, *code, 0, 0];
                 b.extend_from_slice(rest);
                 b.extend_from_slice(payload);
@@ -129,14 +111,7 @@ pub struct Frame {
 impl Frame {
     /// A frame from `src` to `dst` carrying `l4`.
     pub fn new(src: impl Into<IpAddr>, dst: impl Into<IpAddr>, l4: L4) -> Frame {
-        Frame {
-            src: src.into(),
-            dst: dst.into(),
-            l4,
-            vlan: None,
-            ext: Vec::new(),
-            frag: (0, 0),
-        }
+        Frame { src: src.into(), dst: dst.into(), l4, vlan: None, ext: Vec::new(), frag: (0, 0) }
     }
 
     /// Sets an IPv4 fragment: `more` fragments follow, `offset` in bytes (multiple of 8).
@@ -161,11 +136,7 @@ impl Frame {
     /// The IP packet (no Ethernet header). For a non-first fragment (offset > 0) the transport
     /// header is omitted and 8 bytes of payload are sent instead.
     pub fn ip_packet(&self) -> Vec<u8> {
-        let payload = if self.frag.0 & 0x1fff != 0 {
-            vec![0xab; 8]
-        } else {
-            self.l4.bytes()
-        };
+        let payload = if self.frag.0 & 0x1fff != 0 { vec![0xab; 8] } else { self.l4.bytes() };
         match (self.src, self.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 let mut h = vec![0u8; 20];
@@ -224,17 +195,12 @@ pub fn arp() -> Vec<u8> {
     let mut f = vec![0xff; 6];
     f.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 0x08, 0x06]);
     f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-    f.extend_from_slice(&[
-        0x02, 0, 0, 0, 0, 2, 10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0, 9,
-    ]);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0, 9]);
     f
 }
 
 fn ip_checksum(h: &[u8]) -> u16 {
-    let mut sum: u32 = h
-        .chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
-        .sum();
+    let mut sum: u32 = h.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]]) as u32).sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -247,11 +213,7 @@ pub fn crc32c(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
         }
     }
     !crc

@@ -27,23 +27,14 @@ fn allowed_tcp_passes_denied_tcp_is_dropped_and_counted() {
     let to = |port| SocketAddr::from((server.ip, port));
 
     // Before enforcement both ports answer: the topology itself works.
-    assert!(
-        tcp_echo(&client.netns, to(80), TIMEOUT).unwrap(),
-        "port 80 before enforcement"
-    );
-    assert!(
-        tcp_echo(&client.netns, to(81), TIMEOUT).unwrap(),
-        "port 81 before enforcement"
-    );
+    assert!(tcp_echo(&client.netns, to(80), TIMEOUT).unwrap(), "port 80 before enforcement");
+    assert!(tcp_echo(&client.netns, to(81), TIMEOUT).unwrap(), "port 81 before enforcement");
 
     let pin_dir = std::path::Path::new("/sys/fs/bpf")
         .join(format!("netpol-test-{}-chain", std::process::id()));
     let _cleanup = PinCleanup(pin_dir.clone());
-    let mut dp = Dataplane::load(&DataplaneOptions {
-        pin_dir,
-        ..Default::default()
-    })
-    .expect("load programs");
+    let mut dp = Dataplane::load(&DataplaneOptions { pin_dir, ..Default::default() })
+        .expect("load programs");
 
     // The server's ingress: only the client, only TCP/80 (set 7, port set 9, rule 42).
     let set = 7;
@@ -56,61 +47,27 @@ fn allowed_tcp_passes_denied_tcp_is_dropped_and_counted() {
     .unwrap();
     dp.upsert_port(
         netpol_common::policy::PORT_FULL_BITS,
-        PortData {
-            portset_id: 9,
-            proto: 6,
-            port: 80u16.to_be_bytes(),
-            _pad: 0,
-        },
-        PortValue {
-            rule_id: 42,
-            action: ACTION_ALLOW,
-            _pad: [0; 3],
-        },
+        PortData { portset_id: 9, proto: 6, port: 80u16.to_be_bytes(), _pad: 0 },
+        PortValue { rule_id: 42, action: ACTION_ALLOW, _pad: [0; 3] },
     )
     .unwrap();
     let ifindex = netpol_it::lab::ifindex(&server.host_if).unwrap();
-    dp.set_endpoint(
-        ifindex,
-        Endpoint {
-            generation: 1,
-            ingress_np: set,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    dp.set_endpoint(ifindex, Endpoint { generation: 1, ingress_np: set, ..Default::default() })
+        .unwrap();
     assert_eq!(dp.attach(&server.host_if).unwrap(), ifindex);
 
-    assert!(
-        tcp_echo(&client.netns, to(80), TIMEOUT).unwrap(),
-        "port 80 must stay allowed"
-    );
-    assert!(
-        !tcp_echo(&client.netns, to(81), TIMEOUT).unwrap(),
-        "port 81 must be dropped"
-    );
+    assert!(tcp_echo(&client.netns, to(80), TIMEOUT).unwrap(), "port 80 must stay allowed");
+    assert!(!tcp_echo(&client.netns, to(81), TIMEOUT).unwrap(), "port 81 must be dropped");
 
     let c = dp.counters().unwrap();
     let denied = c.packets(ifindex, DIR_INGRESS, Reason::DenyPolicy);
-    assert!(
-        denied >= 1,
-        "the dropped SYN(s) must be counted, got {denied}: {c:?}"
-    );
-    assert!(
-        c.packets(ifindex, DIR_INGRESS, Reason::AllowPolicy) >= 1,
-        "{c:?}"
-    );
-    assert!(
-        c.by_rule.get(&42).is_some_and(|v| v.packets >= 1),
-        "rule 42 counted: {c:?}"
-    );
+    assert!(denied >= 1, "the dropped SYN(s) must be counted, got {denied}: {c:?}");
+    assert!(c.packets(ifindex, DIR_INGRESS, Reason::AllowPolicy) >= 1, "{c:?}");
+    assert!(c.by_rule.get(&42).is_some_and(|v| v.packets >= 1), "rule 42 counted: {c:?}");
 
     // Detached, port 81 works again: the drop came from our program and nothing else.
     dp.detach(ifindex).unwrap();
-    assert!(
-        tcp_echo(&client.netns, to(81), TIMEOUT).unwrap(),
-        "port 81 after detach"
-    );
+    assert!(tcp_echo(&client.netns, to(81), TIMEOUT).unwrap(), "port 81 after detach");
 }
 
 struct PinCleanup(std::path::PathBuf);

@@ -66,29 +66,16 @@ fn v6(a: &str) -> IpAddr {
     IpAddr::V6(a.parse::<Ipv6Addr>().unwrap())
 }
 fn syn(sport: u16, dport: u16) -> L4 {
-    L4::Tcp {
-        sport,
-        dport,
-        flags: tcp::SYN,
-    }
+    L4::Tcp { sport, dport, flags: tcp::SYN }
 }
 fn ack(sport: u16, dport: u16) -> L4 {
-    L4::Tcp {
-        sport,
-        dport,
-        flags: tcp::ACK,
-    }
+    L4::Tcp { sport, dport, flags: tcp::ACK }
 }
 fn udp(sport: u16, dport: u16) -> L4 {
     L4::Udp { sport, dport }
 }
 fn echo_request() -> L4 {
-    L4::Icmp {
-        kind: 8,
-        code: 0,
-        rest: [0, 7, 0, 1],
-        payload: vec![],
-    }
+    L4::Icmp { kind: 8, code: 0, rest: [0, 7, 0, 1], payload: vec![] }
 }
 
 #[track_caller]
@@ -108,10 +95,14 @@ fn expect(
 fn ingress_policy_per_protocol_port_and_peer() {
     let mut f = fixture("ingress");
     let to = |src: [u8; 4], l4| Frame::new(v4(src), v4(POD), l4);
+    expect(&mut f, TO, to(ALLOWED, syn(40000, 80)), PASS, IN, AllowPolicy);
+    expect(&mut f, TO, to(ALLOWED, syn(40001, 81)), DROP, IN, DenyPolicy);
+    expect(&mut f, TO, to(ALLOWED, udp(40002, 53)), PASS, IN, AllowPolicy);
+    expect(&mut f, TO, to(ALLOWED, udp(40003, 54)), DROP, IN, DenyPolicy);
     expect(
         &mut f,
         TO,
-        to(ALLOWED, syn(40000, 80)),
+        to(ALLOWED, L4::Sctp { sport: 7, dport: 5000, chunk: 1 }),
         PASS,
         IN,
         AllowPolicy,
@@ -119,165 +110,35 @@ fn ingress_policy_per_protocol_port_and_peer() {
     expect(
         &mut f,
         TO,
-        to(ALLOWED, syn(40001, 81)),
-        DROP,
-        IN,
-        DenyPolicy,
-    );
-    expect(
-        &mut f,
-        TO,
-        to(ALLOWED, udp(40002, 53)),
-        PASS,
-        IN,
-        AllowPolicy,
-    );
-    expect(
-        &mut f,
-        TO,
-        to(ALLOWED, udp(40003, 54)),
-        DROP,
-        IN,
-        DenyPolicy,
-    );
-    expect(
-        &mut f,
-        TO,
-        to(
-            ALLOWED,
-            L4::Sctp {
-                sport: 7,
-                dport: 5000,
-                chunk: 1,
-            },
-        ),
-        PASS,
-        IN,
-        AllowPolicy,
-    );
-    expect(
-        &mut f,
-        TO,
-        to(
-            ALLOWED,
-            L4::Sctp {
-                sport: 7,
-                dport: 5001,
-                chunk: 1,
-            },
-        ),
+        to(ALLOWED, L4::Sctp { sport: 7, dport: 5001, chunk: 1 }),
         DROP,
         IN,
         DenyPolicy,
     );
     // A rule with ports never allows ICMP; a rule without ports allows every protocol.
+    expect(&mut f, TO, to(ALLOWED, echo_request()), DROP, IN, DenyPolicy);
+    expect(&mut f, TO, to(ANY_PROTO, echo_request()), PASS, IN, AllowPolicy);
     expect(
         &mut f,
         TO,
-        to(ALLOWED, echo_request()),
-        DROP,
-        IN,
-        DenyPolicy,
-    );
-    expect(
-        &mut f,
-        TO,
-        to(ANY_PROTO, echo_request()),
+        to(ANY_PROTO, L4::Raw { proto: 47, bytes: vec![0; 8] }),
         PASS,
         IN,
         AllowPolicy,
     );
-    expect(
-        &mut f,
-        TO,
-        to(
-            ANY_PROTO,
-            L4::Raw {
-                proto: 47,
-                bytes: vec![0; 8],
-            },
-        ),
-        PASS,
-        IN,
-        AllowPolicy,
-    );
-    expect(
-        &mut f,
-        TO,
-        to(STRANGER, syn(40004, 80)),
-        DROP,
-        IN,
-        DenyPolicy,
-    );
+    expect(&mut f, TO, to(STRANGER, syn(40004, 80)), DROP, IN, DenyPolicy);
     // endPort range 8000-8099 from a /16.
-    expect(
-        &mut f,
-        TO,
-        to([10, 1, 2, 3], syn(1, 8000)),
-        PASS,
-        IN,
-        AllowPolicy,
-    );
-    expect(
-        &mut f,
-        TO,
-        to([10, 1, 2, 3], syn(2, 8099)),
-        PASS,
-        IN,
-        AllowPolicy,
-    );
-    expect(
-        &mut f,
-        TO,
-        to([10, 1, 2, 3], syn(3, 8100)),
-        DROP,
-        IN,
-        DenyPolicy,
-    );
-    expect(
-        &mut f,
-        TO,
-        to([10, 1, 2, 3], syn(4, 7999)),
-        DROP,
-        IN,
-        DenyPolicy,
-    );
-    expect(
-        &mut f,
-        TO,
-        to([10, 2, 0, 1], syn(5, 8000)),
-        DROP,
-        IN,
-        DenyPolicy,
-    );
+    expect(&mut f, TO, to([10, 1, 2, 3], syn(1, 8000)), PASS, IN, AllowPolicy);
+    expect(&mut f, TO, to([10, 1, 2, 3], syn(2, 8099)), PASS, IN, AllowPolicy);
+    expect(&mut f, TO, to([10, 1, 2, 3], syn(3, 8100)), DROP, IN, DenyPolicy);
+    expect(&mut f, TO, to([10, 1, 2, 3], syn(4, 7999)), DROP, IN, DenyPolicy);
+    expect(&mut f, TO, to([10, 2, 0, 1], syn(5, 8000)), DROP, IN, DenyPolicy);
     // 802.1Q-tagged frames are parsed through the tag.
-    expect(
-        &mut f,
-        TO,
-        to(ALLOWED, syn(40005, 80)).vlan(42),
-        PASS,
-        IN,
-        AllowPolicy,
-    );
-    expect(
-        &mut f,
-        TO,
-        to(ALLOWED, syn(40006, 81)).vlan(42),
-        DROP,
-        IN,
-        DenyPolicy,
-    );
+    expect(&mut f, TO, to(ALLOWED, syn(40005, 80)).vlan(42), PASS, IN, AllowPolicy);
+    expect(&mut f, TO, to(ALLOWED, syn(40006, 81)).vlan(42), DROP, IN, DenyPolicy);
     let c = f.dp.counters().unwrap();
-    assert!(
-        c.by_rule.get(&10).is_some_and(|v| v.packets >= 4),
-        "rule 10 counted: {:?}",
-        c.by_rule
-    );
-    assert!(
-        c.by_rule.get(&12).is_some_and(|v| v.packets == 2),
-        "rule 12 counted: {:?}",
-        c.by_rule
-    );
+    assert!(c.by_rule.get(&10).is_some_and(|v| v.packets >= 4), "rule 10 counted: {:?}", c.by_rule);
+    assert!(c.by_rule.get(&12).is_some_and(|v| v.packets == 2), "rule 12 counted: {:?}", c.by_rule);
 }
 
 #[test]
@@ -286,30 +147,9 @@ fn ipv6_with_extension_headers() {
     let to = |l4| Frame::new(v6(ALLOWED6), v6(POD6), l4);
     expect(&mut f, TO, to(syn(1, 80)), PASS, IN, AllowPolicy);
     expect(&mut f, TO, to(syn(2, 81)), DROP, IN, DenyPolicy);
-    expect(
-        &mut f,
-        TO,
-        to(syn(3, 80)).ext(0).ext(60),
-        PASS,
-        IN,
-        AllowPolicy,
-    );
-    expect(
-        &mut f,
-        TO,
-        to(syn(4, 81)).ext(0).ext(43).ext(60),
-        DROP,
-        IN,
-        DenyPolicy,
-    );
-    expect(
-        &mut f,
-        TO,
-        Frame::new(v6("fd00:3::3"), v6(POD6), syn(5, 80)),
-        DROP,
-        IN,
-        DenyPolicy,
-    );
+    expect(&mut f, TO, to(syn(3, 80)).ext(0).ext(60), PASS, IN, AllowPolicy);
+    expect(&mut f, TO, to(syn(4, 81)).ext(0).ext(43).ext(60), DROP, IN, DenyPolicy);
+    expect(&mut f, TO, Frame::new(v6("fd00:3::3"), v6(POD6), syn(5, 80)), DROP, IN, DenyPolicy);
     // Longer chains than the bounded walk are refused, not guessed.
     let mut long = to(syn(6, 80));
     for _ in 0..7 {
@@ -317,20 +157,8 @@ fn ipv6_with_extension_headers() {
     }
     expect(&mut f, TO, long, DROP, IN, DenyMalformed);
     // Neighbour solicitation passes even though the pod's ingress is isolated.
-    let ns = L4::Icmp {
-        kind: 135,
-        code: 0,
-        rest: [0; 4],
-        payload: vec![0; 16],
-    };
-    expect(
-        &mut f,
-        TO,
-        Frame::new(v6("fe80::1"), v6(POD6), ns),
-        PASS,
-        IN,
-        AllowNonIp,
-    );
+    let ns = L4::Icmp { kind: 135, code: 0, rest: [0; 4], payload: vec![0; 16] };
+    expect(&mut f, TO, Frame::new(v6("fe80::1"), v6(POD6), ns), PASS, IN, AllowNonIp);
 }
 
 #[test]
@@ -357,16 +185,8 @@ fn malformed_and_non_ip_frames() {
     doff[14 + 20 + 12] = 0x40;
     expect_raw(&mut f, &doff, DROP, DenyMalformed);
     // Truncated SCTP (no chunk).
-    let sctp = Frame::new(
-        v4(ALLOWED),
-        v4(POD),
-        L4::Sctp {
-            sport: 1,
-            dport: 5000,
-            chunk: 1,
-        },
-    )
-    .bytes();
+    let sctp =
+        Frame::new(v4(ALLOWED), v4(POD), L4::Sctp { sport: 1, dport: 5000, chunk: 1 }).bytes();
     let mut cut = sctp[..14 + 20 + 12].to_vec();
     cut[14 + 2..14 + 4].copy_from_slice(&32u16.to_be_bytes());
     expect_raw(&mut f, &cut, DROP, DenyMalformed);
@@ -385,11 +205,7 @@ fn truncated_tcp(good: &[u8]) -> Vec<u8> {
 
 #[track_caller]
 fn expect_raw(f: &mut Fixture, frame: &[u8], verdict: i32, reason: Reason) {
-    assert_eq!(
-        f.run(TO, frame),
-        (verdict, Some((IN, reason))),
-        "frame {frame:02x?}"
-    );
+    assert_eq!(f.run(TO, frame), (verdict, Some((IN, reason))), "frame {frame:02x?}");
 }
 
 #[test]
@@ -397,56 +213,14 @@ fn fragments_follow_their_first_fragment() {
     let mut f = fixture("fragments");
     let to = |src: [u8; 4], l4| Frame::new(v4(src), v4(POD), l4);
     // A non-first fragment of an unknown datagram carries no ports: dropped.
-    expect(
-        &mut f,
-        TO,
-        to(ALLOWED, udp(1, 53)).fragment(77, false, 64),
-        DROP,
-        IN,
-        DenyFragment,
-    );
+    expect(&mut f, TO, to(ALLOWED, udp(1, 53)).fragment(77, false, 64), DROP, IN, DenyFragment);
     // First fragment allowed by policy, then the rest of the same datagram passes.
-    expect(
-        &mut f,
-        TO,
-        to(ALLOWED, udp(2, 53)).fragment(78, true, 0),
-        PASS,
-        IN,
-        AllowPolicy,
-    );
-    expect(
-        &mut f,
-        TO,
-        to(ALLOWED, udp(2, 53)).fragment(78, true, 8),
-        PASS,
-        IN,
-        AllowConntrack,
-    );
-    expect(
-        &mut f,
-        TO,
-        to(ALLOWED, udp(2, 53)).fragment(78, false, 16),
-        PASS,
-        IN,
-        AllowConntrack,
-    );
+    expect(&mut f, TO, to(ALLOWED, udp(2, 53)).fragment(78, true, 0), PASS, IN, AllowPolicy);
+    expect(&mut f, TO, to(ALLOWED, udp(2, 53)).fragment(78, true, 8), PASS, IN, AllowConntrack);
+    expect(&mut f, TO, to(ALLOWED, udp(2, 53)).fragment(78, false, 16), PASS, IN, AllowConntrack);
     // A denied first fragment does not open the door for its followers.
-    expect(
-        &mut f,
-        TO,
-        to(STRANGER, udp(3, 53)).fragment(79, true, 0),
-        DROP,
-        IN,
-        DenyPolicy,
-    );
-    expect(
-        &mut f,
-        TO,
-        to(STRANGER, udp(3, 53)).fragment(79, false, 8),
-        DROP,
-        IN,
-        DenyFragment,
-    );
+    expect(&mut f, TO, to(STRANGER, udp(3, 53)).fragment(79, true, 0), DROP, IN, DenyPolicy);
+    expect(&mut f, TO, to(STRANGER, udp(3, 53)).fragment(79, false, 8), DROP, IN, DenyFragment);
 }
 
 #[test]
@@ -456,157 +230,45 @@ fn conntrack_replies_pickup_and_policy_changes() {
     let from = |dst: [u8; 4], l4| Frame::new(v4(POD), v4(dst), l4);
 
     // Ingress connection, then its reply leaves the pod although egress allows only UDP 53.
-    expect(
-        &mut f,
-        TO,
-        to(ALLOWED, syn(40000, 80)),
-        PASS,
-        IN,
-        AllowPolicy,
-    );
-    let synack = L4::Tcp {
-        sport: 80,
-        dport: 40000,
-        flags: tcp::SYN | tcp::ACK,
-    };
-    expect(
-        &mut f,
-        FROM,
-        from(ALLOWED, synack),
-        PASS,
-        EG,
-        AllowConntrack,
-    );
-    expect(
-        &mut f,
-        TO,
-        to(ALLOWED, ack(40000, 80)),
-        PASS,
-        IN,
-        AllowConntrack,
-    );
+    expect(&mut f, TO, to(ALLOWED, syn(40000, 80)), PASS, IN, AllowPolicy);
+    let synack = L4::Tcp { sport: 80, dport: 40000, flags: tcp::SYN | tcp::ACK };
+    expect(&mut f, FROM, from(ALLOWED, synack), PASS, EG, AllowConntrack);
+    expect(&mut f, TO, to(ALLOWED, ack(40000, 80)), PASS, IN, AllowConntrack);
     // The pod cannot open TCP to that peer.
-    expect(
-        &mut f,
-        FROM,
-        from(ALLOWED, syn(45000, 80)),
-        DROP,
-        EG,
-        DenyPolicy,
-    );
+    expect(&mut f, FROM, from(ALLOWED, syn(45000, 80)), DROP, EG, DenyPolicy);
 
     // Mid-flow pickup: an ACK of a connection conntrack never saw (agent restart, eviction)
     // passes because the connection is allowed the other way round.
-    expect(
-        &mut f,
-        FROM,
-        from(ALLOWED, ack(80, 41111)),
-        PASS,
-        EG,
-        AllowConntrack,
-    );
+    expect(&mut f, FROM, from(ALLOWED, ack(80, 41111)), PASS, EG, AllowConntrack);
     // ...but not for a peer that may not connect either way.
-    expect(
-        &mut f,
-        FROM,
-        from(STRANGER, ack(80, 41112)),
-        DROP,
-        EG,
-        DenyPolicy,
-    );
+    expect(&mut f, FROM, from(STRANGER, ack(80, 41112)), DROP, EG, DenyPolicy);
 
     // UDP: the pod's DNS query is allowed; a late reply is picked up through the explicit egress
     // rule; a "reply" from a peer the pod never may talk to is not.
-    expect(
-        &mut f,
-        FROM,
-        from(ALLOWED, udp(33333, 53)),
-        PASS,
-        EG,
-        AllowPolicy,
-    );
-    expect(
-        &mut f,
-        TO,
-        to(ALLOWED, udp(53, 33333)),
-        PASS,
-        IN,
-        AllowConntrack,
-    );
-    expect(
-        &mut f,
-        TO,
-        to(ALLOWED, udp(53, 34444)),
-        PASS,
-        IN,
-        AllowConntrack,
-    );
-    expect(
-        &mut f,
-        TO,
-        to(STRANGER, udp(53, 34445)),
-        DROP,
-        IN,
-        DenyPolicy,
-    );
+    expect(&mut f, FROM, from(ALLOWED, udp(33333, 53)), PASS, EG, AllowPolicy);
+    expect(&mut f, TO, to(ALLOWED, udp(53, 33333)), PASS, IN, AllowConntrack);
+    expect(&mut f, TO, to(ALLOWED, udp(53, 34444)), PASS, IN, AllowConntrack);
+    expect(&mut f, TO, to(STRANGER, udp(53, 34445)), DROP, IN, DenyPolicy);
 
     // ICMP errors about a tracked flow pass; about an unknown flow from a stranger they do not.
     let unreachable = |sport| {
         let inner = Frame::new(v4(POD), v4(ALLOWED), udp(sport, 53)).ip_packet();
-        L4::Icmp {
-            kind: 3,
-            code: 3,
-            rest: [0; 4],
-            payload: inner[..28].to_vec(),
-        }
+        L4::Icmp { kind: 3, code: 3, rest: [0; 4], payload: inner[..28].to_vec() }
     };
-    expect(
-        &mut f,
-        TO,
-        to(ALLOWED, unreachable(33333)),
-        PASS,
-        IN,
-        AllowConntrack,
-    );
-    expect(
-        &mut f,
-        TO,
-        to(STRANGER, unreachable(39999)),
-        DROP,
-        IN,
-        DenyPolicy,
-    );
+    expect(&mut f, TO, to(ALLOWED, unreachable(33333)), PASS, IN, AllowConntrack);
+    expect(&mut f, TO, to(STRANGER, unreachable(39999)), DROP, IN, DenyPolicy);
 
     // Policy change: TCP 80 is no longer allowed. The established flow is cut at its next
     // packet, in either orientation.
     f.dp.remove_port(
         PORT_FULL_BITS,
-        PortData {
-            portset_id: 10,
-            proto: 6,
-            port: 80u16.to_be_bytes(),
-            _pad: 0,
-        },
+        PortData { portset_id: 10, proto: 6, port: 80u16.to_be_bytes(), _pad: 0 },
     )
     .unwrap();
     set_endpoint(&mut f, 2, 0);
-    expect(
-        &mut f,
-        TO,
-        to(ALLOWED, ack(40000, 80)),
-        DROP,
-        IN,
-        DenyPolicyChanged,
-    );
+    expect(&mut f, TO, to(ALLOWED, ack(40000, 80)), DROP, IN, DenyPolicyChanged);
     // The UDP flow is still allowed under generation 2 and keeps passing.
-    expect(
-        &mut f,
-        FROM,
-        from(ALLOWED, udp(33333, 53)),
-        PASS,
-        EG,
-        AllowConntrack,
-    );
+    expect(&mut f, FROM, from(ALLOWED, udp(33333, 53)), PASS, EG, AllowConntrack);
 }
 
 #[test]
@@ -628,14 +290,7 @@ fn deny_events_reach_the_ring_buffer() {
     use netpol_common::event::DenyEvent;
 
     let mut f = fixture("events");
-    expect(
-        &mut f,
-        TO,
-        Frame::new(v4(STRANGER), v4(POD), syn(4321, 81)),
-        DROP,
-        IN,
-        DenyPolicy,
-    );
+    expect(&mut f, TO, Frame::new(v4(STRANGER), v4(POD), syn(4321, 81)), DROP, IN, DenyPolicy);
     let stats = f.dp.counters().unwrap().stats;
     assert_eq!(stats.events_sent, 1, "{stats:?}");
     let map = f.dp.raw_map_mut(netpol_common::maps::EVENTS).unwrap();
@@ -667,27 +322,9 @@ fn unpoliced_direction_allows_everything() {
     let mut f = fixture("unpoliced");
     f.dp.set_endpoint(
         TEST_IFINDEX,
-        Endpoint {
-            generation: 1,
-            ingress_np: INGRESS_SET,
-            ..Default::default()
-        },
+        Endpoint { generation: 1, ingress_np: INGRESS_SET, ..Default::default() },
     )
     .unwrap();
-    expect(
-        &mut f,
-        FROM,
-        Frame::new(v4(POD), v4(STRANGER), syn(1, 443)),
-        PASS,
-        EG,
-        AllowUnpoliced,
-    );
-    expect(
-        &mut f,
-        TO,
-        Frame::new(v4(STRANGER), v4(POD), syn(2, 443)),
-        DROP,
-        IN,
-        DenyPolicy,
-    );
+    expect(&mut f, FROM, Frame::new(v4(POD), v4(STRANGER), syn(1, 443)), PASS, EG, AllowUnpoliced);
+    expect(&mut f, TO, Frame::new(v4(STRANGER), v4(POD), syn(2, 443)), DROP, IN, DenyPolicy);
 }

@@ -42,11 +42,8 @@ fn matrix(pods: &[Pod], server: &Pod) -> Result<()> {
     for c in pods.iter().filter(|p| p.name != server.name) {
         print!("{:>12}", c.name);
         for p in PORTS {
-            let ok = tcp_echo(
-                &c.netns,
-                SocketAddr::from((server.ip, p)),
-                Duration::from_millis(500),
-            )?;
+            let ok =
+                tcp_echo(&c.netns, SocketAddr::from((server.ip, p)), Duration::from_millis(500))?;
             print!("  {:>12}", if ok { "reach" } else { "BLOCKED" });
         }
         println!();
@@ -60,10 +57,8 @@ fn demo(pin_dir: &std::path::Path) -> Result<()> {
     let front = lab.add_pod("frontend")?;
     let other = lab.add_pod("other")?;
     let back = lab.add_pod("backend")?;
-    let _servers: Vec<TcpServer> = PORTS
-        .iter()
-        .map(|p| TcpServer::start(&back.netns, *p))
-        .collect::<Result<_>>()?;
+    let _servers: Vec<TcpServer> =
+        PORTS.iter().map(|p| TcpServer::start(&back.netns, *p)).collect::<Result<_>>()?;
     for p in lab.pods() {
         println!("   {:<9} {:<15} host interface {}", p.name, p.ip, p.host_if);
     }
@@ -71,52 +66,25 @@ fn demo(pin_dir: &std::path::Path) -> Result<()> {
     println!("\n== 1. no policy: every pod reaches the backend");
     matrix(lab.pods(), &back)?;
 
-    println!(
-        "\n== 2. load the TC programs, pin maps in {}",
-        pin_dir.display()
-    );
-    let mut dp = Dataplane::load(&DataplaneOptions {
-        pin_dir: pin_dir.to_owned(),
-        ..Default::default()
-    })
-    .context("loading the eBPF programs")?;
+    println!("\n== 2. load the TC programs, pin maps in {}", pin_dir.display());
+    let mut dp =
+        Dataplane::load(&DataplaneOptions { pin_dir: pin_dir.to_owned(), ..Default::default() })
+            .context("loading the eBPF programs")?;
     let back_if = ifindex(&back.host_if)?;
     println!("   policy: backend ingress allows TCP 6379 from frontend only (rule 1)");
     dp.upsert_peer(
         PEER_SET_BITS + 128,
-        PeerData {
-            set_id: 1,
-            addr: v4_mapped(front.ip.octets()),
-        },
+        PeerData { set_id: 1, addr: v4_mapped(front.ip.octets()) },
         PeerValue { portset_id: 1 },
     )?;
     dp.upsert_port(
         PORT_FULL_BITS,
-        PortData {
-            portset_id: 1,
-            proto: 6,
-            port: 6379u16.to_be_bytes(),
-            _pad: 0,
-        },
-        PortValue {
-            rule_id: 1,
-            action: ACTION_ALLOW,
-            _pad: [0; 3],
-        },
+        PortData { portset_id: 1, proto: 6, port: 6379u16.to_be_bytes(), _pad: 0 },
+        PortValue { rule_id: 1, action: ACTION_ALLOW, _pad: [0; 3] },
     )?;
-    dp.set_endpoint(
-        back_if,
-        Endpoint {
-            generation: 1,
-            ingress_np: 1,
-            ..Default::default()
-        },
-    )?;
+    dp.set_endpoint(back_if, Endpoint { generation: 1, ingress_np: 1, ..Default::default() })?;
     dp.attach(&back.host_if)?;
-    println!(
-        "   attached from_pod (TC ingress) and to_pod (TC egress) to {}",
-        back.host_if
-    );
+    println!("   attached from_pod (TC ingress) and to_pod (TC egress) to {}", back.host_if);
 
     println!("\n== 3. enforced: who reaches whom now");
     matrix(lab.pods(), &back)?;
@@ -133,23 +101,14 @@ fn demo(pin_dir: &std::path::Path) -> Result<()> {
             );
         }
     }
-    println!(
-        "   rule 1 opened {} connection(s)",
-        c.by_rule.get(&1).map_or(0, |v| v.packets)
-    );
+    println!("   rule 1 opened {} connection(s)", c.by_rule.get(&1).map_or(0, |v| v.packets));
 
     println!("\n== 5. the pinned maps, as an operator sees them with bpftool");
     let ep = pin_dir.join("np_ep");
     println!("$ bpftool map dump pinned {}", ep.display());
-    print!(
-        "{}",
-        run("bpftool", &["map", "dump", "pinned", &ep.to_string_lossy()])?
-    );
+    print!("{}", run("bpftool", &["map", "dump", "pinned", &ep.to_string_lossy()])?);
     let ct = pin_dir.join("np_ct");
-    println!(
-        "$ bpftool map dump pinned {}  (conntrack, first entry)",
-        ct.display()
-    );
+    println!("$ bpftool map dump pinned {}  (conntrack, first entry)", ct.display());
     let dump = run("bpftool", &["map", "dump", "pinned", &ct.to_string_lossy()])?;
     println!("{}", dump.lines().take(24).collect::<Vec<_>>().join("\n"));
 
