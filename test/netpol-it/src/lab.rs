@@ -142,8 +142,9 @@ impl Lab {
     /// Removes everything this lab created. Called by drop; errors are reported, not fatal.
     fn teardown(&mut self) {
         for pod in self.pods.drain(..) {
-            // Deleting the namespace deletes the pod end of the veth, and with it the host end
-            // and its /32 route.
+            // Deleting the host end removes the veth pair (and the pod's /32 route) at once, even
+            // if the namespace itself lingers because a socket in it is still closing.
+            let _ = ip(&format!("link del {}", pod.host_if));
             if let Err(e) = ip(&format!("netns del {}", pod.netns)) {
                 eprintln!("lab teardown: {e:#}");
             }

@@ -141,6 +141,11 @@ fn policy_change_cuts_an_established_connection() {
     assert!(delivered(&mut c2, &mut s2), "the still-allowed connection keeps working");
     let n = f.dp.counters().unwrap().packets(srv, DIR_INGRESS, Reason::DenyPolicyChanged);
     assert!(n >= 1, "policy_changed counted: {n}");
+    // Abort the cut connection: a graceful close would leave an orphaned socket retransmitting
+    // its FIN into the tombstone for minutes, keeping the pod's namespace alive.
+    for x in [&c, &s] {
+        socket2::SockRef::from(x).set_linger(Some(Duration::ZERO)).unwrap();
+    }
 }
 
 #[test]
