@@ -29,17 +29,20 @@ pub struct Fixture {
 impl Fixture {
     /// Loads the programs with private pins named after `test`.
     pub fn new(test: &str) -> Fixture {
+        Fixture::with_options(
+            test,
+            DataplaneOptions { events_per_sec: 1000, events_burst: 1000, ..Default::default() },
+        )
+    }
+
+    /// Loads the programs with `opts` (its pin directory is replaced by a private one).
+    pub fn with_options(test: &str, mut opts: DataplaneOptions) -> Fixture {
         crate::require_root();
         let pin_dir =
             PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-{test}", std::process::id()));
         let _ = remove_pins(&pin_dir);
-        let dp = Dataplane::load(&DataplaneOptions {
-            pin_dir: pin_dir.clone(),
-            events_per_sec: 1000,
-            events_burst: 1000,
-            ..Default::default()
-        })
-        .expect("loading the eBPF programs");
+        opts.pin_dir = pin_dir.clone();
+        let dp = Dataplane::load(&opts).expect("loading the eBPF programs");
         Fixture { dp, pin_dir }
     }
 
@@ -49,6 +52,11 @@ impl Fixture {
         let (ret, _) = self.dp.test_run(program, frame, 1).expect("test run");
         let after = self.dp.counters().expect("counters");
         (ret, counted(&before, &after))
+    }
+
+    /// The directory of the pinned maps.
+    pub fn pin_dir(&self) -> &std::path::Path {
+        &self.pin_dir
     }
 
     /// Runs a [`Frame`].

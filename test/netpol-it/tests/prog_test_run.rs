@@ -328,3 +328,46 @@ fn unpoliced_direction_allows_everything() {
     expect(&mut f, FROM, Frame::new(v4(POD), v4(STRANGER), syn(1, 443)), PASS, EG, AllowUnpoliced);
     expect(&mut f, TO, Frame::new(v4(STRANGER), v4(POD), syn(2, 443)), DROP, IN, DenyPolicy);
 }
+
+#[test]
+fn a_deny_flood_is_rate_limited_in_the_kernel() {
+    use netpol_agent::dataplane::DataplaneOptions;
+    let mut f = Fixture::with_options(
+        "ratelimit",
+        DataplaneOptions { events_per_sec: 1, events_burst: 2, ..Default::default() },
+    );
+    f.peer(INGRESS_SET, "10.0.0.1", 10);
+    f.ports(10, 6, 80, 80, 10);
+    set_endpoint(&mut f, 1, 0);
+    for port in 0..50u16 {
+        expect(
+            &mut f,
+            TO,
+            Frame::new(v4(STRANGER), v4(POD), syn(1000 + port, 81)),
+            DROP,
+            IN,
+            DenyPolicy,
+        );
+    }
+    let s = f.dp.counters().unwrap().stats;
+    // Burst of 2, plus at most a token or two refilled during the run at 1 per second.
+    assert!((2..=4).contains(&s.events_sent), "{s:?}");
+    assert_eq!(s.events_sent + s.events_rate_limited, 50, "{s:?}");
+    assert_eq!(s.events_lost, 0, "{s:?}");
+}
+
+#[test]
+fn pinned_maps_carry_btf_field_names_for_bpftool() {
+    let mut f = fixture("btf");
+    expect(&mut f, TO, Frame::new(v4(ALLOWED), v4(POD), syn(1, 80)), PASS, IN, AllowPolicy);
+    let dump = |map: &str| {
+        let path = f.pin_dir().join(map);
+        netpol_it::cmd::run("bpftool", &["map", "dump", "pinned", &path.to_string_lossy()]).unwrap()
+    };
+    let ep = dump("np_ep");
+    assert!(ep.contains("\"ifindex\": 1") && ep.contains("\"ingress_np\": 1"), "{ep}");
+    let ct = dump("np_ct");
+    assert!(ct.contains("\"local_port\": 80") && ct.contains("\"generation\": 1"), "{ct}");
+    let cnt = dump("np_cnt");
+    assert!(cnt.contains("\"reason\"") && cnt.contains("\"packets\""), "{cnt}");
+}
