@@ -56,3 +56,5 @@ pub const EVENTS_BYTES: usize = 1 << 18;
 pub const PROG_FROM_POD: &str = "from_pod";
 /// Name of the program attached at TC egress of the host-side interface (pod ingress policy).
 pub const PROG_TO_POD: &str = "to_pod";
+/// Name of the empty program measured as the floor by the datapath benchmark (never attached).
+pub const PROG_BENCH_FLOOR: &str = "bench_floor";

@@ -24,6 +24,13 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     datapath::handle(&ctx, DIR_INGRESS)
 }
 
+/// An empty classifier, never attached: the floor that `cargo xtask bench datapath` measures in
+/// the same run as the real programs, so their cost is reported as a ratio on this machine.
+#[classifier]
+pub fn bench_floor(_ctx: TcContext) -> i32 {
+    aya_ebpf::bindings::TC_ACT_UNSPEC
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -24,6 +24,11 @@ enum Command {
     Test(test::TestArgs),
     /// Set up, build, and run the demo on a local lab node.
     Demo,
+    /// Run a benchmark; prints a table and writes JSON under bench/results/.
+    Bench {
+        /// Which benchmark: `datapath` (BPF_PROG_TEST_RUN cost per packet vs an empty program).
+        name: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +46,13 @@ fn main() -> anyhow::Result<()> {
         Command::Test(args) => {
             setup::run()?;
             test::run(&args)
+        }
+        Command::Bench { name } => {
+            setup::run()?;
+            anyhow::ensure!(name == "datapath", "unknown benchmark {name:?}; available: datapath");
+            exec::cargo(&["build", "--release", "-p", "netpol-it", "--bin", "netpol-bench"])?;
+            let out = exec::workspace_root().join("bench/results/datapath.json");
+            exec::run_status(exec::target_dir().join("release/netpol-bench"), &[out.as_os_str()])
         }
         Command::Demo => {
             setup::run()?;

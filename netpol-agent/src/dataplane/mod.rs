@@ -164,7 +164,7 @@ impl Dataplane {
             loader.map_max_entries(maps::CT, ct);
         }
         let mut ebpf = loader.load(object).map_err(|e| DataplaneError::Load(Box::new(e)))?;
-        for name in [maps::PROG_FROM_POD, maps::PROG_TO_POD] {
+        for name in [maps::PROG_FROM_POD, maps::PROG_TO_POD, maps::PROG_BENCH_FLOOR] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DataplaneError::Program { name, source: Box::new(ProgramError::NotLoaded) })?
