@@ -1,0 +1,316 @@
+//! Incremental compilation: a change to one pod, namespace or policy recompiles only the policies
+//! whose resolution it can change and the local endpoints those policies select.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::endpoint::{compile_pod, Ctx, Memo, SetResult};
+use super::index::{
+    di, ns_labels, ns_selectors_match, peers_match_pod, resolve, Index, PeerMemo, PolicyInfo,
+};
+use super::rule_ids::{self, RuleOrigin};
+use super::{CompileOptions, Compiled, CompiledEndpoint, PeerSet, PortSet};
+use crate::model::{ClusterState, Direction, Namespace, NetworkPolicy, Pod, PodRef, PolicyRef};
+
+/// One change to the cluster state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A pod was created or updated.
+    UpsertPod(Pod),
+    /// A pod was deleted.
+    DeletePod(PodRef),
+    /// A namespace was created or updated.
+    UpsertNamespace(Namespace),
+    /// A namespace was deleted.
+    DeleteNamespace(String),
+    /// A policy was created or updated.
+    UpsertPolicy(NetworkPolicy),
+    /// A policy was deleted.
+    DeletePolicy(PolicyRef),
+}
+
+/// Reference-counted storage of the sets in [`Compiled`].
+#[derive(Clone, Debug, Default)]
+struct Refs {
+    peer: HashMap<u64, usize>,
+    port: HashMap<u64, usize>,
+}
+
+/// Holds the cluster state, its indexes and the current [`Compiled`] output, and updates them
+/// per [`Change`].
+#[derive(Clone, Debug)]
+pub struct Compiler {
+    options: CompileOptions,
+    state: ClusterState,
+    index: Index,
+    rule_ids: BTreeMap<RuleOrigin, u32>,
+    infos: BTreeMap<PolicyRef, PolicyInfo>,
+    out: Compiled,
+    refs: Refs,
+}
+
+impl Compiler {
+    /// Compiles `state` from scratch.
+    pub fn new(state: ClusterState, options: CompileOptions) -> Self {
+        let index = Index::new(&state, &options.node_name);
+        let (rule_ids, rules) = rule_ids::assign(&state);
+        let mut memo = PeerMemo::new();
+        let infos = state
+            .policies
+            .iter()
+            .map(|(k, p)| (k.clone(), resolve(&state, &index, p, &rule_ids, &mut memo)))
+            .collect();
+        let mut c = Compiler {
+            options,
+            state,
+            index,
+            rule_ids,
+            infos,
+            out: Compiled {
+                rules,
+                ..Compiled::default()
+            },
+            refs: Refs::default(),
+        };
+        let local: Vec<PodRef> = c.index.local_by_ns.values().flatten().cloned().collect();
+        c.recompile_endpoints(local);
+        c
+    }
+
+    /// The current output.
+    pub fn compiled(&self) -> &Compiled {
+        &self.out
+    }
+
+    /// The current cluster state.
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    /// The options this compiler was built with.
+    pub fn options(&self) -> &CompileOptions {
+        &self.options
+    }
+
+    /// Applies `change` and updates the output; returns the endpoints that were recompiled.
+    pub fn apply(&mut self, change: Change) -> BTreeSet<PodRef> {
+        let mut dirty_policies: BTreeSet<PolicyRef> = BTreeSet::new();
+        let mut dirty_pods: BTreeSet<PodRef> = BTreeSet::new();
+        let mut policies_changed = false;
+        // A policy whose selector changed selects other pods even if its rules resolve the same.
+        let mut upserted: Option<PolicyRef> = None;
+        match change {
+            Change::UpsertPod(pod) => {
+                let old = self.state.pods.get(&pod.key()).cloned();
+                self.pod_dirt(old.as_ref(), &mut dirty_policies, &mut dirty_pods);
+                if let Some(old) = &old {
+                    self.index.remove_pod(old);
+                }
+                self.index.add_pod(&pod, &self.options.node_name);
+                self.state.pods.insert(pod.key(), pod.clone());
+                self.pod_dirt(Some(&pod), &mut dirty_policies, &mut dirty_pods);
+            }
+            Change::DeletePod(key) => {
+                if let Some(old) = self.state.pods.get(&key).cloned() {
+                    // Evaluated against the state that still has the pod.
+                    self.pod_dirt(Some(&old), &mut dirty_policies, &mut dirty_pods);
+                    self.state.pods.remove(&key);
+                    self.index.remove_pod(&old);
+                }
+            }
+            Change::UpsertNamespace(ns) => {
+                let old = ns_labels(&self.state, &ns.name).into_owned();
+                self.ns_dirt(&old, &ns.labels, &mut dirty_policies);
+                self.state.namespaces.insert(ns.name.clone(), ns);
+            }
+            Change::DeleteNamespace(name) => {
+                let old = ns_labels(&self.state, &name).into_owned();
+                self.state.namespaces.remove(&name);
+                let new = ns_labels(&self.state, &name).into_owned();
+                self.ns_dirt(&old, &new, &mut dirty_policies);
+            }
+            Change::UpsertPolicy(policy) => {
+                let key = policy.key();
+                if let Some(old) = self.state.policies.get(&key) {
+                    dirty_pods.extend(self.index.selected_local(&self.state, old));
+                }
+                self.index
+                    .policies_by_ns
+                    .entry(key.namespace.clone())
+                    .or_default()
+                    .insert(key.clone());
+                self.state.policies.insert(key.clone(), policy);
+                dirty_policies.insert(key.clone());
+                upserted = Some(key);
+                policies_changed = true;
+            }
+            Change::DeletePolicy(key) => {
+                if let Some(old) = self.state.policies.remove(&key) {
+                    dirty_pods.extend(self.index.selected_local(&self.state, &old));
+                    if let Some(set) = self.index.policies_by_ns.get_mut(&key.namespace) {
+                        set.remove(&key);
+                        if set.is_empty() {
+                            self.index.policies_by_ns.remove(&key.namespace);
+                        }
+                    }
+                    self.infos.remove(&key);
+                    policies_changed = true;
+                }
+            }
+        }
+        if policies_changed {
+            // Ids are stable hashes; only a hash collision can move another policy's id.
+            let (ids, rules) = rule_ids::assign(&self.state);
+            for (origin, id) in &ids {
+                if let RuleOrigin::Policy { policy, .. } = origin {
+                    if self.rule_ids.get(origin) != Some(id) {
+                        dirty_policies.insert(policy.clone());
+                    }
+                }
+            }
+            self.rule_ids = ids;
+            self.out.rules = rules;
+        }
+        let mut memo = PeerMemo::new();
+        for key in &dirty_policies {
+            let Some(policy) = self.state.policies.get(key) else {
+                continue;
+            };
+            let info = resolve(&self.state, &self.index, policy, &self.rule_ids, &mut memo);
+            // Endpoints only change if what the policy resolves to changed (a new or edited
+            // policy has no previous info, so its endpoints always recompile) — or if it has
+            // egress named ports, which resolve against peer pods' container ports that the
+            // resolved info does not capture.
+            let named_egress = info.rules[di(Direction::Egress)].iter().any(|r| r.named);
+            if named_egress || upserted.as_ref() == Some(key) || self.infos.get(key) != Some(&info)
+            {
+                dirty_pods.extend(self.index.selected_local(&self.state, policy));
+                self.infos.insert(key.clone(), info);
+            }
+        }
+        self.recompile_endpoints(dirty_pods.iter().cloned().collect());
+        dirty_pods
+    }
+
+    /// Policies and endpoints a pod (as it is before or after the change) touches.
+    fn pod_dirt(
+        &self,
+        pod: Option<&Pod>,
+        policies: &mut BTreeSet<PolicyRef>,
+        pods: &mut BTreeSet<PodRef>,
+    ) {
+        let Some(pod) = pod else { return };
+        pods.insert(pod.key());
+        if !pod.in_scope() {
+            return;
+        }
+        for (key, policy) in &self.state.policies {
+            let broad = self.infos.get(key).is_some_and(|i| i.broad_named_egress);
+            if broad || peers_match_pod(&self.state, policy, pod) {
+                policies.insert(key.clone());
+            }
+        }
+    }
+
+    /// Policies whose namespace selectors match a namespace's old or new labels.
+    fn ns_dirt(
+        &self,
+        old: &crate::model::Labels,
+        new: &crate::model::Labels,
+        policies: &mut BTreeSet<PolicyRef>,
+    ) {
+        for (key, policy) in &self.state.policies {
+            if ns_selectors_match(policy, old) || ns_selectors_match(policy, new) {
+                policies.insert(key.clone());
+            }
+        }
+    }
+
+    /// Recompiles the given endpoints (removing those that no longer exist or are not local).
+    fn recompile_endpoints(&mut self, pods: Vec<PodRef>) {
+        let mut memo = Memo::new();
+        for key in pods {
+            let new = match self.state.pods.get(&key) {
+                Some(pod)
+                    if pod.in_scope()
+                        && pod.node_name.as_deref() == Some(self.options.node_name.as_str()) =>
+                {
+                    let ctx = Ctx {
+                        state: &self.state,
+                        index: &self.index,
+                        infos: &self.infos,
+                        options: &self.options,
+                    };
+                    let results = compile_pod(&ctx, pod, &mut memo);
+                    let mut ep = CompiledEndpoint {
+                        ips: pod.ips.clone(),
+                        sets: BTreeMap::new(),
+                    };
+                    for (slot, result) in results {
+                        let hash = match result {
+                            SetResult::Known(h) => h,
+                            SetResult::New(h, built) => {
+                                self.add_set(h, built.set, built.port_sets);
+                                h
+                            }
+                        };
+                        self.acquire(hash);
+                        ep.sets.insert(slot, hash);
+                    }
+                    Some(ep)
+                }
+                _ => None,
+            };
+            let old = match new {
+                Some(ep) => self.out.endpoints.insert(key, ep),
+                None => self.out.endpoints.remove(&key),
+            };
+            for hash in old.into_iter().flat_map(|ep| ep.sets.into_values()) {
+                self.release(hash);
+            }
+        }
+    }
+
+    /// Stores a new set (with refcount 0) unless its content is already present.
+    fn add_set(&mut self, hash: u64, set: PeerSet, mut port_sets: BTreeMap<u64, PortSet>) {
+        if self.out.peer_sets.contains_key(&hash) {
+            return;
+        }
+        let used: BTreeSet<u64> = set.entries.values().copied().collect();
+        for ph in used {
+            *self.refs.port.entry(ph).or_default() += 1;
+            if let Some(ps) = port_sets.remove(&ph) {
+                self.out.port_sets.entry(ph).or_insert(ps);
+            }
+        }
+        self.refs.peer.insert(hash, 0);
+        self.out.peer_sets.insert(hash, set);
+    }
+
+    fn acquire(&mut self, hash: u64) {
+        *self.refs.peer.entry(hash).or_default() += 1;
+    }
+
+    fn release(&mut self, hash: u64) {
+        let Some(n) = self.refs.peer.get_mut(&hash) else {
+            return;
+        };
+        *n = n.saturating_sub(1);
+        if *n > 0 {
+            return;
+        }
+        self.refs.peer.remove(&hash);
+        let Some(set) = self.out.peer_sets.remove(&hash) else {
+            return;
+        };
+        let used: BTreeSet<u64> = set.entries.values().copied().collect();
+        for ph in used {
+            if let Some(n) = self.refs.port.get_mut(&ph) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.refs.port.remove(&ph);
+                    self.out.port_sets.remove(&ph);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! k8s-openapi objects → model, with the API server's validation of the fields policy uses.
+
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1 as net;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::model::{
+    Cidr, ContainerPort, IpBlock, LabelSelector, Labels, ModelError, Namespace, NetworkPolicy,
+    Operator, Peer, Pod, PolicyPort, PolicyType, PortRef, Protocol, Requirement, Rule,
+    NAMESPACE_NAME_LABEL,
+};
+
+/// A converted object.
+pub enum Object {
+    Pod(Pod),
+    Namespace(Namespace),
+    Policy(NetworkPolicy),
+}
+
+/// Why an object was not converted.
+pub enum Failure {
+    /// It does not match the kind's schema.
+    Decode(serde_json::Error),
+    /// A field fails validation.
+    Invalid { field: String, source: ModelError },
+}
+
+fn invalid(field: impl Into<String>, source: ModelError) -> Failure {
+    Failure::Invalid {
+        field: field.into(),
+        source,
+    }
+}
+
+/// `namespace/name` (or `name` for namespaces) read leniently from raw JSON, for messages.
+pub fn object_name(kind: &str, v: &serde_json::Value) -> String {
+    let meta = v.get("metadata");
+    let get = |k: &str| meta.and_then(|m| m.get(k)).and_then(|x| x.as_str());
+    let name = get("name").unwrap_or("<unnamed>");
+    if kind == "Namespace" {
+        name.to_string()
+    } else {
+        format!("{}/{name}", get("namespace").unwrap_or("default"))
+    }
+}
+
+fn name_of(m: &meta::ObjectMeta) -> Result<String, Failure> {
+    match m.name.as_deref() {
+        Some(n) if !n.is_empty() => Ok(n.to_string()),
+        _ => Err(invalid("metadata.name", ModelError::Missing)),
+    }
+}
+
+fn namespace_of(m: &meta::ObjectMeta) -> String {
+    m.namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".to_string())
+}
+
+fn port_number(value: i64, field: &str) -> Result<u16, Failure> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| invalid(field, ModelError::PortOutOfRange { value }))
+}
+
+fn protocol(value: Option<&str>, field: &str) -> Result<Protocol, Failure> {
+    match value {
+        None => Ok(Protocol::Tcp),
+        // The API accepts exactly "TCP", "UDP" and "SCTP".
+        Some(v @ ("TCP" | "UDP" | "SCTP")) => Protocol::parse(v).map_err(|e| invalid(field, e)),
+        Some(v) => Err(invalid(
+            field,
+            ModelError::UnknownProtocol {
+                value: v.to_string(),
+            },
+        )),
+    }
+}
+
+/// IANA_SVC_NAME: at most 15 characters of `a-z0-9-`, at least one letter, no leading,
+/// trailing or double `-`.
+fn valid_port_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 15
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && n.bytes().any(|b| b.is_ascii_lowercase())
+        && !n.starts_with('-')
+        && !n.ends_with('-')
+        && !n.contains("--")
+}
+
+/// Converts a Pod.
+pub fn pod(value: serde_json::Value) -> Result<Pod, Failure> {
+    let p: core::Pod = serde_json::from_value(value).map_err(Failure::Decode)?;
+    let name = name_of(&p.metadata)?;
+    let namespace = namespace_of(&p.metadata);
+    let labels = p.metadata.labels.clone().unwrap_or_default();
+    let spec = p.spec.unwrap_or_default();
+    let mut container_ports = Vec::new();
+    let groups = [
+        ("containers", Some(&spec.containers)),
+        ("initContainers", spec.init_containers.as_ref()),
+    ];
+    for (group, containers) in groups {
+        for (ci, c) in containers.into_iter().flatten().enumerate() {
+            for (pi, cp) in c.ports.iter().flatten().enumerate() {
+                let field = format!("spec.{group}[{ci}].ports[{pi}]");
+                let port = port_number(
+                    i64::from(cp.container_port),
+                    &format!("{field}.containerPort"),
+                )?;
+                let protocol = protocol(cp.protocol.as_deref(), &format!("{field}.protocol"))?;
+                container_ports.push(ContainerPort {
+                    name: cp.name.clone(),
+                    port,
+                    protocol,
+                });
+            }
+        }
+    }
+    let status = p.status.unwrap_or_default();
+    // "podIPs ... If this field is specified, the 0th entry must match the podIP field."
+    let raw: Vec<(String, String)> = match (&status.pod_ips, &status.pod_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (format!("status.podIPs[{i}].ip"), x.ip.clone()))
+            .collect(),
+        (_, Some(ip)) if !ip.is_empty() => vec![("status.podIP".to_string(), ip.clone())],
+        _ => Vec::new(),
+    };
+    let mut ips = Vec::new();
+    for (field, text) in raw {
+        let ip: IpAddr = text.parse().map_err(|_| {
+            invalid(
+                field,
+                ModelError::InvalidIp {
+                    value: text.clone(),
+                },
+            )
+        })?;
+        let ip = ip.to_canonical();
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    Ok(Pod {
+        namespace,
+        name,
+        labels,
+        node_name: spec.node_name.filter(|n| !n.is_empty()),
+        ips,
+        host_network: spec.host_network.unwrap_or(false),
+        container_ports,
+    })
+}
+
+/// Converts a Namespace (adding the `kubernetes.io/metadata.name` label the API server sets).
+pub fn namespace(value: serde_json::Value) -> Result<Namespace, Failure> {
+    let n: core::Namespace = serde_json::from_value(value).map_err(Failure::Decode)?;
+    let name = name_of(&n.metadata)?;
+    let mut labels: Labels = n.metadata.labels.unwrap_or_default();
+    labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
+    Ok(Namespace { name, labels })
+}
+
+fn selector(s: &meta::LabelSelector, field: &str) -> Result<LabelSelector, Failure> {
+    let mut out = LabelSelector {
+        match_labels: s.match_labels.clone().unwrap_or_default(),
+        match_expressions: Vec::new(),
+    };
+    for (i, e) in s.match_expressions.iter().flatten().enumerate() {
+        let f = format!("{field}.matchExpressions[{i}]");
+        let op =
+            Operator::parse(&e.operator).map_err(|err| invalid(format!("{f}.operator"), err))?;
+        let r = Requirement::new(e.key.clone(), op, e.values.clone().unwrap_or_default())
+            .map_err(|err| invalid(format!("{f}.values"), err))?;
+        out.match_expressions.push(r);
+    }
+    Ok(out)
+}
+
+fn cidr(text: &str, field: &str) -> Result<Cidr, Failure> {
+    text.parse::<Cidr>().map_err(|e| invalid(field, e))
+}
+
+fn peer(p: &net::NetworkPolicyPeer, field: &str) -> Result<Peer, Failure> {
+    match (&p.ip_block, &p.namespace_selector, &p.pod_selector) {
+        (Some(b), None, None) => {
+            let f = format!("{field}.ipBlock");
+            let c = cidr(&b.cidr, &format!("{f}.cidr"))?;
+            let mut except = Vec::new();
+            for (i, e) in b.except.iter().flatten().enumerate() {
+                let ef = format!("{f}.except[{i}]");
+                let e = cidr(e, &ef)?;
+                IpBlock::new(c, vec![e]).map_err(|err| invalid(&ef, err))?;
+                except.push(e);
+            }
+            IpBlock::new(c, except)
+                .map(Peer::IpBlock)
+                .map_err(|err| invalid(f, err))
+        }
+        (Some(_), _, _) => Err(invalid(field, ModelError::PeerKinds)),
+        (None, None, None) => Err(invalid(field, ModelError::Missing)),
+        (None, ns, pods) => Ok(Peer::Pods {
+            namespace_selector: ns
+                .as_ref()
+                .map(|s| selector(s, &format!("{field}.namespaceSelector")))
+                .transpose()?,
+            pod_selector: pods
+                .as_ref()
+                .map(|s| selector(s, &format!("{field}.podSelector")))
+                .transpose()?,
+        }),
+    }
+}
+
+fn policy_port(p: &net::NetworkPolicyPort, field: &str) -> Result<PolicyPort, Failure> {
+    let protocol = protocol(p.protocol.as_deref(), &format!("{field}.protocol"))?;
+    let port = match &p.port {
+        None => None,
+        Some(IntOrString::Int(n)) => Some(PortRef::Number(port_number(
+            i64::from(*n),
+            &format!("{field}.port"),
+        )?)),
+        Some(IntOrString::String(s)) if valid_port_name(s) => Some(PortRef::Name(s.clone())),
+        Some(IntOrString::String(s)) => {
+            return Err(invalid(
+                format!("{field}.port"),
+                ModelError::InvalidPortName { value: s.clone() },
+            ))
+        }
+    };
+    let end_field = format!("{field}.endPort");
+    let end_port = match (p.end_port, &port) {
+        (None, _) => None,
+        (Some(e), Some(PortRef::Number(n))) => {
+            let e16 = port_number(i64::from(e), &end_field)?;
+            if e16 < *n {
+                return Err(invalid(
+                    end_field,
+                    ModelError::EndPortBeforePort {
+                        port: *n,
+                        end_port: i64::from(e),
+                    },
+                ));
+            }
+            Some(e16)
+        }
+        (Some(_), _) => return Err(invalid(end_field, ModelError::EndPortWithoutNumber)),
+    };
+    Ok(PolicyPort {
+        protocol,
+        port,
+        end_port,
+    })
+}
+
+fn rule(
+    peers: Option<&Vec<net::NetworkPolicyPeer>>,
+    ports: Option<&Vec<net::NetworkPolicyPort>>,
+    field: &str,
+    peer_field: &str,
+) -> Result<Rule, Failure> {
+    let mut r = Rule::default();
+    for (i, p) in peers.into_iter().flatten().enumerate() {
+        r.peers
+            .push(peer(p, &format!("{field}.{peer_field}[{i}]"))?);
+    }
+    for (i, p) in ports.into_iter().flatten().enumerate() {
+        r.ports
+            .push(policy_port(p, &format!("{field}.ports[{i}]"))?);
+    }
+    Ok(r)
+}
+
+/// Converts a NetworkPolicy.
+pub fn policy(value: serde_json::Value) -> Result<NetworkPolicy, Failure> {
+    let p: net::NetworkPolicy = serde_json::from_value(value).map_err(Failure::Decode)?;
+    let name = name_of(&p.metadata)?;
+    let namespace = namespace_of(&p.metadata);
+    let spec = p.spec.unwrap_or_default();
+    let pod_selector = match &spec.pod_selector {
+        Some(s) => selector(s, "spec.podSelector")?,
+        None => LabelSelector::default(),
+    };
+    let policy_types = match &spec.policy_types {
+        None => None,
+        Some(types) => Some(
+            types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| match t.as_str() {
+                    "Ingress" => Ok(PolicyType::Ingress),
+                    "Egress" => Ok(PolicyType::Egress),
+                    _ => Err(invalid(
+                        format!("spec.policyTypes[{i}]"),
+                        ModelError::UnknownPolicyType { value: t.clone() },
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let mut ingress = Vec::new();
+    for (i, r) in spec.ingress.iter().flatten().enumerate() {
+        ingress.push(rule(
+            r.from.as_ref(),
+            r.ports.as_ref(),
+            &format!("spec.ingress[{i}]"),
+            "from",
+        )?);
+    }
+    let mut egress = Vec::new();
+    for (i, r) in spec.egress.iter().flatten().enumerate() {
+        egress.push(rule(
+            r.to.as_ref(),
+            r.ports.as_ref(),
+            &format!("spec.egress[{i}]"),
+            "to",
+        )?);
+    }
+    Ok(NetworkPolicy {
+        namespace,
+        name,
+        pod_selector,
+        policy_types,
+        ingress,
+        egress,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_port_name;
+
+    #[test]
+    fn port_names() {
+        for (n, ok) in [
+            ("http", true),
+            ("h2c", true),
+            ("web-1", true),
+            ("80", false),
+            ("-a", false),
+            ("a--b", false),
+            ("HTTP", false),
+            ("abcdefghijklmnop", false),
+            ("", false),
+        ] {
+            assert_eq!(valid_port_name(n), ok, "{n}");
+        }
+    }
+}

@@ -1,0 +1,212 @@
+use super::*;
+use crate::model::{Direction, Peer, PortRef, Protocol};
+
+const GOOD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: prod
+  labels: {env: prod}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: prod, labels: {app: web}}
+spec:
+  nodeName: node-a
+  containers:
+  - name: c
+    image: x
+    ports:
+    - {name: http, containerPort: 8080}
+    - {containerPort: 53, protocol: UDP}
+status:
+  podIP: 10.0.0.1
+  podIPs: [{ip: 10.0.0.1}, {ip: "fd00::1"}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: backend, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from:
+    - namespaceSelector: {}
+      podSelector: {matchExpressions: [{key: app, operator: In, values: [a, b]}]}
+    - ipBlock: {cidr: 10.0.0.0/16, except: [10.0.1.0/24]}
+    ports:
+    - {port: http}
+    - {protocol: SCTP, port: 1000, endPort: 2000}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: ignored}
+"#;
+
+#[test]
+fn multi_document_yaml() {
+    let (s, errors) = load_str("good.yaml", GOOD);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        s.namespaces["prod"].labels["kubernetes.io/metadata.name"],
+        "prod"
+    );
+    let web = &s.pods[&crate::model::PodRef::new("prod", "web")];
+    assert_eq!(web.ips.len(), 2);
+    assert_eq!(web.node_name.as_deref(), Some("node-a"));
+    assert_eq!(web.container_ports[1].protocol, Protocol::Udp);
+    let p = &s.policies[&crate::model::PodRef::new("prod", "backend")];
+    assert!(p.affects(Direction::Ingress) && !p.affects(Direction::Egress));
+    let r = &p.ingress[0];
+    assert!(matches!(&r.peers[1], Peer::IpBlock(b) if b.except.len() == 1));
+    assert_eq!(r.ports[0].port, Some(PortRef::Name("http".into())));
+    assert_eq!(r.ports[1].end_port, Some(2000));
+}
+
+#[test]
+fn list_and_json() {
+    let json = r#"{"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a", "namespace": "x"}, "spec": {"containers": []}, "status": {"podIP": "10.0.0.9"}},
+        {"apiVersion": "v1", "kind": "PodList", "items": [
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "b"}, "spec": {"containers": [], "hostNetwork": true}}
+        ]}
+    ]}"#;
+    let (s, errors) = load_str("pods.json", json);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(s.pods.len(), 2);
+    assert!(s.pods[&crate::model::PodRef::new("default", "b")].host_network);
+    let yaml_list = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Namespace, metadata: {name: n1}}\n";
+    let (s, errors) = load_str("l.yaml", yaml_list);
+    assert!(errors.is_empty() && s.namespaces.contains_key("n1"));
+}
+
+fn policy_with(spec: &str) -> String {
+    format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: backend, namespace: prod}}\nspec:\n{spec}\n")
+}
+
+#[test]
+fn validation_errors_name_file_object_and_field() {
+    let ingress_from = |peer: &str| {
+        policy_with(&format!(
+            "  podSelector: {{}}\n  ingress:\n  - from:\n    - podSelector: {{}}\n    - {peer}\n"
+        ))
+    };
+    let ingress_port = |port: &str| {
+        policy_with(&format!(
+            "  podSelector: {{}}\n  ingress:\n  - ports:\n    - {port}\n"
+        ))
+    };
+    let cases = [
+        (ingress_from("ipBlock: {cidr: 10.0.0.0/33}"), r#"policies.yaml: NetworkPolicy prod/backend: spec.ingress[0].from[1].ipBlock.cidr: invalid CIDR "10.0.0.0/33""#),
+        (ingress_from("ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}"), "spec.ingress[0].from[1].ipBlock.except[0]: except 10.1.0.0/24 is not a strict subset of cidr 10.0.0.0/16"),
+        (ingress_from("ipBlock: {cidr: 10.0.0.0/16}\n      podSelector: {}"), "spec.ingress[0].from[1]: ipBlock may not"),
+        (ingress_from("podSelector: {matchExpressions: [{key: a, operator: Equals, values: [x]}]}"), r#"spec.ingress[0].from[1].podSelector.matchExpressions[0].operator: unknown label selector operator "Equals""#),
+        (ingress_from("namespaceSelector: {matchExpressions: [{key: a, operator: In}]}"), "spec.ingress[0].from[1].namespaceSelector.matchExpressions[0].values: operator In requires values"),
+        (ingress_port("{protocol: ICMP, port: 1}"), r#"spec.ingress[0].ports[0].protocol: unknown protocol "ICMP""#),
+        (ingress_port("{port: 0}"), "spec.ingress[0].ports[0].port: port 0 is out of range"),
+        (ingress_port("{port: 70000}"), "spec.ingress[0].ports[0].port: port 70000 is out of range"),
+        (ingress_port("{port: 80, endPort: 79}"), "spec.ingress[0].ports[0].endPort: endPort 79 is smaller than port 80"),
+        (ingress_port("{port: http, endPort: 90}"), "spec.ingress[0].ports[0].endPort: endPort requires a numeric port"),
+        (ingress_port("{port: HTTP}"), r#"spec.ingress[0].ports[0].port: invalid port name "HTTP""#),
+        (policy_with("  policyTypes: [Inbound]"), r#"spec.policyTypes[0]: unknown policy type "Inbound""#),
+    ];
+    for (text, want) in cases {
+        let (s, errors) = load_str("policies.yaml", &text);
+        assert_eq!(errors.len(), 1, "{text}");
+        let msg = errors[0].to_string();
+        assert!(msg.contains(want), "{msg}\n  does not contain\n{want}");
+        assert!(
+            msg.starts_with("policies.yaml: NetworkPolicy prod/backend: "),
+            "{msg}"
+        );
+        assert!(s.policies.is_empty());
+    }
+}
+
+#[test]
+fn bad_objects_are_skipped_and_others_load() {
+    let text = format!(
+        "{}---\n{}---\n{}",
+        policy_with("  ingress: [{ports: [{port: 0}]}]"),
+        GOOD,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: bad, namespace: prod}\nspec: {containers: []}\nstatus: {podIP: 10.0.0.300}\n"
+    );
+    let (s, errors) = load_str("mixed.yaml", &text);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0]
+        .to_string()
+        .contains("spec.ingress[0].ports[0].port"));
+    assert!(errors[1]
+        .to_string()
+        .contains("Pod prod/bad: status.podIP: invalid IP address"));
+    // The duplicate-named policy from GOOD is the valid one and loads.
+    assert_eq!(s.policies.len(), 1);
+    assert_eq!(s.pods.len(), 1);
+}
+
+#[test]
+fn duplicates_keep_the_first() {
+    let dup = format!(
+        "{}---\n{}",
+        policy_with("  podSelector: {}"),
+        policy_with("  policyTypes: [Egress]")
+    );
+    let (s, errors) = load_str("dup.yaml", &dup);
+    assert_eq!(errors.len(), 1);
+    assert!(
+        matches!(&errors[0], ManifestError::Duplicate { kind, object, .. } if kind == "NetworkPolicy" && object == "prod/backend")
+    );
+    assert!(s
+        .policies
+        .values()
+        .next()
+        .is_some_and(|p| p.policy_types.is_none()));
+}
+
+#[test]
+fn garbage_does_not_panic() {
+    let inputs = [
+        "", "---", "- a\n- b", "kind: 5", "kind: Pod\nspec: 7", "{", ": : :", "kind: List\nitems: 3",
+        "kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: x}\nspec: {ingress: [{from: [{}]}]}",
+        "kind: Pod\napiVersion: v1\nmetadata: {name: x}\nspec: {containers: [{name: c, ports: [{containerPort: -1}]}]}",
+        "apiVersion: v1\nkind: Pod\nmetadata: {}\n",
+    ];
+    for text in inputs {
+        let _ = load_str("x.yaml", text);
+        let _ = load_str("x.json", text);
+    }
+    let (_, errors) = load_str(
+        "x.yaml",
+        "kind: List\nitems: [{kind: Namespace, apiVersion: v1, metadata: {}}]",
+    );
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("metadata.name: missing required field"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn load_dir_reads_sorted_manifest_files() {
+    let dir = std::env::temp_dir().join(format!("netpol-manifest-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("b.yml"), GOOD).unwrap();
+    std::fs::write(
+        dir.join("a.json"),
+        r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"prod"}}"#,
+    )
+    .unwrap();
+    std::fs::write(dir.join("c.txt"), "not read").unwrap();
+    let (s, errors) = load_dir(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("duplicate, already defined in")
+            && errors[0].to_string().contains("a.json")
+    );
+    assert_eq!(s.pods.len(), 1);
+    let (_, errors) = load_dir(Path::new("/nonexistent/netpol"));
+    assert!(matches!(errors[..], [ManifestError::Read { .. }]));
+}
