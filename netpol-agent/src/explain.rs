@@ -182,17 +182,12 @@ pub struct Report {
 
 /// Parses `--port` / `--proto` into (protocol number, port).
 pub fn parse_port(port: Option<&str>, proto: Option<&str>) -> Result<(u8, u16), ExplainError> {
-    let bad = |flag, value: &str| ExplainError::BadPort {
-        flag,
-        value: value.to_string(),
-    };
+    let bad = |flag, value: &str| ExplainError::BadPort { flag, value: value.to_string() };
     let proto_num = |flag, p: &str| -> Result<u8, ExplainError> {
         if p.eq_ignore_ascii_case("icmp") {
             return Ok(1);
         }
-        Protocol::parse(p)
-            .map(Protocol::number)
-            .map_err(|_| bad(flag, p))
+        Protocol::parse(p).map(Protocol::number).map_err(|_| bad(flag, p))
     };
     let (mut num, mut port_num) = (None, None);
     if let Some(p) = port {
@@ -203,11 +198,7 @@ pub fn parse_port(port: Option<&str>, proto: Option<&str>) -> Result<(u8, u16), 
                 Some((n, pr)) => (n, Some(pr)),
                 None => (p, None),
             };
-            let n: u16 = n
-                .parse()
-                .ok()
-                .filter(|n| *n != 0)
-                .ok_or_else(|| bad("--port", p))?;
+            let n: u16 = n.parse().ok().filter(|n| *n != 0).ok_or_else(|| bad("--port", p))?;
             port_num = Some(n);
             num = Some(match pr {
                 Some(pr) => proto_num("--port", pr)?,
@@ -233,10 +224,7 @@ fn parse_peer(flag: &'static str, value: &str) -> Result<Peer, ExplainError> {
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
             Ok(Peer::Pod(PodRef::new(ns, name)))
         }
-        _ => Err(ExplainError::BadEndpoint {
-            flag,
-            value: value.to_string(),
-        }),
+        _ => Err(ExplainError::BadEndpoint { flag, value: value.to_string() }),
     }
 }
 
@@ -245,15 +233,9 @@ fn find_pod<'a>(
     flag: &'static str,
     p: &PodRef,
 ) -> Result<&'a Pod, ExplainError> {
-    let pod = state.pods.get(p).ok_or_else(|| ExplainError::UnknownPod {
-        flag,
-        pod: p.clone(),
-    })?;
+    let pod = state.pods.get(p).ok_or_else(|| ExplainError::UnknownPod { flag, pod: p.clone() })?;
     if pod.ips.is_empty() {
-        return Err(ExplainError::NoAddress {
-            flag,
-            pod: p.clone(),
-        });
+        return Err(ExplainError::NoAddress { flag, pod: p.clone() });
     }
     Ok(pod)
 }
@@ -288,10 +270,9 @@ pub fn explain(state: &ClusterState, q: &Query) -> Result<Report, ExplainError> 
     let (from_ip, to_ip) = addresses(&ips(&q.from, from_pod), &ips(&q.to, to_pod))?;
     let mut compiled: BTreeMap<String, KernelMaps> = BTreeMap::new();
     let mut directions = Vec::new();
-    for (dir, pod, remote) in [
-        (Direction::Egress, from_pod, to_ip),
-        (Direction::Ingress, to_pod, from_ip),
-    ] {
+    for (dir, pod, remote) in
+        [(Direction::Egress, from_pod, to_ip), (Direction::Ingress, to_pod, from_ip)]
+    {
         let Some(pod) = pod else { continue };
         directions.push(check(state, q, &mut compiled, pod, dir, remote)?);
     }
@@ -371,16 +352,7 @@ fn check(
         (Some(RuleOrigin::NodeToPod), _, _) => {
             "traffic from the node's own address to its pods is allowed".into()
         }
-        (
-            Some(RuleOrigin::Policy {
-                policy,
-                direction,
-                index,
-                ..
-            }),
-            _,
-            true,
-        ) => {
+        (Some(RuleOrigin::Policy { policy, direction, index, .. }), _, true) => {
             format!("allowed by NetworkPolicy {policy} {direction} rule {index}")
         }
         (_, true, _) => format!("isolated for {dir} and no rule allows it: denied"),
@@ -402,11 +374,7 @@ fn proto_name(p: u8) -> String {
 pub fn render_text(r: &Report) -> String {
     let mut s = String::new();
     let verdict = if r.allow { "allow" } else { "deny" };
-    let port = if r.proto == 1 {
-        String::new()
-    } else {
-        format!(" port {}", r.port)
-    };
+    let port = if r.proto == 1 { String::new() } else { format!(" port {}", r.port) };
     let _ = writeln!(
         s,
         "verdict: {verdict} ({} -> {} {}{port})",
@@ -415,14 +383,8 @@ pub fn render_text(r: &Report) -> String {
         proto_name(r.proto)
     );
     for d in &r.directions {
-        let _ = writeln!(
-            s,
-            "  {:<7} {} (node {}): {}",
-            d.direction.name(),
-            d.pod,
-            d.node,
-            d.reason
-        );
+        let _ =
+            writeln!(s, "  {:<7} {} (node {}): {}", d.direction.name(), d.pod, d.node, d.reason);
         if d.policed && !d.allow {
             let names: Vec<String> = d.policies.iter().map(ToString::to_string).collect();
             let _ = writeln!(s, "          isolated by: {}", names.join(", "));
@@ -506,15 +468,12 @@ mod tests {
         state(
             vec![namespace("prod", &[])],
             vec![
-                pod("web", "prod")
-                    .label("app", "web")
-                    .ip("10.0.0.1")
-                    .node(Some("n1")),
-                pod("db", "prod")
-                    .label("app", "db")
-                    .ip("10.0.0.2")
-                    .node(Some("n2"))
-                    .port(Some("pg"), 5432, Protocol::Tcp),
+                pod("web", "prod").label("app", "web").ip("10.0.0.1").node(Some("n1")),
+                pod("db", "prod").label("app", "db").ip("10.0.0.2").node(Some("n2")).port(
+                    Some("pg"),
+                    5432,
+                    Protocol::Tcp,
+                ),
                 pod("host", "prod")
                     .label("app", "web")
                     .ip("192.168.0.5")
@@ -523,13 +482,11 @@ mod tests {
                 pod("pending", "prod").node(None),
             ],
             vec![
-                policy("db-in", "prod")
-                    .select(sel(&[("app", "db")]))
-                    .ingress(
-                        rule()
-                            .peer(pods(None, Some(sel(&[("app", "web")]))))
-                            .port(named(Protocol::Tcp, "pg")),
-                    ),
+                policy("db-in", "prod").select(sel(&[("app", "db")])).ingress(
+                    rule()
+                        .peer(pods(None, Some(sel(&[("app", "web")]))))
+                        .port(named(Protocol::Tcp, "pg")),
+                ),
                 policy("web-out", "prod")
                     .select(sel(&[("app", "web")]))
                     .egress(rule().peer(pods(None, Some(sel(&[("app", "db")])))))
@@ -570,10 +527,7 @@ mod tests {
         let r = explain(&s, &query("prod/web", "prod/db", "80")).unwrap();
         assert!(!r.allow);
         assert!(r.directions[0].allow && !r.directions[1].allow);
-        assert_eq!(
-            render_json(&r)["directions"][1]["rule"],
-            serde_json::Value::Null
-        );
+        assert_eq!(render_json(&r)["directions"][1]["rule"], serde_json::Value::Null);
         assert!(render_text(&r).contains("isolated by: prod/db-in"));
 
         let r = explain(&s, &query("prod/web", "8.8.8.8", "53/udp")).unwrap();

@@ -46,34 +46,14 @@ fn selector_strategy(
         let (key, vals) = keys[k];
         let values = vec![vals[v % vals.len()].to_string()];
         match op {
-            0 => Requirement {
-                key: key.into(),
-                operator: Operator::In,
-                values,
-            },
-            1 => Requirement {
-                key: key.into(),
-                operator: Operator::NotIn,
-                values,
-            },
-            2 => Requirement {
-                key: key.into(),
-                operator: Operator::Exists,
-                values: vec![],
-            },
-            _ => Requirement {
-                key: key.into(),
-                operator: Operator::DoesNotExist,
-                values: vec![],
-            },
+            0 => Requirement { key: key.into(), operator: Operator::In, values },
+            1 => Requirement { key: key.into(), operator: Operator::NotIn, values },
+            2 => Requirement { key: key.into(), operator: Operator::Exists, values: vec![] },
+            _ => Requirement { key: key.into(), operator: Operator::DoesNotExist, values: vec![] },
         }
     });
-    (
-        labels_strategy(keys),
-        proptest::collection::vec(expr, 0..2),
-        any::<bool>(),
-    )
-        .prop_map(|(ml, me, empty)| {
+    (labels_strategy(keys), proptest::collection::vec(expr, 0..2), any::<bool>()).prop_map(
+        |(ml, me, empty)| {
             if empty {
                 LabelSelector::default()
             } else {
@@ -82,7 +62,8 @@ fn selector_strategy(
                     match_expressions: me,
                 }
             }
-        })
+        },
+    )
 }
 
 const CONTAINER_PORTS: [(Option<&str>, u16, Protocol); 5] = [
@@ -116,11 +97,7 @@ fn pod_strategy(i: usize) -> impl Strategy<Value = Pod> {
                 .into_iter()
                 .map(|p| {
                     let (name, port, protocol) = CONTAINER_PORTS[p];
-                    ContainerPort {
-                        name: name.map(Into::into),
-                        port,
-                        protocol,
-                    }
+                    ContainerPort { name: name.map(Into::into), port, protocol }
                 })
                 .collect();
             container_ports.dedup();
@@ -162,10 +139,7 @@ fn peer_strategy() -> impl Strategy<Value = Peer> {
                     namespace_selector: None,
                     pod_selector: Some(LabelSelector::default())
                 },
-                (n, p) => Peer::Pods {
-                    namespace_selector: n,
-                    pod_selector: p
-                },
+                (n, p) => Peer::Pods { namespace_selector: n, pod_selector: p },
             }),
         (0..BLOCKS.len(), proptest::collection::vec(any::<bool>(), 2)).prop_map(|(b, keep)| {
             let (cidr, except) = BLOCKS[b];
@@ -189,26 +163,14 @@ fn port_strategy() -> impl Strategy<Value = PolicyPort> {
         proptest::option::of(0u16..30),
     )
         .prop_map(|(protocol, kind, n, name, end)| match kind {
-            0 => PolicyPort {
-                protocol,
-                port: None,
-                end_port: None,
-            },
+            0 => PolicyPort { protocol, port: None, end_port: None },
             1 => PolicyPort {
                 protocol,
                 port: Some(PortRef::Number(n)),
                 end_port: end.map(|e| n + e),
             },
-            2 => PolicyPort {
-                protocol,
-                port: Some(PortRef::Number(n)),
-                end_port: None,
-            },
-            _ => PolicyPort {
-                protocol,
-                port: Some(PortRef::Name(name.into())),
-                end_port: None,
-            },
+            2 => PolicyPort { protocol, port: Some(PortRef::Number(n)), end_port: None },
+            _ => PolicyPort { protocol, port: Some(PortRef::Name(name.into())), end_port: None },
         })
 }
 
@@ -253,13 +215,9 @@ fn cluster_strategy() -> impl Strategy<Value = ClusterState> {
             // Some namespaces have no object: they still carry the name label.
             if declared {
                 labels.insert(NAMESPACE_NAME_LABEL.into(), name.to_string());
-                state.namespaces.insert(
-                    name.to_string(),
-                    Namespace {
-                        name: name.to_string(),
-                        labels,
-                    },
-                );
+                state
+                    .namespaces
+                    .insert(name.to_string(), Namespace { name: name.to_string(), labels });
             }
         }
         for p in pods {
@@ -275,10 +233,7 @@ fn cluster_strategy() -> impl Strategy<Value = ClusterState> {
 fn options_strategy() -> impl Strategy<Value = CompileOptions> {
     any::<bool>().prop_map(|allow| CompileOptions {
         node_name: NODE.into(),
-        node_addrs: vec![
-            "192.168.0.1".parse().unwrap(),
-            "fd00:ffff::1".parse().unwrap(),
-        ],
+        node_addrs: vec!["192.168.0.1".parse().unwrap(), "fd00:ffff::1".parse().unwrap()],
         allow_host_to_pods: allow,
     })
 }
@@ -301,13 +256,7 @@ type Flow = (usize, bool, usize, u8, u16);
 
 fn flows_strategy() -> impl Strategy<Value = Vec<Flow>> {
     proptest::collection::vec(
-        (
-            any::<usize>(),
-            any::<bool>(),
-            any::<usize>(),
-            select(&PROTOS[..]),
-            select(&PORTS[..]),
-        ),
+        (any::<usize>(), any::<bool>(), any::<usize>(), select(&PROTOS[..]), select(&PORTS[..])),
         24,
     )
 }
@@ -323,14 +272,8 @@ fn ref_selector(sel: &LabelSelector, labels: &Labels) -> bool {
     }
     for r in &sel.match_expressions {
         let ok = match r.operator {
-            Operator::In => labels
-                .get(&r.key)
-                .map(|v| r.values.contains(v))
-                .unwrap_or(false),
-            Operator::NotIn => labels
-                .get(&r.key)
-                .map(|v| !r.values.contains(v))
-                .unwrap_or(true),
+            Operator::In => labels.get(&r.key).map(|v| r.values.contains(v)).unwrap_or(false),
+            Operator::NotIn => labels.get(&r.key).map(|v| !r.values.contains(v)).unwrap_or(true),
             Operator::Exists => labels.contains_key(&r.key),
             Operator::DoesNotExist => !labels.contains_key(&r.key),
         };
@@ -364,17 +307,14 @@ fn ref_ns_labels(s: &ClusterState, ns: &str) -> Labels {
 
 /// The (non-host-network) pod owning `ip`, if any.
 fn ref_pod_at(s: &ClusterState, ip: IpAddr) -> Option<&Pod> {
-    s.pods
-        .values()
-        .find(|p| !p.host_network && p.ips.contains(&ip))
+    s.pods.values().find(|p| !p.host_network && p.ips.contains(&ip))
 }
 
 fn ref_types(p: &NetworkPolicy) -> (bool, bool) {
     match &p.policy_types {
-        Some(t) if !t.is_empty() => (
-            t.contains(&PolicyType::Ingress),
-            t.contains(&PolicyType::Egress),
-        ),
+        Some(t) if !t.is_empty() => {
+            (t.contains(&PolicyType::Ingress), t.contains(&PolicyType::Egress))
+        }
         _ => (true, !p.egress.is_empty()),
     }
 }
@@ -384,10 +324,7 @@ fn ref_peer(s: &ClusterState, policy: &NetworkPolicy, peer: &Peer, remote: IpAdd
         Peer::IpBlock(b) => {
             ref_in_cidr(&b.cidr, remote) && !b.except.iter().any(|e| ref_in_cidr(e, remote))
         }
-        Peer::Pods {
-            namespace_selector,
-            pod_selector,
-        } => {
+        Peer::Pods { namespace_selector, pod_selector } => {
             let Some(pod) = ref_pod_at(s, remote) else {
                 return false;
             };
@@ -395,11 +332,7 @@ fn ref_peer(s: &ClusterState, policy: &NetworkPolicy, peer: &Peer, remote: IpAdd
                 None => pod.namespace == policy.namespace,
                 Some(sel) => ref_selector(sel, &ref_ns_labels(s, &pod.namespace)),
             };
-            ns_ok
-                && pod_selector
-                    .as_ref()
-                    .map(|sel| ref_selector(sel, &pod.labels))
-                    .unwrap_or(true)
+            ns_ok && pod_selector.as_ref().map(|sel| ref_selector(sel, &pod.labels)).unwrap_or(true)
         }
     }
 }
@@ -444,12 +377,7 @@ fn ref_rule_allows(
     pod: &Pod,
     c: Conn,
 ) -> bool {
-    let Conn {
-        dir,
-        remote,
-        proto,
-        port,
-    } = c;
+    let Conn { dir, remote, proto, port } = c;
     let peer_ok =
         rule.peers.is_empty() || rule.peers.iter().any(|p| ref_peer(s, policy, p, remote));
     // Named ports: ingress → the protected pod's ports; egress → the destination pod's ports.
@@ -499,52 +427,31 @@ fn check_cluster(
     flows: &[Flow],
 ) -> Result<(), TestCaseError> {
     let compiled = compile(s, o);
-    let maps = Layout::new()
-        .update(&compiled)
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let maps = Layout::new().update(&compiled).map_err(|e| TestCaseError::fail(e.to_string()))?;
     let local: Vec<&Pod> = s
         .pods
         .values()
         .filter(|p| !p.host_network && !p.ips.is_empty() && p.node_name.as_deref() == Some(NODE))
         .collect();
     let have: Vec<String> = maps.endpoints.keys().map(|k| k.to_string()).collect();
-    let want: Vec<String> = local
-        .iter()
-        .map(|p| format!("{}/{}", p.namespace, p.name))
-        .collect();
+    let want: Vec<String> = local.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
     prop_assert_eq!(have, want);
     if local.is_empty() {
         return Ok(());
     }
-    let mut remotes: Vec<IpAddr> = s
-        .pods
-        .values()
-        .flat_map(|p| p.ips.iter().copied())
-        .collect();
+    let mut remotes: Vec<IpAddr> = s.pods.values().flat_map(|p| p.ips.iter().copied()).collect();
     remotes.extend(EXTRA_REMOTES.iter().map(|r| r.parse::<IpAddr>().unwrap()));
     remotes.extend(o.node_addrs.iter().copied());
     for &(pi, egress, ri, proto, port) in flows {
         let pod = local[pi % local.len()];
-        let dir = if egress {
-            Direction::Egress
-        } else {
-            Direction::Ingress
-        };
+        let dir = if egress { Direction::Egress } else { Direction::Ingress };
         let remote = remotes[ri % remotes.len()];
         let port = if proto == 1 { 0 } else { port };
         let ep = &maps.endpoints[&pod.key()].value;
         let got = evaluate(&maps, ep, dir, remote, proto, port);
-        let conn = Conn {
-            dir,
-            remote,
-            proto,
-            port,
-        };
+        let conn = Conn { dir, remote, proto, port };
         let (policed, allowed) = reference(s, o, pod, conn);
-        let ctx = format!(
-            "pod {} {dir} remote {remote} proto {proto} port {port}",
-            pod.key()
-        );
+        let ctx = format!("pod {} {dir} remote {remote} proto {proto} port {port}", pod.key());
         prop_assert_eq!(got.allow, allowed, "verdict: {}", ctx);
         prop_assert_eq!(got.policed, policed, "policed: {}", ctx);
         if got.allow && policed {
@@ -557,12 +464,7 @@ fn check_cluster(
                         ctx
                     )
                 }
-                Some(RuleOrigin::Policy {
-                    policy,
-                    direction,
-                    index,
-                    ..
-                }) => {
+                Some(RuleOrigin::Policy { policy, direction, index, .. }) => {
                     prop_assert_eq!(*direction, dir);
                     let p = &s.policies[policy];
                     let rule = &p.rules(dir)[*index as usize];
@@ -593,39 +495,22 @@ proptest! {
 fn pick_change(s: &ClusterState, pool: &ClusterState, op: u8) -> Option<Change> {
     let n = op as usize;
     match op % 6 {
-        0 => pool
-            .pods
-            .values()
-            .nth(n % pool.pods.len().max(1))
-            .cloned()
-            .map(Change::UpsertPod),
-        1 => s
-            .pods
-            .keys()
-            .nth(n % s.pods.len().max(1))
-            .cloned()
-            .map(Change::DeletePod),
+        0 => pool.pods.values().nth(n % pool.pods.len().max(1)).cloned().map(Change::UpsertPod),
+        1 => s.pods.keys().nth(n % s.pods.len().max(1)).cloned().map(Change::DeletePod),
         2 => pool
             .policies
             .values()
             .nth(n % pool.policies.len().max(1))
             .cloned()
             .map(Change::UpsertPolicy),
-        3 => s
-            .policies
-            .keys()
-            .nth(n % s.policies.len().max(1))
-            .cloned()
-            .map(Change::DeletePolicy),
+        3 => s.policies.keys().nth(n % s.policies.len().max(1)).cloned().map(Change::DeletePolicy),
         4 => pool
             .namespaces
             .values()
             .nth(n % pool.namespaces.len().max(1))
             .cloned()
             .map(Change::UpsertNamespace),
-        _ => Some(Change::DeleteNamespace(
-            NAMESPACES[n % NAMESPACES.len()].to_string(),
-        )),
+        _ => Some(Change::DeleteNamespace(NAMESPACES[n % NAMESPACES.len()].to_string())),
     }
 }
 

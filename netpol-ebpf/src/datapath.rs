@@ -24,7 +24,7 @@ use crate::{
 
 /// Pass, and let later TC programs (if any) and the stack carry on.
 const TC_PASS: i32 = TC_ACT_UNSPEC;
-const TC_DROP: i32 = TC_ACT_SHOT as i32;
+const TC_DROP: i32 = TC_ACT_SHOT;
 
 /// The one fail-open/fail-closed choice: a packet on an interface that carries our programs but
 /// has no endpoint entry (the agent is attaching or detaching it) passes. The agent writes the

@@ -65,10 +65,7 @@ impl Compiler {
             index,
             rule_ids,
             infos,
-            out: Compiled {
-                rules,
-                ..Compiled::default()
-            },
+            out: Compiled { rules, ..Compiled::default() },
             refs: Refs::default(),
         };
         let local: Vec<PodRef> = c.index.local_by_ns.values().flatten().cloned().collect();
@@ -241,10 +238,7 @@ impl Compiler {
                         options: &self.options,
                     };
                     let results = compile_pod(&ctx, pod, &mut memo);
-                    let mut ep = CompiledEndpoint {
-                        ips: pod.ips.clone(),
-                        sets: BTreeMap::new(),
-                    };
+                    let mut ep = CompiledEndpoint { ips: pod.ips.clone(), sets: BTreeMap::new() };
                     for (slot, result) in results {
                         let hash = match result {
                             SetResult::Known(h) => h,

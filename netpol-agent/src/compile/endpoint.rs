@@ -58,12 +58,7 @@ pub fn compile_pod(
         .get(&pod.namespace)
         .into_iter()
         .flatten()
-        .filter(|k| {
-            ctx.state
-                .policies
-                .get(*k)
-                .is_some_and(|p| p.pod_selector.matches(&pod.labels))
-        })
+        .filter(|k| ctx.state.policies.get(*k).is_some_and(|p| p.pod_selector.matches(&pod.labels)))
         .collect();
     for dir in Direction::ALL {
         let pols: Vec<(&PolicyRef, &PolicyInfo)> = selecting
@@ -75,9 +70,7 @@ pub fn compile_pod(
             continue;
         }
         let uses_own_ports = dir == Direction::Ingress
-            && pols
-                .iter()
-                .any(|(_, i)| i.rules[di(Direction::Ingress)].iter().any(|r| r.named));
+            && pols.iter().any(|(_, i)| i.rules[di(Direction::Ingress)].iter().any(|r| r.named));
         let memo_key = (
             dir,
             pols.iter().map(|(k, _)| (*k).clone()).collect::<Vec<_>>(),
@@ -91,10 +84,7 @@ pub fn compile_pod(
         let built = build_set(ctx, dir, &rules, &pod.container_ports);
         let hash = built.set.content_hash();
         memo.insert(memo_key, hash);
-        out.insert(
-            (dir, Tier::NetworkPolicy),
-            SetResult::New(hash, Box::new(built)),
-        );
+        out.insert((dir, Tier::NetworkPolicy), SetResult::New(hash, Box::new(built)));
     }
     out
 }
@@ -130,30 +120,17 @@ fn build_set(
             let idx = entries.len();
             entries.push(e);
             if rule.all {
-                items.push(Item {
-                    range: (0, 0),
-                    holes: Vec::new(),
-                    entries: idx,
-                });
+                items.push(Item { range: (0, 0), holes: Vec::new(), entries: idx });
             }
             for b in &rule.blocks {
                 let (range, holes) = block_prefixes(&b.cidr, &b.except);
-                items.push(Item {
-                    range,
-                    holes,
-                    entries: idx,
-                });
+                items.push(Item { range, holes, entries: idx });
             }
-            items.extend(
-                rule.pod_ips
-                    .iter()
-                    .flat_map(|ips| ips.iter())
-                    .map(|&ip| Item {
-                        range: (ip, 128),
-                        holes: Vec::new(),
-                        entries: idx,
-                    }),
-            );
+            items.extend(rule.pod_ips.iter().flat_map(|ips| ips.iter()).map(|&ip| Item {
+                range: (ip, 128),
+                holes: Vec::new(),
+                entries: idx,
+            }));
         }
         // Egress named ports name ports of the destination pod, so every destination pod
         // address the rule's peers cover gets its own entry resolved against that pod.
@@ -181,11 +158,7 @@ fn build_set(
         let idx = entries.len();
         entries.push(vec![(PortKey::ANY, HOST_RULE_ID)]);
         for ip in &ctx.options.node_addrs {
-            items.push(Item {
-                range: (key_of(*ip), 128),
-                holes: Vec::new(),
-                entries: idx,
-            });
+            items.push(Item { range: (key_of(*ip), 128), holes: Vec::new(), entries: idx });
         }
     }
     let mut port_sets = BTreeMap::new();
@@ -230,9 +203,6 @@ fn egress_named_targets(ctx: &Ctx, rule: &ResolvedRule) -> BTreeMap<u128, Vec<Co
             }
         }
     }
-    rule.pod_ips
-        .iter()
-        .flat_map(|ips| ips.iter())
-        .for_each(|&ip| add(ip));
+    rule.pod_ips.iter().flat_map(|ips| ips.iter()).for_each(|&ip| add(ip));
     out
 }

@@ -36,11 +36,7 @@ impl Index {
             index.add_pod(pod, node);
         }
         for key in state.policies.keys() {
-            index
-                .policies_by_ns
-                .entry(key.namespace.clone())
-                .or_default()
-                .insert(key.clone());
+            index.policies_by_ns.entry(key.namespace.clone()).or_default().insert(key.clone());
         }
         index
     }
@@ -51,25 +47,16 @@ impl Index {
             return;
         }
         let key = pod.key();
-        self.pods_by_ns
-            .entry(pod.namespace.clone())
-            .or_default()
-            .insert(key.clone());
+        self.pods_by_ns.entry(pod.namespace.clone()).or_default().insert(key.clone());
         for ip in &pod.ips {
-            self.by_ip
-                .entry(key_of(*ip))
-                .or_default()
-                .insert(key.clone());
+            self.by_ip.entry(key_of(*ip)).or_default().insert(key.clone());
         }
         for (k, v) in &pod.labels {
             let label = (k.clone(), v.clone());
             self.by_label.entry(label).or_default().insert(key.clone());
         }
         if pod.node_name.as_deref() == Some(node) {
-            self.local_by_ns
-                .entry(pod.namespace.clone())
-                .or_default()
-                .insert(key);
+            self.local_by_ns.entry(pod.namespace.clone()).or_default().insert(key);
         }
     }
 
@@ -102,12 +89,7 @@ impl Index {
 
     /// Every namespace that exists as an object or holds an in-scope pod.
     pub fn namespaces<'a>(&'a self, state: &'a ClusterState) -> BTreeSet<&'a str> {
-        state
-            .namespaces
-            .keys()
-            .chain(self.pods_by_ns.keys())
-            .map(String::as_str)
-            .collect()
+        state.namespaces.keys().chain(self.pods_by_ns.keys()).map(String::as_str).collect()
     }
 
     /// Local in-scope pods of `policy`'s namespace that its `podSelector` selects.
@@ -116,12 +98,7 @@ impl Index {
             return Vec::new();
         };
         pods.iter()
-            .filter(|k| {
-                state
-                    .pods
-                    .get(*k)
-                    .is_some_and(|p| policy.pod_selector.matches(&p.labels))
-            })
+            .filter(|k| state.pods.get(*k).is_some_and(|p| policy.pod_selector.matches(&p.labels)))
             .cloned()
             .collect()
     }
@@ -269,10 +246,7 @@ pub fn resolve(
                 direction: dir,
                 index: i as u32,
             };
-            let id = ids
-                .get(&origin)
-                .copied()
-                .unwrap_or(netpol_common::policy::RULE_NONE);
+            let id = ids.get(&origin).copied().unwrap_or(netpol_common::policy::RULE_NONE);
             let mut resolved = ResolvedRule {
                 id,
                 all: rule.peers.is_empty(),
@@ -284,15 +258,10 @@ pub fn resolve(
             for peer in &rule.peers {
                 match peer {
                     Peer::IpBlock(b) => resolved.blocks.push(b.clone()),
-                    Peer::Pods {
-                        namespace_selector,
-                        pod_selector,
-                    } => {
+                    Peer::Pods { namespace_selector, pod_selector } => {
                         // Without a namespace selector the result depends on the policy's namespace.
                         let memo_key = (
-                            namespace_selector
-                                .is_none()
-                                .then(|| policy.namespace.clone()),
+                            namespace_selector.is_none().then(|| policy.namespace.clone()),
                             namespace_selector.clone(),
                             pod_selector.clone(),
                         );
@@ -327,23 +296,16 @@ pub fn resolve(
 pub fn peers_match_pod(state: &ClusterState, policy: &NetworkPolicy, pod: &Pod) -> bool {
     pod.in_scope()
         && Direction::ALL.iter().any(|&dir| {
-            policy
-                .rules(dir)
-                .iter()
-                .flat_map(|r| &r.peers)
-                .any(|peer| match peer {
-                    Peer::Pods {
-                        namespace_selector,
-                        pod_selector,
-                    } => pods_peer_matches(
-                        state,
-                        &policy.namespace,
-                        namespace_selector.as_ref(),
-                        pod_selector.as_ref(),
-                        pod,
-                    ),
-                    Peer::IpBlock(_) => false,
-                })
+            policy.rules(dir).iter().flat_map(|r| &r.peers).any(|peer| match peer {
+                Peer::Pods { namespace_selector, pod_selector } => pods_peer_matches(
+                    state,
+                    &policy.namespace,
+                    namespace_selector.as_ref(),
+                    pod_selector.as_ref(),
+                    pod,
+                ),
+                Peer::IpBlock(_) => false,
+            })
         })
 }
 

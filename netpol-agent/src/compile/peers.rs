@@ -80,11 +80,7 @@ pub fn build(
                 if item.holes.iter().any(|&h| contains(h, key)) {
                     continue;
                 }
-                for &(k, rule) in entries
-                    .get(item.entries)
-                    .map(Vec::as_slice)
-                    .unwrap_or_default()
-                {
+                for &(k, rule) in entries.get(item.entries).map(Vec::as_slice).unwrap_or_default() {
                     ports.insert(k, rule);
                 }
             }
@@ -123,21 +119,9 @@ mod tests {
         let e80 = vec![(PortKey::new(56, 6, 80), 1)];
         let e443 = vec![(PortKey::new(56, 6, 443), 2)];
         let items = [
-            Item {
-                range: p("10.0.0.0/16"),
-                holes: vec![p("10.0.1.0/24")],
-                entries: 0,
-            },
-            Item {
-                range: p("10.0.0.0/8"),
-                holes: vec![],
-                entries: 1,
-            },
-            Item {
-                range: p("192.168.0.0/16"),
-                holes: vec![p("192.168.5.0/24")],
-                entries: 0,
-            },
+            Item { range: p("10.0.0.0/16"), holes: vec![p("10.0.1.0/24")], entries: 0 },
+            Item { range: p("10.0.0.0/8"), holes: vec![], entries: 1 },
+            Item { range: p("192.168.0.0/16"), holes: vec![p("192.168.5.0/24")], entries: 0 },
         ];
         let mut sets = BTreeMap::new();
         let set = build(&items, &[e80, e443], &mut sets);
@@ -145,17 +129,9 @@ mod tests {
             lookup(&set, &sets, ip).map(|s| s.entries.keys().map(|k| k.port).collect::<Vec<_>>())
         };
         assert_eq!(ports("10.0.2.1"), Some(vec![80, 443]));
-        assert_eq!(
-            ports("10.0.1.1"),
-            Some(vec![443]),
-            "except still allowed by the /8 rule"
-        );
+        assert_eq!(ports("10.0.1.1"), Some(vec![443]), "except still allowed by the /8 rule");
         assert_eq!(ports("10.9.1.1"), Some(vec![443]));
-        assert_eq!(
-            ports("192.168.5.1"),
-            Some(vec![]),
-            "hole with nothing else: empty port set"
-        );
+        assert_eq!(ports("192.168.5.1"), Some(vec![]), "hole with nothing else: empty port set");
         assert_eq!(ports("192.168.6.1"), Some(vec![80]));
         assert_eq!(ports("11.0.0.1"), None);
     }
@@ -163,16 +139,8 @@ mod tests {
     #[test]
     fn single_addresses_inside_blocks_get_the_union() {
         let items = [
-            Item {
-                range: p("10.0.0.0/8"),
-                holes: vec![p("10.0.0.0/24")],
-                entries: 0,
-            },
-            Item {
-                range: p("10.0.0.5/32"),
-                holes: vec![],
-                entries: 1,
-            },
+            Item { range: p("10.0.0.0/8"), holes: vec![p("10.0.0.0/24")], entries: 0 },
+            Item { range: p("10.0.0.5/32"), holes: vec![], entries: 1 },
         ];
         let mut sets = BTreeMap::new();
         let set = build(
@@ -181,11 +149,7 @@ mod tests {
             &mut sets,
         );
         let s = lookup(&set, &sets, "10.0.0.5").unwrap();
-        assert_eq!(
-            s.entries.len(),
-            1,
-            "pod inside the except gets only its own rule"
-        );
+        assert_eq!(s.entries.len(), 1, "pod inside the except gets only its own rule");
         let s = lookup(&set, &sets, "10.0.0.6").unwrap();
         assert!(s.entries.is_empty());
     }

@@ -22,27 +22,15 @@ pub struct PortKey {
 
 impl PortKey {
     /// Every protocol and port, ICMP included: a rule without `ports`.
-    pub const ANY: PortKey = PortKey {
-        bits: PORT_ANY_PROTO_BITS,
-        proto: 0,
-        port: 0,
-    };
+    pub const ANY: PortKey = PortKey { bits: PORT_ANY_PROTO_BITS, proto: 0, port: 0 };
 
     /// Builds a canonical key (bits beyond the prefix cleared).
     pub fn new(bits: u32, proto: u8, port: u16) -> Self {
         let bits = bits.clamp(PORT_ANY_PROTO_BITS, PORT_FULL_BITS);
         let proto_bits = (bits - PORT_ANY_PROTO_BITS).min(8);
-        let proto = if proto_bits == 0 {
-            0
-        } else {
-            proto & (u8::MAX << (8 - proto_bits))
-        };
+        let proto = if proto_bits == 0 { 0 } else { proto & (u8::MAX << (8 - proto_bits)) };
         let port_bits = bits.saturating_sub(PORT_ANY_PORT_BITS);
-        let port = if port_bits == 0 {
-            0
-        } else {
-            port & (u16::MAX << (16 - port_bits))
-        };
+        let port = if port_bits == 0 { 0 } else { port & (u16::MAX << (16 - port_bits)) };
         PortKey { bits, proto, port }
     }
 
@@ -65,10 +53,7 @@ impl PortSet {
     /// Adds `key` for `rule_id`, keeping the lowest rule id when several rules list the same
     /// prefix (deterministic attribution).
     pub fn insert(&mut self, key: PortKey, rule_id: u32) {
-        self.entries
-            .entry(key)
-            .and_modify(|r| *r = (*r).min(rule_id))
-            .or_insert(rule_id);
+        self.entries.entry(key).and_modify(|r| *r = (*r).min(rule_id)).or_insert(rule_id);
     }
 
     /// Content hash (stable across runs and machines).
@@ -101,10 +86,7 @@ pub fn numeric_entries(ports: &[PolicyPort], rule_id: u32, out: &mut Vec<(PortKe
             // "endPort indicates that the range of ports from port to endPort if set, inclusive".
             (Some(PortRef::Number(n)), Some(end)) => {
                 for_each_port_prefix(*n, end, |start, bits| {
-                    out.push((
-                        PortKey::new(PORT_ANY_PORT_BITS + bits, proto, start),
-                        rule_id,
-                    ))
+                    out.push((PortKey::new(PORT_ANY_PORT_BITS + bits, proto, start), rule_id))
                 })
             }
             (Some(PortRef::Name(_)), _) => {}
@@ -114,9 +96,7 @@ pub fn numeric_entries(ports: &[PolicyPort], rule_id: u32, out: &mut Vec<(PortKe
 
 /// Whether any of `ports` is a named port.
 pub fn has_named(ports: &[PolicyPort]) -> bool {
-    ports
-        .iter()
-        .any(|p| matches!(p.port, Some(PortRef::Name(_))))
+    ports.iter().any(|p| matches!(p.port, Some(PortRef::Name(_))))
 }
 
 /// Appends the entries of the named `ports` of a rule, resolved against one pod's container
@@ -134,10 +114,7 @@ pub fn named_entries(
         };
         for cp in container_ports {
             if cp.name.as_deref() == Some(name.as_str()) && cp.protocol == p.protocol {
-                out.push((
-                    PortKey::new(PORT_FULL_BITS, p.protocol.number(), cp.port),
-                    rule_id,
-                ));
+                out.push((PortKey::new(PORT_FULL_BITS, p.protocol.number(), cp.port), rule_id));
             }
         }
     }
@@ -149,11 +126,7 @@ mod tests {
     use crate::model::Protocol;
 
     fn port(protocol: Protocol, port: Option<PortRef>, end_port: Option<u16>) -> PolicyPort {
-        PolicyPort {
-            protocol,
-            port,
-            end_port,
-        }
+        PolicyPort { protocol, port, end_port }
     }
 
     fn covered(entries: &[(PortKey, u32)], proto: u8, p: u16) -> bool {
@@ -168,50 +141,15 @@ mod tests {
         assert!(covered(&e, 1, 0) && covered(&e, 6, 80) && covered(&e, 132, 9));
 
         let cases: [(PolicyPort, u8, u16, bool); 9] = [
-            (
-                port(Protocol::Tcp, Some(PortRef::Number(80)), None),
-                6,
-                80,
-                true,
-            ),
-            (
-                port(Protocol::Tcp, Some(PortRef::Number(80)), None),
-                17,
-                80,
-                false,
-            ),
-            (
-                port(Protocol::Tcp, Some(PortRef::Number(80)), None),
-                6,
-                81,
-                false,
-            ),
+            (port(Protocol::Tcp, Some(PortRef::Number(80)), None), 6, 80, true),
+            (port(Protocol::Tcp, Some(PortRef::Number(80)), None), 17, 80, false),
+            (port(Protocol::Tcp, Some(PortRef::Number(80)), None), 6, 81, false),
             (port(Protocol::Udp, None, None), 17, 53, true),
             (port(Protocol::Udp, None, None), 6, 53, false),
-            (
-                port(Protocol::Sctp, Some(PortRef::Number(1000)), Some(2000)),
-                132,
-                1500,
-                true,
-            ),
-            (
-                port(Protocol::Sctp, Some(PortRef::Number(1000)), Some(2000)),
-                132,
-                2001,
-                false,
-            ),
-            (
-                port(Protocol::Sctp, Some(PortRef::Number(1000)), Some(2000)),
-                132,
-                999,
-                false,
-            ),
-            (
-                port(Protocol::Tcp, Some(PortRef::Name("http".into())), None),
-                6,
-                80,
-                false,
-            ),
+            (port(Protocol::Sctp, Some(PortRef::Number(1000)), Some(2000)), 132, 1500, true),
+            (port(Protocol::Sctp, Some(PortRef::Number(1000)), Some(2000)), 132, 2001, false),
+            (port(Protocol::Sctp, Some(PortRef::Number(1000)), Some(2000)), 132, 999, false),
+            (port(Protocol::Tcp, Some(PortRef::Name("http".into())), None), 6, 80, false),
         ];
         for (p, proto, n, want) in cases {
             let mut e = Vec::new();
@@ -224,24 +162,12 @@ mod tests {
     #[test]
     fn named_resolution_needs_same_protocol() {
         let cps = [
-            ContainerPort {
-                name: Some("http".into()),
-                port: 8080,
-                protocol: Protocol::Tcp,
-            },
-            ContainerPort {
-                name: Some("dns".into()),
-                port: 5353,
-                protocol: Protocol::Udp,
-            },
+            ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::Tcp },
+            ContainerPort { name: Some("dns".into()), port: 5353, protocol: Protocol::Udp },
         ];
         let mut e = Vec::new();
         named_entries(
-            &[port(
-                Protocol::Tcp,
-                Some(PortRef::Name("http".into())),
-                None,
-            )],
+            &[port(Protocol::Tcp, Some(PortRef::Name("http".into())), None)],
             &cps,
             3,
             &mut e,

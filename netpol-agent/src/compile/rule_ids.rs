@@ -34,13 +34,7 @@ pub enum RuleOrigin {
 
 fn hash(origin: &RuleOrigin, attempt: u64) -> u32 {
     let mut buf = Vec::new();
-    if let RuleOrigin::Policy {
-        tier,
-        policy,
-        direction,
-        index,
-    } = origin
-    {
+    if let RuleOrigin::Policy { tier, policy, direction, index } = origin {
         buf.push(*tier as u8);
         for s in [&policy.namespace, &policy.name] {
             buf.extend_from_slice(&(s.len() as u64).to_le_bytes());

@@ -35,14 +35,7 @@ fn verdict(
     let c = compile(s, o);
     let maps = Layout::new().update(&c).unwrap();
     let ep = maps.endpoints.get(&PodRef::new(ns, name))?;
-    Some(evaluate(
-        &maps,
-        &ep.value,
-        dir,
-        remote.parse().unwrap(),
-        proto,
-        port,
-    ))
+    Some(evaluate(&maps, &ep.value, dir, remote.parse().unwrap(), proto, port))
 }
 
 fn allowed(
@@ -53,9 +46,7 @@ fn allowed(
     proto: u8,
     port: u16,
 ) -> bool {
-    verdict(s, &opts(), pod, dir, remote, proto, port)
-        .expect("endpoint")
-        .allow
+    verdict(s, &opts(), pod, dir, remote, proto, port).expect("endpoint").allow
 }
 
 use Direction::{Egress as E, Ingress as I};
@@ -67,18 +58,9 @@ fn base_pods() -> Vec<PodBuilder> {
             8080,
             Protocol::Tcp,
         ),
-        pod("db", "prod")
-            .label("app", "db")
-            .ip("10.0.0.2")
-            .port(Some("pg"), 5432, Protocol::Tcp),
-        pod("client", "dev")
-            .label("app", "client")
-            .ip("10.0.1.1")
-            .node(Some("node-b")),
-        pod("mon", "ops")
-            .label("app", "mon")
-            .ip("10.0.2.1")
-            .node(Some("node-b")),
+        pod("db", "prod").label("app", "db").ip("10.0.0.2").port(Some("pg"), 5432, Protocol::Tcp),
+        pod("client", "dev").label("app", "client").ip("10.0.1.1").node(Some("node-b")),
+        pod("mon", "ops").label("app", "mon").ip("10.0.2.1").node(Some("node-b")),
     ]
 }
 
@@ -92,19 +74,12 @@ fn base_ns() -> Vec<Namespace> {
 
 #[test]
 fn unselected_pods_are_not_isolated() {
-    let s = state(
-        base_ns(),
-        base_pods(),
-        vec![policy("p", "prod").select(sel(&[("app", "db")]))],
-    );
+    let s = state(base_ns(), base_pods(), vec![policy("p", "prod").select(sel(&[("app", "db")]))]);
     let d = verdict(&s, &opts(), "prod/web", I, "1.2.3.4", TCP, 80).unwrap();
     assert!(d.allow && !d.policed);
     let d = verdict(&s, &opts(), "prod/db", I, "1.2.3.4", TCP, 80).unwrap();
     assert!(!d.allow && d.policed, "empty ingress = deny all");
-    assert!(
-        allowed(&s, "prod/db", E, "1.2.3.4", TCP, 80),
-        "egress not in default policyTypes"
-    );
+    assert!(allowed(&s, "prod/db", E, "1.2.3.4", TCP, 80), "egress not in default policyTypes");
 }
 
 #[test]
@@ -114,46 +89,24 @@ fn policy_types_defaulting() {
         // (policy, ingress isolated, egress isolated)
         (policy("p", "prod"), true, false),
         (deny_egress_rules.clone(), true, true),
-        (
-            policy("p", "prod").types(&[PolicyType::Egress]),
-            false,
-            true,
-        ),
+        (policy("p", "prod").types(&[PolicyType::Egress]), false, true),
         (deny_egress_rules.types(&[PolicyType::Ingress]), true, false),
-        (
-            policy("p", "prod").types(&[PolicyType::Ingress, PolicyType::Egress]),
-            true,
-            true,
-        ),
+        (policy("p", "prod").types(&[PolicyType::Ingress, PolicyType::Egress]), true, true),
     ];
     for (p, ing, eg) in cases {
         let s = state(base_ns(), base_pods(), vec![p.clone()]);
-        assert_eq!(
-            !allowed(&s, "prod/web", I, "1.2.3.4", TCP, 80),
-            ing,
-            "{p:?}"
-        );
+        assert_eq!(!allowed(&s, "prod/web", I, "1.2.3.4", TCP, 80), ing, "{p:?}");
         assert_eq!(!allowed(&s, "prod/web", E, "1.2.3.4", TCP, 80), eg, "{p:?}");
     }
 }
 
 #[test]
 fn empty_rule_allows_everything_incl_icmp_and_v6() {
-    let s = state(
-        base_ns(),
-        base_pods(),
-        vec![policy("p", "prod").ingress(rule())],
-    );
-    for (remote, proto, port) in [
-        ("1.2.3.4", TCP, 1),
-        ("fd00::9", UDP, 53),
-        ("10.0.1.1", ICMP, 0),
-        ("8.8.8.8", SCTP, 9),
-    ] {
-        assert!(
-            allowed(&s, "prod/web", I, remote, proto, port),
-            "{remote} {proto}/{port}"
-        );
+    let s = state(base_ns(), base_pods(), vec![policy("p", "prod").ingress(rule())]);
+    for (remote, proto, port) in
+        [("1.2.3.4", TCP, 1), ("fd00::9", UDP, 53), ("10.0.1.1", ICMP, 0), ("8.8.8.8", SCTP, 9)]
+    {
+        assert!(allowed(&s, "prod/web", I, remote, proto, port), "{remote} {proto}/{port}");
     }
 }
 
@@ -176,11 +129,7 @@ fn ports_protocols_and_ranges() {
         (ICMP, 0, false),
     ];
     for (proto, port, want) in cases {
-        assert_eq!(
-            allowed(&s, "prod/web", I, "1.2.3.4", proto, port),
-            want,
-            "{proto}/{port}"
-        );
+        assert_eq!(allowed(&s, "prod/web", I, "1.2.3.4", proto, port), want, "{proto}/{port}");
     }
 }
 
@@ -190,102 +139,42 @@ fn peer_selectors() {
         state(
             base_ns(),
             base_pods(),
-            vec![policy("p", "prod")
-                .select(sel(&[("app", "db")]))
-                .ingress(rule().peer(peer))],
+            vec![policy("p", "prod").select(sel(&[("app", "db")])).ingress(rule().peer(peer))],
         )
     };
     let cases = [
         // podSelector alone: same namespace only.
         (pods(None, Some(sel(&[("app", "web")]))), "10.0.0.1", true),
-        (
-            pods(None, Some(sel(&[("app", "client")]))),
-            "10.0.1.1",
-            false,
-        ),
+        (pods(None, Some(sel(&[("app", "client")]))), "10.0.1.1", false),
         // namespaceSelector alone: all pods of matching namespaces.
         (pods(Some(sel(&[("env", "dev")])), None), "10.0.1.1", true),
         (pods(Some(sel(&[("env", "dev")])), None), "10.0.0.1", false),
         // both: AND.
-        (
-            pods(
-                Some(sel(&[("env", "dev")])),
-                Some(sel(&[("app", "client")])),
-            ),
-            "10.0.1.1",
-            true,
-        ),
-        (
-            pods(Some(sel(&[("env", "dev")])), Some(sel(&[("app", "web")]))),
-            "10.0.1.1",
-            false,
-        ),
+        (pods(Some(sel(&[("env", "dev")])), Some(sel(&[("app", "client")]))), "10.0.1.1", true),
+        (pods(Some(sel(&[("env", "dev")])), Some(sel(&[("app", "web")]))), "10.0.1.1", false),
         // namespaceSelector {} = every namespace.
-        (
-            pods(Some(sel(&[])), Some(sel(&[("app", "mon")]))),
-            "10.0.2.1",
-            true,
-        ),
+        (pods(Some(sel(&[])), Some(sel(&[("app", "mon")]))), "10.0.2.1", true),
         (pods(Some(sel(&[])), None), "1.2.3.4", false),
         // expressions
-        (
-            pods(Some(sel(&[]).expr("team", Operator::Exists, &[])), None),
-            "10.0.2.1",
-            true,
-        ),
-        (
-            pods(Some(sel(&[]).expr("env", Operator::NotIn, &["prod"])), None),
-            "10.0.1.1",
-            true,
-        ),
-        (
-            pods(Some(sel(&[]).expr("env", Operator::NotIn, &["prod"])), None),
-            "10.0.2.1",
-            true,
-        ),
-        (
-            pods(Some(sel(&[]).expr("env", Operator::In, &["prod"])), None),
-            "10.0.2.1",
-            false,
-        ),
-        (
-            pods(
-                Some(sel(&[]).expr("team", Operator::DoesNotExist, &[])),
-                None,
-            ),
-            "10.0.2.1",
-            false,
-        ),
+        (pods(Some(sel(&[]).expr("team", Operator::Exists, &[])), None), "10.0.2.1", true),
+        (pods(Some(sel(&[]).expr("env", Operator::NotIn, &["prod"])), None), "10.0.1.1", true),
+        (pods(Some(sel(&[]).expr("env", Operator::NotIn, &["prod"])), None), "10.0.2.1", true),
+        (pods(Some(sel(&[]).expr("env", Operator::In, &["prod"])), None), "10.0.2.1", false),
+        (pods(Some(sel(&[]).expr("team", Operator::DoesNotExist, &[])), None), "10.0.2.1", false),
         // implicit namespace name label
-        (
-            pods(Some(sel(&[("kubernetes.io/metadata.name", "ops")])), None),
-            "10.0.2.1",
-            true,
-        ),
+        (pods(Some(sel(&[("kubernetes.io/metadata.name", "ops")])), None), "10.0.2.1", true),
     ];
     for (peer, remote, want) in cases {
         let s = pol(peer.clone());
-        assert_eq!(
-            allowed(&s, "prod/db", I, remote, TCP, 80),
-            want,
-            "{peer:?} from {remote}"
-        );
+        assert_eq!(allowed(&s, "prod/db", I, remote, TCP, 80), want, "{peer:?} from {remote}");
     }
 }
 
 #[test]
 fn ip_block_except_and_other_rules() {
     let p = policy("p", "prod")
-        .ingress(
-            rule()
-                .peer(block("10.0.0.0/16", &["10.0.1.0/24"]))
-                .port(port(Protocol::Tcp, 80)),
-        )
-        .ingress(
-            rule()
-                .peer(block("10.0.1.0/25", &[]))
-                .port(port(Protocol::Tcp, 443)),
-        )
+        .ingress(rule().peer(block("10.0.0.0/16", &["10.0.1.0/24"])).port(port(Protocol::Tcp, 80)))
+        .ingress(rule().peer(block("10.0.1.0/25", &[])).port(port(Protocol::Tcp, 443)))
         .ingress(rule().peer(block("172.16.0.0/12", &["172.16.5.0/24"])));
     let s = state(base_ns(), base_pods(), vec![p]);
     let cases = [
@@ -299,34 +188,20 @@ fn ip_block_except_and_other_rules() {
         ("11.0.0.1", 80, false),
     ];
     for (remote, p, want) in cases {
-        assert_eq!(
-            allowed(&s, "prod/web", I, remote, TCP, p),
-            want,
-            "{remote}:{p}"
-        );
+        assert_eq!(allowed(&s, "prod/web", I, remote, TCP, p), want, "{remote}:{p}");
     }
 }
 
 #[test]
 fn ipv6_and_dual_stack() {
     let ps = vec![
-        pod("web", "prod")
-            .label("app", "web")
-            .ip("10.0.0.1")
-            .ip("fd00::1"),
-        pod("peer", "prod")
-            .label("app", "peer")
-            .ip("10.0.0.7")
-            .ip("fd00::7"),
+        pod("web", "prod").label("app", "web").ip("10.0.0.1").ip("fd00::1"),
+        pod("peer", "prod").label("app", "peer").ip("10.0.0.7").ip("fd00::7"),
     ];
     let p = policy("p", "prod")
         .select(sel(&[("app", "web")]))
         .ingress(rule().peer(pods(None, Some(sel(&[("app", "peer")])))))
-        .ingress(
-            rule()
-                .peer(block("::/0", &["fd00:bad::/32"]))
-                .port(port(Protocol::Tcp, 443)),
-        );
+        .ingress(rule().peer(block("::/0", &["fd00:bad::/32"])).port(port(Protocol::Tcp, 443)));
     let s = state(base_ns(), ps, vec![p]);
     let cases = [
         ("10.0.0.7", 22, true),
@@ -337,11 +212,7 @@ fn ipv6_and_dual_stack() {
         ("1.2.3.4", 443, false), // ::/0 does not contain IPv4
     ];
     for (remote, p, want) in cases {
-        assert_eq!(
-            allowed(&s, "prod/web", I, remote, TCP, p),
-            want,
-            "{remote}:{p}"
-        );
+        assert_eq!(allowed(&s, "prod/web", I, remote, TCP, p), want, "{remote}:{p}");
     }
 }
 
@@ -363,10 +234,11 @@ fn named_ports() {
             .ip("10.0.0.2")
             .port(Some("pg"), 5432, Protocol::Tcp)
             .port(Some("pg"), 5433, Protocol::Udp),
-        pod("other", "dev")
-            .ip("10.0.1.2")
-            .node(Some("node-b"))
-            .port(Some("pg"), 6000, Protocol::Tcp),
+        pod("other", "dev").ip("10.0.1.2").node(Some("node-b")).port(
+            Some("pg"),
+            6000,
+            Protocol::Tcp,
+        ),
     ];
     let ing = policy("in", "prod")
         .select(sel(&[("app", "web")]))
@@ -374,15 +246,9 @@ fn named_ports() {
     let eg = policy("eg", "prod")
         .select(sel(&[("app", "web")]))
         .egress(
-            rule()
-                .peer(pods(None, Some(sel(&[("app", "db")]))))
-                .port(named(Protocol::Tcp, "pg")),
+            rule().peer(pods(None, Some(sel(&[("app", "db")])))).port(named(Protocol::Tcp, "pg")),
         )
-        .egress(
-            rule()
-                .peer(block("10.0.1.0/24", &[]))
-                .port(named(Protocol::Tcp, "pg")),
-        )
+        .egress(rule().peer(block("10.0.1.0/24", &[])).port(named(Protocol::Tcp, "pg")))
         .egress(rule().port(named(Protocol::Tcp, "nowhere")));
     let s = state(base_ns(), ps, vec![ing, eg]);
     let cases = [
@@ -397,11 +263,7 @@ fn named_ports() {
         ("prod/web", E, "10.0.0.2", 6000, false),
     ];
     for (p, dir, remote, n, want) in cases {
-        assert_eq!(
-            allowed(&s, p, dir, remote, TCP, n),
-            want,
-            "{p} {dir} {remote}:{n}"
-        );
+        assert_eq!(allowed(&s, p, dir, remote, TCP, n), want, "{p} {dir} {remote}:{n}");
     }
 }
 
@@ -409,29 +271,16 @@ fn named_ports() {
 fn host_network_unscheduled_and_no_ip_pods() {
     let ps = vec![
         pod("web", "prod").label("app", "web").ip("10.0.0.1"),
-        pod("hostnet", "prod")
-            .label("app", "web")
-            .ip("192.168.0.9")
-            .host_network(),
+        pod("hostnet", "prod").label("app", "web").ip("192.168.0.9").host_network(),
         pod("noip", "prod").label("app", "web"),
-        pod("remote", "prod")
-            .label("app", "web")
-            .ip("10.0.3.3")
-            .node(Some("node-b")),
+        pod("remote", "prod").label("app", "web").ip("10.0.3.3").node(Some("node-b")),
     ];
     let p = policy("p", "prod").ingress(rule().peer(pods(None, Some(sel(&[("app", "web")])))));
     let s = state(base_ns(), ps, vec![p]);
     let c = compile(&s, &opts());
     let eps: Vec<String> = c.endpoints.keys().map(|k| k.to_string()).collect();
-    assert_eq!(
-        eps,
-        ["prod/web"],
-        "host-network, IP-less and remote pods get no endpoint"
-    );
-    assert!(
-        allowed(&s, "prod/web", I, "10.0.3.3", TCP, 1),
-        "remote pod is a peer by IP"
-    );
+    assert_eq!(eps, ["prod/web"], "host-network, IP-less and remote pods get no endpoint");
+    assert!(allowed(&s, "prod/web", I, "10.0.3.3", TCP, 1), "remote pod is a peer by IP");
     assert!(
         !allowed(&s, "prod/web", I, "192.168.0.9", TCP, 1),
         "host-network pods are not selected by pod selectors"
@@ -445,19 +294,9 @@ fn node_addresses() {
     let d = verdict(&s, &opts(), "prod/web", I, "192.168.0.1", TCP, 80).unwrap();
     assert_eq!(d.rule_id, HOST_RULE_ID);
     assert!(!allowed(&s, "prod/web", I, "192.168.0.2", TCP, 80));
-    let off = CompileOptions {
-        allow_host_to_pods: false,
-        ..opts()
-    };
-    assert!(
-        !verdict(&s, &off, "prod/web", I, "192.168.0.1", TCP, 80)
-            .unwrap()
-            .allow
-    );
-    assert!(
-        allowed(&s, "prod/web", E, "8.8.8.8", TCP, 80),
-        "egress is not affected"
-    );
+    let off = CompileOptions { allow_host_to_pods: false, ..opts() };
+    assert!(!verdict(&s, &off, "prod/web", I, "192.168.0.1", TCP, 80).unwrap().allow);
+    assert!(allowed(&s, "prod/web", E, "8.8.8.8", TCP, 80), "egress is not affected");
 }
 
 #[test]
@@ -467,39 +306,25 @@ fn replicas_share_one_set() {
     }
     let mut ps: Vec<PodBuilder> = (0..1000)
         .map(|i| {
-            pod(&format!("web-{i}"), "prod")
-                .label("app", "web")
-                .ip(&format!("10.1.{}.{}", i / 200, i % 200 + 1))
+            pod(&format!("web-{i}"), "prod").label("app", "web").ip(&format!(
+                "10.1.{}.{}",
+                i / 200,
+                i % 200 + 1
+            ))
         })
         .collect();
-    ps.push(
-        pod("client", "prod")
-            .label("app", "client")
-            .ip("10.2.0.1")
-            .node(Some("node-b")),
-    );
+    ps.push(pod("client", "prod").label("app", "client").ip("10.2.0.1").node(Some("node-b")));
     let p = policy("p", "prod")
         .select(sel(&[("app", "web")]))
-        .ingress(
-            rule()
-                .peer(pods_sel("client"))
-                .port(port(Protocol::Tcp, 80)),
-        )
+        .ingress(rule().peer(pods_sel("client")).port(port(Protocol::Tcp, 80)))
         .egress(rule().peer(pods_sel("web")));
     let s = state(base_ns(), ps, vec![p]);
     let c = compile(&s, &opts());
     assert_eq!(c.endpoints.len(), 1000);
-    assert_eq!(
-        c.peer_sets.len(),
-        2,
-        "one ingress and one egress set for all replicas"
-    );
+    assert_eq!(c.peer_sets.len(), 2, "one ingress and one egress set for all replicas");
     let maps = Layout::new().update(&c).unwrap();
-    let ids: std::collections::BTreeSet<u32> = maps
-        .endpoints
-        .values()
-        .map(|e| e.value.ingress_np)
-        .collect();
+    let ids: std::collections::BTreeSet<u32> =
+        maps.endpoints.values().map(|e| e.value.ingress_np).collect();
     assert_eq!(ids.len(), 1);
     // ingress: client + node address; egress: 1000 replica addresses.
     assert_eq!(maps.peers.len(), 2 + 1000);

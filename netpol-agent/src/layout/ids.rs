@@ -30,12 +30,7 @@ impl IdAllocator {
         what: &'static str,
     ) -> Result<(), LayoutError> {
         self.free.extend(self.freed_last_update.drain(..));
-        let gone: Vec<u64> = self
-            .ids
-            .keys()
-            .filter(|h| !hashes.contains(h))
-            .copied()
-            .collect();
+        let gone: Vec<u64> = self.ids.keys().filter(|h| !hashes.contains(h)).copied().collect();
         for hash in hashes {
             if self.ids.contains_key(hash) {
                 continue;
@@ -43,10 +38,8 @@ impl IdAllocator {
             let id = match self.free.pop_first() {
                 Some(id) => id,
                 None => {
-                    self.next = self
-                        .next
-                        .checked_add(1)
-                        .ok_or(LayoutError::IdsExhausted { what })?;
+                    self.next =
+                        self.next.checked_add(1).ok_or(LayoutError::IdsExhausted { what })?;
                     self.next
                 }
             };

@@ -21,27 +21,22 @@ pub fn lookup(maps: &KernelMaps, set_id: u32, remote: IpAddr, proto: u8, port: u
     }
     let addr = key_of(remote);
     let peer = (PEER_SET_BITS..=PEER_FULL_BITS).rev().find_map(|bits| {
-        let data = PeerData {
-            set_id,
-            addr: mask(addr, bits - PEER_SET_BITS).to_be_bytes(),
-        };
+        let data = PeerData { set_id, addr: mask(addr, bits - PEER_SET_BITS).to_be_bytes() };
         maps.peers.get(&(bits, data))
     });
     let Some(peer) = peer else {
         return TierLookup::Miss;
     };
-    let hit = (PORT_ANY_PROTO_BITS..=PORT_FULL_BITS)
-        .rev()
-        .find_map(|bits| {
-            let k = PortKey::new(bits, proto, port);
-            let data = PortData {
-                portset_id: peer.portset_id,
-                proto: k.proto,
-                port: k.port.to_be_bytes(),
-                _pad: 0,
-            };
-            maps.ports.get(&(bits, data))
-        });
+    let hit = (PORT_ANY_PROTO_BITS..=PORT_FULL_BITS).rev().find_map(|bits| {
+        let k = PortKey::new(bits, proto, port);
+        let data = PortData {
+            portset_id: peer.portset_id,
+            proto: k.proto,
+            port: k.port.to_be_bytes(),
+            _pad: 0,
+        };
+        maps.ports.get(&(bits, data))
+    });
     match hit {
         Some(v) => TierLookup::Hit(*v),
         None => TierLookup::Miss,

@@ -67,10 +67,7 @@ pub struct MapDelta<K, V> {
 
 impl<K, V> Default for MapDelta<K, V> {
     fn default() -> Self {
-        MapDelta {
-            upserts: Vec::new(),
-            deletes: Vec::new(),
-        }
+        MapDelta { upserts: Vec::new(), deletes: Vec::new() }
     }
 }
 
@@ -91,11 +88,7 @@ fn delta<K: Ord + Clone, V: PartialEq + Clone>(
             .filter(|(k, v)| old.get(*k) != Some(*v))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        deletes: old
-            .keys()
-            .filter(|k| !new.contains_key(*k))
-            .cloned()
-            .collect(),
+        deletes: old.keys().filter(|k| !new.contains_key(*k)).cloned().collect(),
     }
 }
 
@@ -161,34 +154,19 @@ impl Layout {
 
     /// Allocates ids for `compiled` (keeping ids of unchanged sets) and lays out the maps.
     pub fn update(&mut self, compiled: &Compiled) -> Result<KernelMaps, LayoutError> {
-        self.peer_ids.update(
-            &compiled.peer_sets.keys().copied().collect::<BTreeSet<_>>(),
-            "peer set",
-        )?;
-        self.port_ids.update(
-            &compiled.port_sets.keys().copied().collect::<BTreeSet<_>>(),
-            "port set",
-        )?;
-        let mut maps = KernelMaps {
-            rules: compiled.rules.clone(),
-            ..KernelMaps::default()
-        };
+        self.peer_ids
+            .update(&compiled.peer_sets.keys().copied().collect::<BTreeSet<_>>(), "peer set")?;
+        self.port_ids
+            .update(&compiled.port_sets.keys().copied().collect::<BTreeSet<_>>(), "port set")?;
+        let mut maps = KernelMaps { rules: compiled.rules.clone(), ..KernelMaps::default() };
         for (hash, set) in &compiled.port_sets {
             let Some(portset_id) = self.port_ids.get(*hash) else {
                 continue;
             };
             for (k, rule_id) in &set.entries {
-                let data = PortData {
-                    portset_id,
-                    proto: k.proto,
-                    port: k.port.to_be_bytes(),
-                    _pad: 0,
-                };
-                let value = PortValue {
-                    rule_id: *rule_id,
-                    action: ACTION_ALLOW,
-                    _pad: [0; 3],
-                };
+                let data =
+                    PortData { portset_id, proto: k.proto, port: k.port.to_be_bytes(), _pad: 0 };
+                let value = PortValue { rule_id: *rule_id, action: ACTION_ALLOW, _pad: [0; 3] };
                 maps.ports.insert((k.bits, data), value);
             }
         }
@@ -200,12 +178,8 @@ impl Layout {
                 let Some(portset_id) = self.port_ids.get(*ps) else {
                     continue;
                 };
-                let data = PeerData {
-                    set_id,
-                    addr: base.to_be_bytes(),
-                };
-                maps.peers
-                    .insert((PEER_SET_BITS + bits, data), PeerValue { portset_id });
+                let data = PeerData { set_id, addr: base.to_be_bytes() };
+                maps.peers.insert((PEER_SET_BITS + bits, data), PeerValue { portset_id });
             }
         }
         for (pod, ep) in &compiled.endpoints {
@@ -215,13 +189,7 @@ impl Layout {
                     value.set_tier(dir.as_u8(), *tier, id);
                 }
             }
-            maps.endpoints.insert(
-                pod.clone(),
-                EndpointEntry {
-                    ips: ep.ips.clone(),
-                    value,
-                },
-            );
+            maps.endpoints.insert(pod.clone(), EndpointEntry { ips: ep.ips.clone(), value });
         }
         Ok(maps)
     }

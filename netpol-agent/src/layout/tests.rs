@@ -12,16 +12,11 @@ fn opts() -> CompileOptions {
 fn lookup_semantics_and_ids() {
     let s = state(
         vec![],
-        vec![
-            pod("web", "prod").ip("10.0.0.1"),
-            pod("free", "prod").label("x", "y").ip("10.0.0.3"),
-        ],
+        vec![pod("web", "prod").ip("10.0.0.1"), pod("free", "prod").label("x", "y").ip("10.0.0.3")],
         vec![policy("p", "prod")
             .select(sel(&[("app", "")]).expr("x", crate::model::Operator::DoesNotExist, &[]))
             .ingress(
-                rule()
-                    .peer(block("10.0.0.0/8", &["10.1.0.0/16"]))
-                    .port(port(Protocol::Tcp, 80)),
+                rule().peer(block("10.0.0.0/8", &["10.1.0.0/16"])).port(port(Protocol::Tcp, 80)),
             )],
     );
     let c = compile(&s, &opts());
@@ -35,30 +30,16 @@ fn lookup_semantics_and_ids() {
         vec![],
         vec![pod("web", "prod").ip("10.0.0.1")],
         vec![policy("p", "prod").ingress(
-            rule()
-                .peer(block("10.0.0.0/8", &["10.1.0.0/16"]))
-                .port(port(Protocol::Tcp, 80)),
+            rule().peer(block("10.0.0.0/8", &["10.1.0.0/16"])).port(port(Protocol::Tcp, 80)),
         )],
     );
     let maps = Layout::new().update(&compile(&s2, &opts())).unwrap();
     let set = maps.endpoints[&PodRef::new("prod", "web")].value.ingress_np;
     assert_ne!(set, 0);
-    assert!(matches!(
-        lookup(&maps, set, "10.2.0.1".parse().unwrap(), 6, 80),
-        TierLookup::Hit(_)
-    ));
-    assert_eq!(
-        lookup(&maps, set, "10.1.0.1".parse().unwrap(), 6, 80),
-        TierLookup::Miss
-    );
-    assert_eq!(
-        lookup(&maps, set, "10.2.0.1".parse().unwrap(), 6, 81),
-        TierLookup::Miss
-    );
-    assert_eq!(
-        lookup(&maps, 0, "10.2.0.1".parse().unwrap(), 6, 81),
-        TierLookup::NoSet
-    );
+    assert!(matches!(lookup(&maps, set, "10.2.0.1".parse().unwrap(), 6, 80), TierLookup::Hit(_)));
+    assert_eq!(lookup(&maps, set, "10.1.0.1".parse().unwrap(), 6, 80), TierLookup::Miss);
+    assert_eq!(lookup(&maps, set, "10.2.0.1".parse().unwrap(), 6, 81), TierLookup::Miss);
+    assert_eq!(lookup(&maps, 0, "10.2.0.1".parse().unwrap(), 6, 81), TierLookup::NoSet);
 }
 
 #[test]
@@ -79,10 +60,7 @@ fn diff_writes_only_changes_and_keeps_ids() {
     let s2 = state(vec![], pods, vec![pa, pb]);
     let m2 = layout.update(&compile(&s2, &opts())).unwrap();
     let a = PodRef::new("prod", "a");
-    assert_eq!(
-        m1.endpoints[&a], m2.endpoints[&a],
-        "unchanged pod keeps its set id"
-    );
+    assert_eq!(m1.endpoints[&a], m2.endpoints[&a], "unchanged pod keeps its set id");
     let d = KernelMaps::diff(&m1, &m2);
     assert_eq!(d.endpoints.upserts.len(), 1);
     assert!(d.peers.deletes.is_empty() && d.ports.deletes.is_empty());

@@ -29,10 +29,7 @@ pub enum Failure {
 }
 
 fn invalid(field: impl Into<String>, source: ModelError) -> Failure {
-    Failure::Invalid {
-        field: field.into(),
-        source,
-    }
+    Failure::Invalid { field: field.into(), source }
 }
 
 /// `namespace/name` (or `name` for namespaces) read leniently from raw JSON, for messages.
@@ -55,10 +52,7 @@ fn name_of(m: &meta::ObjectMeta) -> Result<String, Failure> {
 }
 
 fn namespace_of(m: &meta::ObjectMeta) -> String {
-    m.namespace
-        .clone()
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| "default".to_string())
+    m.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".to_string())
 }
 
 fn port_number(value: i64, field: &str) -> Result<u16, Failure> {
@@ -73,12 +67,7 @@ fn protocol(value: Option<&str>, field: &str) -> Result<Protocol, Failure> {
         None => Ok(Protocol::Tcp),
         // The API accepts exactly "TCP", "UDP" and "SCTP".
         Some(v @ ("TCP" | "UDP" | "SCTP")) => Protocol::parse(v).map_err(|e| invalid(field, e)),
-        Some(v) => Err(invalid(
-            field,
-            ModelError::UnknownProtocol {
-                value: v.to_string(),
-            },
-        )),
+        Some(v) => Err(invalid(field, ModelError::UnknownProtocol { value: v.to_string() })),
     }
 }
 
@@ -87,8 +76,7 @@ fn protocol(value: Option<&str>, field: &str) -> Result<Protocol, Failure> {
 fn valid_port_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 15
-        && n.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && n.bytes().any(|b| b.is_ascii_lowercase())
         && !n.starts_with('-')
         && !n.ends_with('-')
@@ -103,24 +91,16 @@ pub fn pod(value: serde_json::Value) -> Result<Pod, Failure> {
     let labels = p.metadata.labels.clone().unwrap_or_default();
     let spec = p.spec.unwrap_or_default();
     let mut container_ports = Vec::new();
-    let groups = [
-        ("containers", Some(&spec.containers)),
-        ("initContainers", spec.init_containers.as_ref()),
-    ];
+    let groups =
+        [("containers", Some(&spec.containers)), ("initContainers", spec.init_containers.as_ref())];
     for (group, containers) in groups {
         for (ci, c) in containers.into_iter().flatten().enumerate() {
             for (pi, cp) in c.ports.iter().flatten().enumerate() {
                 let field = format!("spec.{group}[{ci}].ports[{pi}]");
-                let port = port_number(
-                    i64::from(cp.container_port),
-                    &format!("{field}.containerPort"),
-                )?;
+                let port =
+                    port_number(i64::from(cp.container_port), &format!("{field}.containerPort"))?;
                 let protocol = protocol(cp.protocol.as_deref(), &format!("{field}.protocol"))?;
-                container_ports.push(ContainerPort {
-                    name: cp.name.clone(),
-                    port,
-                    protocol,
-                });
+                container_ports.push(ContainerPort { name: cp.name.clone(), port, protocol });
             }
         }
     }
@@ -137,14 +117,9 @@ pub fn pod(value: serde_json::Value) -> Result<Pod, Failure> {
     };
     let mut ips = Vec::new();
     for (field, text) in raw {
-        let ip: IpAddr = text.parse().map_err(|_| {
-            invalid(
-                field,
-                ModelError::InvalidIp {
-                    value: text.clone(),
-                },
-            )
-        })?;
+        let ip: IpAddr = text
+            .parse()
+            .map_err(|_| invalid(field, ModelError::InvalidIp { value: text.clone() }))?;
         let ip = ip.to_canonical();
         if !ips.contains(&ip) {
             ips.push(ip);
@@ -202,9 +177,7 @@ fn peer(p: &net::NetworkPolicyPeer, field: &str) -> Result<Peer, Failure> {
                 IpBlock::new(c, vec![e]).map_err(|err| invalid(&ef, err))?;
                 except.push(e);
             }
-            IpBlock::new(c, except)
-                .map(Peer::IpBlock)
-                .map_err(|err| invalid(f, err))
+            IpBlock::new(c, except).map(Peer::IpBlock).map_err(|err| invalid(f, err))
         }
         (Some(_), _, _) => Err(invalid(field, ModelError::PeerKinds)),
         (None, None, None) => Err(invalid(field, ModelError::Missing)),
@@ -225,10 +198,9 @@ fn policy_port(p: &net::NetworkPolicyPort, field: &str) -> Result<PolicyPort, Fa
     let protocol = protocol(p.protocol.as_deref(), &format!("{field}.protocol"))?;
     let port = match &p.port {
         None => None,
-        Some(IntOrString::Int(n)) => Some(PortRef::Number(port_number(
-            i64::from(*n),
-            &format!("{field}.port"),
-        )?)),
+        Some(IntOrString::Int(n)) => {
+            Some(PortRef::Number(port_number(i64::from(*n), &format!("{field}.port"))?))
+        }
         Some(IntOrString::String(s)) if valid_port_name(s) => Some(PortRef::Name(s.clone())),
         Some(IntOrString::String(s)) => {
             return Err(invalid(
@@ -245,21 +217,14 @@ fn policy_port(p: &net::NetworkPolicyPort, field: &str) -> Result<PolicyPort, Fa
             if e16 < *n {
                 return Err(invalid(
                     end_field,
-                    ModelError::EndPortBeforePort {
-                        port: *n,
-                        end_port: i64::from(e),
-                    },
+                    ModelError::EndPortBeforePort { port: *n, end_port: i64::from(e) },
                 ));
             }
             Some(e16)
         }
         (Some(_), _) => return Err(invalid(end_field, ModelError::EndPortWithoutNumber)),
     };
-    Ok(PolicyPort {
-        protocol,
-        port,
-        end_port,
-    })
+    Ok(PolicyPort { protocol, port, end_port })
 }
 
 fn rule(
@@ -270,12 +235,10 @@ fn rule(
 ) -> Result<Rule, Failure> {
     let mut r = Rule::default();
     for (i, p) in peers.into_iter().flatten().enumerate() {
-        r.peers
-            .push(peer(p, &format!("{field}.{peer_field}[{i}]"))?);
+        r.peers.push(peer(p, &format!("{field}.{peer_field}[{i}]"))?);
     }
     for (i, p) in ports.into_iter().flatten().enumerate() {
-        r.ports
-            .push(policy_port(p, &format!("{field}.ports[{i}]"))?);
+        r.ports.push(policy_port(p, &format!("{field}.ports[{i}]"))?);
     }
     Ok(r)
 }
@@ -318,21 +281,9 @@ pub fn policy(value: serde_json::Value) -> Result<NetworkPolicy, Failure> {
     }
     let mut egress = Vec::new();
     for (i, r) in spec.egress.iter().flatten().enumerate() {
-        egress.push(rule(
-            r.to.as_ref(),
-            r.ports.as_ref(),
-            &format!("spec.egress[{i}]"),
-            "to",
-        )?);
+        egress.push(rule(r.to.as_ref(), r.ports.as_ref(), &format!("spec.egress[{i}]"), "to")?);
     }
-    Ok(NetworkPolicy {
-        namespace,
-        name,
-        pod_selector,
-        policy_types,
-        ingress,
-        egress,
-    })
+    Ok(NetworkPolicy { namespace, name, pod_selector, policy_types, ingress, egress })
 }
 
 #[cfg(test)]

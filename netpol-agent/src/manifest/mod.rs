@@ -104,10 +104,7 @@ pub fn load_dir(dir: &Path) -> (ClusterState, Vec<ManifestError>) {
         Err(source) => {
             return (
                 ClusterState::default(),
-                vec![ManifestError::Read {
-                    file: dir.into(),
-                    source,
-                }],
+                vec![ManifestError::Read { file: dir.into(), source }],
             )
         }
     };
@@ -117,18 +114,12 @@ pub fn load_dir(dir: &Path) -> (ClusterState, Vec<ManifestError>) {
         match entry {
             Ok(e) => {
                 let path = e.path();
-                let ext = path
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .map(str::to_ascii_lowercase);
+                let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
                 if path.is_file() && matches!(ext.as_deref(), Some("yaml" | "yml" | "json")) {
                     files.push(path);
                 }
             }
-            Err(source) => errors.push(ManifestError::Read {
-                file: dir.into(),
-                source,
-            }),
+            Err(source) => errors.push(ManifestError::Read { file: dir.into(), source }),
         }
     }
     files.sort();
@@ -143,10 +134,7 @@ pub fn load_files(files: &[PathBuf]) -> (ClusterState, Vec<ManifestError>) {
     for file in files {
         match std::fs::read_to_string(file) {
             Ok(text) => loader.add_text(file, &text),
-            Err(source) => loader.errors.push(ManifestError::Read {
-                file: file.clone(),
-                source,
-            }),
+            Err(source) => loader.errors.push(ManifestError::Read { file: file.clone(), source }),
         }
     }
     loader.finish()
@@ -170,9 +158,7 @@ struct Loader {
 
 impl Loader {
     fn add_text(&mut self, file: &Path, text: &str) {
-        let is_json = file
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        let is_json = file.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
         let mut docs = Vec::new();
         if is_json {
             let stream = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
@@ -213,15 +199,8 @@ impl Loader {
         if value.is_null() {
             return; // empty document (`---` at the end of a file)
         }
-        let Some(kind) = value
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .map(str::to_string)
-        else {
-            self.errors.push(ManifestError::NoKind {
-                file: file.into(),
-                document,
-            });
+        let Some(kind) = value.get("kind").and_then(|k| k.as_str()).map(str::to_string) else {
+            self.errors.push(ManifestError::NoKind { file: file.into(), document });
             return;
         };
         // `kind: List` (and typed lists such as `PodList` from `kubectl get -o yaml`).
@@ -243,12 +222,7 @@ impl Loader {
         let obj = match converted {
             Ok(o) => o,
             Err(convert::Failure::Decode(source)) => {
-                self.errors.push(ManifestError::Decode {
-                    file: file.into(),
-                    kind,
-                    object,
-                    source,
-                });
+                self.errors.push(ManifestError::Decode { file: file.into(), kind, object, source });
                 return;
             }
             Err(convert::Failure::Invalid { field, source }) => {

@@ -46,10 +46,7 @@ metadata: {name: ignored}
 fn multi_document_yaml() {
     let (s, errors) = load_str("good.yaml", GOOD);
     assert!(errors.is_empty(), "{errors:?}");
-    assert_eq!(
-        s.namespaces["prod"].labels["kubernetes.io/metadata.name"],
-        "prod"
-    );
+    assert_eq!(s.namespaces["prod"].labels["kubernetes.io/metadata.name"], "prod");
     let web = &s.pods[&crate::model::PodRef::new("prod", "web")];
     assert_eq!(web.ips.len(), 2);
     assert_eq!(web.node_name.as_deref(), Some("node-a"));
@@ -91,9 +88,7 @@ fn validation_errors_name_file_object_and_field() {
         ))
     };
     let ingress_port = |port: &str| {
-        policy_with(&format!(
-            "  podSelector: {{}}\n  ingress:\n  - ports:\n    - {port}\n"
-        ))
+        policy_with(&format!("  podSelector: {{}}\n  ingress:\n  - ports:\n    - {port}\n"))
     };
     let cases = [
         (ingress_from("ipBlock: {cidr: 10.0.0.0/33}"), r#"policies.yaml: NetworkPolicy prod/backend: spec.ingress[0].from[1].ipBlock.cidr: invalid CIDR "10.0.0.0/33""#),
@@ -114,10 +109,7 @@ fn validation_errors_name_file_object_and_field() {
         assert_eq!(errors.len(), 1, "{text}");
         let msg = errors[0].to_string();
         assert!(msg.contains(want), "{msg}\n  does not contain\n{want}");
-        assert!(
-            msg.starts_with("policies.yaml: NetworkPolicy prod/backend: "),
-            "{msg}"
-        );
+        assert!(msg.starts_with("policies.yaml: NetworkPolicy prod/backend: "), "{msg}");
         assert!(s.policies.is_empty());
     }
 }
@@ -132,12 +124,8 @@ fn bad_objects_are_skipped_and_others_load() {
     );
     let (s, errors) = load_str("mixed.yaml", &text);
     assert_eq!(errors.len(), 2, "{errors:?}");
-    assert!(errors[0]
-        .to_string()
-        .contains("spec.ingress[0].ports[0].port"));
-    assert!(errors[1]
-        .to_string()
-        .contains("Pod prod/bad: status.podIP: invalid IP address"));
+    assert!(errors[0].to_string().contains("spec.ingress[0].ports[0].port"));
+    assert!(errors[1].to_string().contains("Pod prod/bad: status.podIP: invalid IP address"));
     // The duplicate-named policy from GOOD is the valid one and loads.
     assert_eq!(s.policies.len(), 1);
     assert_eq!(s.pods.len(), 1);
@@ -155,11 +143,7 @@ fn duplicates_keep_the_first() {
     assert!(
         matches!(&errors[0], ManifestError::Duplicate { kind, object, .. } if kind == "NetworkPolicy" && object == "prod/backend")
     );
-    assert!(s
-        .policies
-        .values()
-        .next()
-        .is_some_and(|p| p.policy_types.is_none()));
+    assert!(s.policies.values().next().is_some_and(|p| p.policy_types.is_none()));
 }
 
 #[test]
@@ -174,16 +158,9 @@ fn garbage_does_not_panic() {
         let _ = load_str("x.yaml", text);
         let _ = load_str("x.json", text);
     }
-    let (_, errors) = load_str(
-        "x.yaml",
-        "kind: List\nitems: [{kind: Namespace, apiVersion: v1, metadata: {}}]",
-    );
-    assert!(
-        errors[0]
-            .to_string()
-            .contains("metadata.name: missing required field"),
-        "{errors:?}"
-    );
+    let (_, errors) =
+        load_str("x.yaml", "kind: List\nitems: [{kind: Namespace, apiVersion: v1, metadata: {}}]");
+    assert!(errors[0].to_string().contains("metadata.name: missing required field"), "{errors:?}");
 }
 
 #[test]
@@ -201,9 +178,7 @@ fn load_dir_reads_sorted_manifest_files() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(
-        errors[0]
-            .to_string()
-            .contains("duplicate, already defined in")
+        errors[0].to_string().contains("duplicate, already defined in")
             && errors[0].to_string().contains("a.json")
     );
     assert_eq!(s.pods.len(), 1);

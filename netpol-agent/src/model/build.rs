@@ -9,8 +9,7 @@ use std::net::IpAddr;
 use super::*;
 
 fn parse_ip(s: &str) -> IpAddr {
-    s.parse()
-        .unwrap_or_else(|_| panic!("invalid IP literal {s:?}"))
+    s.parse().unwrap_or_else(|_| panic!("invalid IP literal {s:?}"))
 }
 
 /// Starts a pod in `namespace`, scheduled on node `"node-a"`, without addresses.
@@ -53,11 +52,7 @@ impl PodBuilder {
     }
     /// Adds a container port.
     pub fn port(mut self, name: Option<&str>, port: u16, protocol: Protocol) -> Self {
-        self.0.container_ports.push(ContainerPort {
-            name: name.map(Into::into),
-            port,
-            protocol,
-        });
+        self.0.container_ports.push(ContainerPort { name: name.map(Into::into), port, protocol });
         self
     }
     /// The pod.
@@ -68,24 +63,15 @@ impl PodBuilder {
 
 /// A namespace with the API server's name label plus `labels`.
 pub fn namespace(name: &str, labels: &[(&str, &str)]) -> Namespace {
-    let mut l: Labels = labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let mut l: Labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     l.insert(NAMESPACE_NAME_LABEL.into(), name.into());
-    Namespace {
-        name: name.into(),
-        labels: l,
-    }
+    Namespace { name: name.into(), labels: l }
 }
 
 /// A selector from `matchLabels` pairs.
 pub fn sel(labels: &[(&str, &str)]) -> LabelSelector {
     LabelSelector {
-        match_labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        match_labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         match_expressions: Vec::new(),
     }
 }
@@ -93,12 +79,8 @@ pub fn sel(labels: &[(&str, &str)]) -> LabelSelector {
 impl LabelSelector {
     /// Adds a `matchExpressions` entry (panics on an invalid one; builder use only).
     pub fn expr(mut self, key: &str, operator: Operator, values: &[&str]) -> Self {
-        let r = Requirement::new(
-            key,
-            operator,
-            values.iter().map(|v| v.to_string()).collect(),
-        )
-        .unwrap_or_else(|e| panic!("invalid requirement: {e}"));
+        let r = Requirement::new(key, operator, values.iter().map(|v| v.to_string()).collect())
+            .unwrap_or_else(|e| panic!("invalid requirement: {e}"));
         self.match_expressions.push(r);
         self
     }
@@ -170,56 +152,34 @@ pub fn pods(
     namespace_selector: Option<LabelSelector>,
     pod_selector: Option<LabelSelector>,
 ) -> Peer {
-    Peer::Pods {
-        namespace_selector,
-        pod_selector,
-    }
+    Peer::Pods { namespace_selector, pod_selector }
 }
 
 /// An ipBlock peer (panics on invalid literals).
 pub fn block(cidr: &str, except: &[&str]) -> Peer {
     let c: Cidr = cidr.parse().unwrap_or_else(|e| panic!("{e}"));
-    let ex = except
-        .iter()
-        .map(|e| e.parse().unwrap_or_else(|e| panic!("{e}")))
-        .collect();
+    let ex = except.iter().map(|e| e.parse().unwrap_or_else(|e| panic!("{e}"))).collect();
     Peer::IpBlock(IpBlock::new(c, ex).unwrap_or_else(|e| panic!("{e}")))
 }
 
 /// A numeric port.
 pub fn port(protocol: Protocol, port: u16) -> PolicyPort {
-    PolicyPort {
-        protocol,
-        port: Some(PortRef::Number(port)),
-        end_port: None,
-    }
+    PolicyPort { protocol, port: Some(PortRef::Number(port)), end_port: None }
 }
 
 /// A port range `port..=end`.
 pub fn range(protocol: Protocol, port: u16, end: u16) -> PolicyPort {
-    PolicyPort {
-        protocol,
-        port: Some(PortRef::Number(port)),
-        end_port: Some(end),
-    }
+    PolicyPort { protocol, port: Some(PortRef::Number(port)), end_port: Some(end) }
 }
 
 /// A named port.
 pub fn named(protocol: Protocol, name: &str) -> PolicyPort {
-    PolicyPort {
-        protocol,
-        port: Some(PortRef::Name(name.into())),
-        end_port: None,
-    }
+    PolicyPort { protocol, port: Some(PortRef::Name(name.into())), end_port: None }
 }
 
 /// Every port of a protocol.
 pub fn proto(protocol: Protocol) -> PolicyPort {
-    PolicyPort {
-        protocol,
-        port: None,
-        end_port: None,
-    }
+    PolicyPort { protocol, port: None, end_port: None }
 }
 
 /// Cluster state from parts.
@@ -229,10 +189,7 @@ pub fn state(
     policies: Vec<PolicyBuilder>,
 ) -> ClusterState {
     ClusterState {
-        namespaces: namespaces
-            .into_iter()
-            .map(|n| (n.name.clone(), n))
-            .collect(),
+        namespaces: namespaces.into_iter().map(|n| (n.name.clone(), n)).collect(),
         pods: pods.into_iter().map(|p| (p.0.key(), p.0)).collect(),
         policies: policies.into_iter().map(|p| (p.0.key(), p.0)).collect(),
     }

@@ -154,10 +154,7 @@ pub struct ObjectRef {
 impl ObjectRef {
     /// Builds a reference.
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        ObjectRef {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
+        ObjectRef { namespace: namespace.into(), name: name.into() }
     }
 }
 
@@ -200,9 +197,7 @@ impl Protocol {
             "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
             "SCTP" => Ok(Protocol::Sctp),
-            _ => Err(ModelError::UnknownProtocol {
-                value: value.to_string(),
-            }),
+            _ => Err(ModelError::UnknownProtocol { value: value.to_string() }),
         }
     }
 }
@@ -390,10 +385,9 @@ impl ClusterState {
     pub fn namespace_labels(&self, name: &str) -> Cow<'_, Labels> {
         match self.namespaces.get(name) {
             Some(ns) => Cow::Borrowed(&ns.labels),
-            None => Cow::Owned(Labels::from([(
-                NAMESPACE_NAME_LABEL.to_string(),
-                name.to_string(),
-            )])),
+            None => {
+                Cow::Owned(Labels::from([(NAMESPACE_NAME_LABEL.to_string(), name.to_string())]))
+            }
         }
     }
 }

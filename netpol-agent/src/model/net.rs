@@ -38,24 +38,16 @@ impl Cidr {
     /// `10.0.0.0/24`). IPv4-mapped IPv6 networks are rejected: pods and node addresses of the IPv4
     /// family are IPv4, and Kubernetes never matches them against IPv6 blocks.
     pub fn new(addr: IpAddr, prefix: u8) -> Result<Self, ModelError> {
-        let invalid = || ModelError::InvalidCidr {
-            value: format!("{addr}/{prefix}"),
-        };
+        let invalid = || ModelError::InvalidCidr { value: format!("{addr}/{prefix}") };
         let addr = match addr {
             IpAddr::V4(v4) if prefix <= 32 => {
-                let m = if prefix == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - prefix)
-                };
+                let m = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
                 IpAddr::V4(Ipv4Addr::from(u32::from(v4) & m))
             }
             IpAddr::V6(v6) if prefix <= 128 => {
                 let masked = mask(u128::from(v6), u32::from(prefix));
                 if prefix >= 96 && mask(masked, 96) == MAPPED_BASE {
-                    return Err(ModelError::MappedCidr {
-                        value: format!("{addr}/{prefix}"),
-                    });
+                    return Err(ModelError::MappedCidr { value: format!("{addr}/{prefix}") });
                 }
                 IpAddr::V6(Ipv6Addr::from(masked))
             }
@@ -67,10 +59,7 @@ impl Cidr {
     /// The single-address network of `ip` (`/32` or `/128`).
     pub fn host(ip: IpAddr) -> Self {
         let ip = ip.to_canonical();
-        Cidr {
-            addr: ip,
-            prefix: if ip.is_ipv4() { 32 } else { 128 },
-        }
+        Cidr { addr: ip, prefix: if ip.is_ipv4() { 32 } else { 128 } }
     }
 
     /// Network address.
@@ -132,9 +121,7 @@ impl FromStr for Cidr {
 
     /// Parses `a.b.c.d/n` or `x::y/n`.
     fn from_str(s: &str) -> Result<Self, ModelError> {
-        let invalid = || ModelError::InvalidCidr {
-            value: s.to_string(),
-        };
+        let invalid = || ModelError::InvalidCidr { value: s.to_string() };
         let (addr, prefix) = s.split_once('/').ok_or_else(invalid)?;
         let addr: IpAddr = addr.parse().map_err(|_| invalid())?;
         if prefix.is_empty() || prefix.len() > 3 || !prefix.bytes().all(|b| b.is_ascii_digit()) {
@@ -142,9 +129,7 @@ impl FromStr for Cidr {
         }
         let prefix: u8 = prefix.parse().map_err(|_| invalid())?;
         Cidr::new(addr, prefix).map_err(|e| match e {
-            ModelError::MappedCidr { .. } => ModelError::MappedCidr {
-                value: s.to_string(),
-            },
+            ModelError::MappedCidr { .. } => ModelError::MappedCidr { value: s.to_string() },
             _ => invalid(),
         })
     }
@@ -211,19 +196,9 @@ mod tests {
 
     #[test]
     fn invalid_cidrs() {
-        for s in [
-            "10.0.0.0/33",
-            "10.0.0.0",
-            "x/8",
-            "fd00::/129",
-            "10.0.0.0/-1",
-            "10.0.0.0/ 8",
-            "",
-        ] {
-            assert!(
-                matches!(s.parse::<Cidr>(), Err(ModelError::InvalidCidr { .. })),
-                "{s}"
-            );
+        for s in ["10.0.0.0/33", "10.0.0.0", "x/8", "fd00::/129", "10.0.0.0/-1", "10.0.0.0/ 8", ""]
+        {
+            assert!(matches!(s.parse::<Cidr>(), Err(ModelError::InvalidCidr { .. })), "{s}");
         }
         assert!(matches!(
             "::ffff:10.0.0.0/104".parse::<Cidr>(),

@@ -25,9 +25,7 @@ impl Operator {
             "NotIn" => Ok(Operator::NotIn),
             "Exists" => Ok(Operator::Exists),
             "DoesNotExist" => Ok(Operator::DoesNotExist),
-            _ => Err(ModelError::UnknownOperator {
-                value: value.to_string(),
-            }),
+            _ => Err(ModelError::UnknownOperator { value: value.to_string() }),
         }
     }
 }
@@ -68,11 +66,7 @@ impl Requirement {
         if let Some(problem) = problem {
             return Err(ModelError::SelectorValues { operator, problem });
         }
-        Ok(Requirement {
-            key: key.into(),
-            operator,
-            values,
-        })
+        Ok(Requirement { key: key.into(), operator, values })
     }
 
     /// Whether `labels` satisfy this requirement.
@@ -109,9 +103,7 @@ impl LabelSelector {
 
     /// "The requirements are ANDed": every `matchLabels` pair and every expression must hold.
     pub fn matches(&self, labels: &Labels) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
+        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
             && self.match_expressions.iter().all(|r| r.matches(labels))
     }
 }
@@ -121,10 +113,7 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn req(key: &str, op: Operator, values: &[&str]) -> Requirement {
@@ -162,10 +151,8 @@ mod tests {
             match_expressions: vec![req("tier", Operator::In, &["be"])],
         };
         assert!(!s.matches(&l));
-        let s = LabelSelector {
-            match_labels: labels(&[("app", "web")]),
-            match_expressions: vec![],
-        };
+        let s =
+            LabelSelector { match_labels: labels(&[("app", "web")]), match_expressions: vec![] };
         assert!(s.matches(&l));
         assert!(!s.matches(&labels(&[("app", "db")])));
     }
