@@ -8,4 +8,6 @@ pub mod dataplane;
 pub mod explain;
 pub mod layout;
 pub mod manifest;
+pub mod metrics;
 pub mod model;
+pub mod source;

@@ -1,0 +1,1 @@
+//! Manifest directory source (being written).
