@@ -3,9 +3,11 @@
 //! Data flow: API objects or manifest files → [`model::ClusterState`] → [`compile`] (pure) →
 //! [`layout::KernelMaps`] (desired map contents) → [`dataplane`] (writes the diff to the kernel).
 
+pub mod agent;
 pub mod compile;
 pub mod dataplane;
 pub mod explain;
+pub mod iface;
 pub mod layout;
 pub mod manifest;
 pub mod metrics;

@@ -78,6 +78,17 @@ impl Lab {
                     lab.bridge = Some(br.clone());
                     ip(&format!("link add name {br} type bridge"))?;
                     ip(&format!("link set {br} up"))?;
+                    // Like kubenet's cbr0: the bridge holds the pods' gateway address, and the
+                    // host routes the pod range to it. `noprefixroute` plus two halves keeps
+                    // these routes more specific than the blackhole for the same /24.
+                    let (a, b, s) = (LAB_PREFIX[0], LAB_PREFIX[1], lab.subnet);
+                    ip(&format!("addr add {a}.{b}.{s}.1/24 dev {br} noprefixroute"))?;
+                    ip(&format!("route add {a}.{b}.{s}.0/25 dev {br}"))?;
+                    ip(&format!("route add {a}.{b}.{s}.128/25 dev {br}"))?;
+                    let v6 = format!("fd13:213:0:{s:x}");
+                    ip(&format!("-6 addr add {v6}::1/64 dev {br} noprefixroute nodad"))?;
+                    ip(&format!("-6 route add {v6}::/65 dev {br}"))?;
+                    ip(&format!("-6 route add {v6}:8000::/65 dev {br}"))?;
                 }
                 return Ok(lab);
             }
@@ -111,6 +122,10 @@ impl Lab {
                 inside(&format!("-6 addr add {ip6}/64 dev eth0 nodad"))?;
             }
             inside("link set eth0 up")?;
+            inside(&format!(
+                "route add default via {}.{}.{}.1",
+                LAB_PREFIX[0], LAB_PREFIX[1], self.subnet
+            ))?;
             ip(&format!("link set {hif} master {br}"))?;
             ip(&format!("link set {hif} up"))?;
             return Ok(pod);

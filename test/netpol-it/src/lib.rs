@@ -9,9 +9,11 @@
 pub mod cmd;
 pub mod fixture;
 pub mod lab;
+pub mod manifests;
 pub mod netns;
 pub mod packet;
 pub mod probe;
+pub mod synth;
 
 /// Panics unless running as root with bpffs available: privileged tests must fail loudly, never
 /// skip silently.

@@ -1,5 +1,7 @@
-//! `cargo xtask bench datapath`: per-packet cost of the real programs through
-//! BPF_PROG_TEST_RUN, against an empty TC program measured in the same run (the floor).
+//! `cargo xtask bench <name>`: `datapath` and `compile`.
+//!
+//! `datapath`: per-packet cost of the real programs through BPF_PROG_TEST_RUN, against an empty
+//! TC program measured in the same run (the floor).
 //!
 //! For each rule count N the endpoint's ingress set holds N rules (N distinct peer /32s, each
 //! with its own port set holding one TCP port), and three packets are measured:
@@ -51,7 +53,23 @@ fn single_runs(
 }
 
 fn main() -> Result<()> {
-    let out = std::env::args().nth(1).unwrap_or_else(|| "bench/results/datapath.json".into());
+    let name = std::env::args().nth(1).unwrap_or_default();
+    let out = std::env::args().nth(2).unwrap_or_else(|| format!("bench/results/{name}.json"));
+    let doc = match name.as_str() {
+        "datapath" => datapath()?,
+        "compile" => compile::run()?,
+        other => anyhow::bail!("unknown benchmark {other:?}; available: datapath, compile"),
+    };
+    if let Some(dir) = std::path::Path::new(&out).parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)
+        .with_context(|| format!("writing {out}"))?;
+    println!("results written to {out}");
+    Ok(())
+}
+
+fn datapath() -> Result<serde_json::Value> {
     let mut rows = Vec::new();
     println!("netpol datapath benchmark: BPF_PROG_TEST_RUN, kernel-measured ns/packet");
     println!("floor = empty TC program in the same run; ratio = program / floor\n");
@@ -111,19 +129,126 @@ fn main() -> Result<()> {
         rows[0]["floor_ns"].as_f64().unwrap_or(0.0),
         rows[0]["floor_single_ns"].as_f64().unwrap_or(0.0)
     );
-    let doc = serde_json::json!({
+    Ok(serde_json::json!({
         "benchmark": "datapath",
         "method": "BPF_PROG_TEST_RUN, kernel-measured; established and new denied with repeat, new allowed one packet per run",
         "repeat": REPEAT, "single_runs": SINGLE_RUNS,
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "rows": rows,
-    });
-    if let Some(dir) = std::path::Path::new(&out).parent() {
-        std::fs::create_dir_all(dir)?;
+    }))
+}
+
+/// `compile`: the pure compiler on a synthetic cluster.
+///
+/// Baseline, measured in the same run: cloning the cluster model (every string and map the
+/// compiler reads, copied once). Reported: full compile for one node's pods and for every pod,
+/// layout (kernel ids and map contents), one pod relabel and one policy edit through the
+/// incremental compiler, and the process's peak RSS per pod.
+mod compile {
+    use std::time::Instant;
+
+    use anyhow::Result;
+    use netpol_agent::{
+        compile::{compile, Change, CompileOptions, Compiler},
+        layout::Layout,
+    };
+    use netpol_it::synth::{cluster, edited_policy, node, Shape};
+
+    const SHAPE: Shape = Shape { namespaces: 500, pods: 10_000, policies: 2_000, nodes: 50 };
+
+    fn best_of<T>(n: usize, mut f: impl FnMut() -> T) -> (f64, T) {
+        let mut best = f64::MAX;
+        let mut out = None;
+        for _ in 0..n {
+            let t = Instant::now();
+            let v = f();
+            best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            out = Some(v);
+        }
+        (best, out.expect("n > 0"))
     }
-    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)
-        .with_context(|| format!("writing {out}"))?;
-    println!("results written to {out}");
-    Ok(())
+
+    fn peak_rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_owned))
+            .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            .unwrap_or(0)
+    }
+
+    pub fn run() -> Result<serde_json::Value> {
+        let state = cluster(SHAPE, 42);
+        let (clone_ms, _) = best_of(5, || state.clone());
+        let one_node = CompileOptions::new(node(7));
+        let (full_ms, compiled) = best_of(3, || compile(&state, &one_node));
+        let endpoints = compiled.endpoints.len();
+        let (layout_ms, maps) = best_of(3, || Layout::new().update(&compiled));
+        let maps = maps?;
+        // Incremental: relabel one local pod, then edit one policy. Measured before the
+        // all-pods stress case so the peak RSS below is that of a real node's agent.
+        let mut compiler = Compiler::new(state.clone(), one_node.clone());
+        let victim =
+            state.pods.values().find(|p| p.node_name.as_deref() == Some("node-7")).cloned();
+        let mut relabel = victim.expect("a local pod");
+        relabel.labels.insert("app".into(), "app3".into());
+        let t = Instant::now();
+        let touched = compiler.apply(Change::UpsertPod(relabel));
+        let relabel_ms = t.elapsed().as_secs_f64() * 1e3;
+        let edit = edited_policy(&state, 4).expect("policy 4");
+        let t = Instant::now();
+        let touched_edit = compiler.apply(Change::UpsertPolicy(edit));
+        let edit_ms = t.elapsed().as_secs_f64() * 1e3;
+        let rss = peak_rss_kib();
+        drop(compiler);
+
+        // All pods local: every pod an endpoint (a stress case, not a real node).
+        let mut all = state.clone();
+        for p in all.pods.values_mut() {
+            p.node_name = Some("everywhere".into());
+        }
+        let (all_ms, all_compiled) =
+            best_of(1, || compile(&all, &CompileOptions::new("everywhere")));
+
+        println!(
+            "netpol compile benchmark: {} namespaces, {} pods, {} policies, {} nodes",
+            SHAPE.namespaces, SHAPE.pods, SHAPE.policies, SHAPE.nodes
+        );
+        println!("baseline = cloning the cluster model in the same run: {clone_ms:.2} ms\n");
+        let row = |what: String, ms: f64| {
+            println!("{what:<62} {ms:>9.2} ms  {:>7.2}x baseline", ms / clone_ms)
+        };
+        row(format!("full compile, one node ({endpoints} endpoints)"), full_ms);
+        row(
+            format!("layout ({} peer, {} port entries)", maps.peers.len(), maps.ports.len()),
+            layout_ms,
+        );
+        row(
+            format!("full compile, all pods local ({} endpoints)", all_compiled.endpoints.len()),
+            all_ms,
+        );
+        row(
+            format!("incremental: one pod relabel ({} endpoints recompiled)", touched.len()),
+            relabel_ms,
+        );
+        row(
+            format!("incremental: one policy edit ({} endpoints recompiled)", touched_edit.len()),
+            edit_ms,
+        );
+        println!(
+            "\npeak RSS of a one-node compiler: {rss} KiB = {:.2} KiB per cluster pod (whole process)",
+            rss as f64 / SHAPE.pods as f64
+        );
+        Ok(serde_json::json!({
+            "benchmark": "compile",
+            "shape": { "namespaces": SHAPE.namespaces, "pods": SHAPE.pods, "policies": SHAPE.policies, "nodes": SHAPE.nodes },
+            "baseline_clone_ms": clone_ms,
+            "full_compile_one_node_ms": full_ms, "endpoints_one_node": endpoints,
+            "layout_ms": layout_ms, "peer_entries": maps.peers.len(), "port_entries": maps.ports.len(),
+            "full_compile_all_local_ms": all_ms, "endpoints_all_local": all_compiled.endpoints.len(),
+            "relabel_ms": relabel_ms, "relabel_endpoints": touched.len(),
+            "policy_edit_ms": edit_ms, "policy_edit_endpoints": touched_edit.len(),
+            "peak_rss_kib": rss, "rss_kib_per_pod": rss as f64 / SHAPE.pods as f64,
+        }))
+    }
 }

@@ -1,0 +1,363 @@
+//! `netpol-agent run`: the sync loop that keeps the kernel maps equal to the compiled policy.
+//!
+//! One task owns everything mutable (compiler, layout, dataplane). It reacts to source
+//! snapshots, retries pods whose interface is not found yet, and garbage-collects conntrack.
+//! Every snapshot is applied as a diff in an order that never shows a packet a half-written
+//! rule set: new port and peer entries first, then each endpoint switches to its new sets in
+//! one map update (with a new generation, so established flows are re-checked), then entries
+//! nobody references any more are deleted.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use netpol_common::{ct::Timeouts, ep::Endpoint};
+use tokio::sync::mpsc;
+
+use crate::{
+    compile::{Change, CompileOptions, Compiler},
+    dataplane::{conntrack::monotonic_ns, Dataplane, DataplaneOptions},
+    iface::{Resolution, Resolver},
+    layout::{KernelMaps, Layout},
+    model::{ClusterState, PodRef},
+    source::{self, SourceEvent},
+};
+
+/// Where the cluster state comes from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of manifests, watched for changes.
+    Manifests(PathBuf),
+    /// The Kubernetes API (in-cluster, or with a kubeconfig).
+    Kubernetes {
+        /// Path of a kubeconfig; `None`: in-cluster or the default kubeconfig.
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
+/// Settings of `netpol-agent run`.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// This node's name: only its pods are enforced.
+    pub node_name: String,
+    /// The cluster-state source.
+    pub source: SourceConfig,
+    /// Kernel-side settings (pin directory, conntrack size, event rate).
+    pub dataplane: DataplaneOptions,
+    /// Allow traffic from the node's own addresses to its pods (kubelet probes).
+    pub allow_host_to_pods: bool,
+    /// How often pods whose interface was not found are retried.
+    pub retry_interval: Duration,
+    /// How often conntrack is garbage-collected.
+    pub gc_interval: Duration,
+}
+
+/// A local pod bound to its interface.
+#[derive(Clone, Debug)]
+struct Bound {
+    ifindex: u32,
+    name: String,
+    ips: Vec<IpAddr>,
+    /// The value in the endpoint map, generation included.
+    value: Endpoint,
+}
+
+/// The agent's state, owned by the sync loop.
+pub struct Agent {
+    dp: Dataplane,
+    resolver: Resolver,
+    compiler: Compiler,
+    layout: Layout,
+    /// What the policy maps hold now.
+    applied: KernelMaps,
+    bound: BTreeMap<PodRef, Bound>,
+    pending: BTreeSet<PodRef>,
+    synced: bool,
+}
+
+/// The changes that turn `old` into `new`, for the incremental compiler.
+pub fn changes(old: &ClusterState, new: &ClusterState) -> Vec<Change> {
+    let mut out = Vec::new();
+    for (k, p) in &new.policies {
+        if old.policies.get(k) != Some(p) {
+            out.push(Change::UpsertPolicy(p.clone()));
+        }
+    }
+    out.extend(
+        old.policies
+            .keys()
+            .filter(|k| !new.policies.contains_key(*k))
+            .cloned()
+            .map(Change::DeletePolicy),
+    );
+    for (k, n) in &new.namespaces {
+        if old.namespaces.get(k) != Some(n) {
+            out.push(Change::UpsertNamespace(n.clone()));
+        }
+    }
+    out.extend(
+        old.namespaces
+            .keys()
+            .filter(|k| !new.namespaces.contains_key(*k))
+            .cloned()
+            .map(Change::DeleteNamespace),
+    );
+    for (k, p) in &new.pods {
+        if old.pods.get(k) != Some(p) {
+            out.push(Change::UpsertPod(p.clone()));
+        }
+    }
+    out.extend(
+        old.pods.keys().filter(|k| !new.pods.contains_key(*k)).cloned().map(Change::DeletePod),
+    );
+    out
+}
+
+impl Agent {
+    /// Loads the programs and prepares an agent that enforces nothing until the first snapshot.
+    pub async fn new(opts: &AgentOptions) -> Result<Self> {
+        let dp = Dataplane::load(&opts.dataplane).context("loading the eBPF programs")?;
+        let resolver = Resolver::new().context("opening netlink")?;
+        let mut compile = CompileOptions::new(opts.node_name.clone());
+        compile.allow_host_to_pods = opts.allow_host_to_pods;
+        compile.node_addrs =
+            resolver.host_addresses().await.context("listing the node's addresses")?;
+        tracing::info!(node = %opts.node_name, addresses = ?compile.node_addrs, "node addresses allowed to reach local pods: {}", opts.allow_host_to_pods);
+        Ok(Self {
+            dp,
+            resolver,
+            compiler: Compiler::new(ClusterState::default(), compile),
+            layout: Layout::new(),
+            applied: KernelMaps::default(),
+            bound: BTreeMap::new(),
+            pending: BTreeSet::new(),
+            synced: false,
+        })
+    }
+
+    /// The dataplane (for counters and inspection).
+    pub fn dataplane(&mut self) -> &mut Dataplane {
+        &mut self.dp
+    }
+
+    /// Whether the first snapshot has been enforced.
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Local pods by state: (enforced, pending).
+    pub fn endpoint_counts(&self) -> (usize, usize) {
+        (self.bound.len(), self.pending.len())
+    }
+
+    /// Enforces a new snapshot of the cluster.
+    pub async fn apply_snapshot(&mut self, state: ClusterState) -> Result<()> {
+        let started = Instant::now();
+        let changes = changes(self.compiler.state(), &state);
+        let n = changes.len();
+        for c in changes {
+            self.compiler.apply(c);
+        }
+        let maps = self.layout.update(self.compiler.compiled()).context("assigning kernel ids")?;
+        let diff = KernelMaps::diff(&self.applied, &maps);
+        for ((len, data), v) in &diff.ports.upserts {
+            self.dp.upsert_port(*len, *data, *v)?;
+        }
+        for ((len, data), v) in &diff.peers.upserts {
+            self.dp.upsert_peer(*len, *data, *v)?;
+        }
+        self.sync_endpoints(&maps).await?;
+        for (len, data) in &diff.peers.deletes {
+            self.dp.remove_peer(*len, *data)?;
+        }
+        for (len, data) in &diff.ports.deletes {
+            self.dp.remove_port(*len, *data)?;
+        }
+        tracing::info!(
+            changes = n,
+            peers = maps.peers.len(),
+            ports = maps.ports.len(),
+            enforced = self.bound.len(),
+            pending = self.pending.len(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "policy applied"
+        );
+        self.applied = maps;
+        self.synced = true;
+        Ok(())
+    }
+
+    /// Binds, updates and unbinds local pods so the endpoint map matches `maps`.
+    async fn sync_endpoints(&mut self, maps: &KernelMaps) -> Result<()> {
+        let gone: Vec<PodRef> =
+            self.bound.keys().filter(|p| !maps.endpoints.contains_key(*p)).cloned().collect();
+        for pod in gone {
+            if let Some(b) = self.bound.remove(&pod) {
+                self.unbind(&pod, &b)?;
+            }
+        }
+        self.pending.retain(|p| maps.endpoints.contains_key(p));
+        for (pod, entry) in &maps.endpoints {
+            let mut wanted = entry.value;
+            if let Some(b) = self.bound.get_mut(pod) {
+                if b.ips == entry.ips {
+                    wanted.generation = b.value.generation;
+                    if wanted != b.value {
+                        wanted.generation = b.value.generation.wrapping_add(1).max(1);
+                        self.dp.set_endpoint(b.ifindex, wanted)?;
+                        b.value = wanted;
+                    }
+                    continue;
+                }
+                // New addresses: find the interface again.
+                let b = self.bound.remove(pod).expect("present");
+                self.unbind(pod, &b)?;
+            }
+            self.bind(pod, &entry.ips, wanted).await?;
+        }
+        Ok(())
+    }
+
+    async fn bind(&mut self, pod: &PodRef, ips: &[IpAddr], mut value: Endpoint) -> Result<()> {
+        let mut found = None;
+        for ip in ips {
+            match self.resolver.resolve(*ip).await? {
+                Resolution::Found(i) => {
+                    found = Some(i);
+                    break;
+                }
+                Resolution::Pending | Resolution::NotLocal => {}
+            }
+        }
+        let Some(iface) = found else {
+            if self.pending.insert(pod.clone()) {
+                tracing::info!(%pod, ?ips, "no host interface for this pod yet; retrying");
+            }
+            return Ok(());
+        };
+        self.pending.remove(pod);
+        // A new generation, also over what a previous agent left in the pinned map, so that
+        // conntrack entries decided under other rules are re-checked.
+        let previous = self.dp.endpoint(iface.ifindex)?.map_or(0, |e| e.generation);
+        value.generation = previous.wrapping_add(1).max(1);
+        // Endpoint first, then attach: the programs never see this interface without rules.
+        self.dp.set_endpoint(iface.ifindex, value)?;
+        self.dp
+            .attach(&iface.name)
+            .with_context(|| format!("attaching to {} for {pod}", iface.name))?;
+        tracing::info!(%pod, interface = %iface.name, ifindex = iface.ifindex, bridge = ?iface.bridge, "enforcing");
+        self.bound.insert(
+            pod.clone(),
+            Bound { ifindex: iface.ifindex, name: iface.name, ips: ips.to_vec(), value },
+        );
+        Ok(())
+    }
+
+    fn unbind(&mut self, pod: &PodRef, b: &Bound) -> Result<()> {
+        // Detach first, then remove the entry: never an attached interface without rules.
+        self.dp.detach(b.ifindex)?;
+        self.dp.remove_endpoint(b.ifindex)?;
+        tracing::info!(%pod, interface = %b.name, "no longer enforced");
+        Ok(())
+    }
+
+    /// Retries pods whose interface was not found.
+    pub async fn retry_pending(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let maps = self.applied.clone();
+        self.sync_endpoints(&maps).await
+    }
+
+    /// One conntrack garbage-collection pass.
+    pub fn gc(&mut self) -> Result<u64> {
+        Ok(self.dp.gc_conntrack(monotonic_ns(), &Timeouts::DEFAULT)?.deleted)
+    }
+
+    /// Detaches from every interface and removes the endpoint entries (orderly shutdown of a
+    /// process whose attachments are not pinned).
+    pub fn shutdown(&mut self) -> Result<()> {
+        let bound = std::mem::take(&mut self.bound);
+        for (pod, b) in &bound {
+            self.unbind(pod, b)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(opts: AgentOptions) -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let signals = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    run_until(opts, signals).await
+}
+
+/// Runs the agent until `shutdown` completes (tests and embedding).
+pub async fn run_until(
+    opts: AgentOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let mut agent = Agent::new(&opts).await?;
+    let (tx, mut rx) = mpsc::channel(4);
+    let source = match opts.source.clone() {
+        SourceConfig::Manifests(dir) => {
+            tracing::info!(dir = %dir.display(), "reading cluster state from manifests");
+            tokio::spawn(async move {
+                source::files::run(source::files::FilesSourceOptions::new(dir), tx)
+                    .await
+                    .map_err(anyhow::Error::from)
+            })
+        }
+        SourceConfig::Kubernetes { .. } => {
+            anyhow::bail!("the Kubernetes API source is not available yet; use --manifests DIR");
+        }
+    };
+    let mut retry = tokio::time::interval(opts.retry_interval);
+    let mut gc = tokio::time::interval(opts.gc_interval);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(SourceEvent::Snapshot { state, errors }) => {
+                    if !errors.is_empty() {
+                        tracing::warn!(count = errors.len(), "objects ignored; the rest is enforced");
+                    }
+                    // A failed apply leaves the last good state in the kernel; the next snapshot
+                    // or retry tries again.
+                    if let Err(e) = agent.apply_snapshot(state).await {
+                        tracing::error!(error = format!("{e:#}"), "applying policy failed; last good state stays enforced");
+                    }
+                }
+                Some(SourceEvent::Degraded { reason }) => {
+                    tracing::warn!(%reason, "source degraded; enforcing the last state");
+                }
+                None => {
+                    let r = source.await;
+                    anyhow::bail!("the source stopped: {r:?}");
+                }
+            },
+            _ = retry.tick() => {
+                if let Err(e) = agent.retry_pending().await {
+                    tracing::error!(error = format!("{e:#}"), "retrying pending pods failed");
+                }
+            }
+            _ = gc.tick() => match agent.gc() {
+                Ok(n) if n > 0 => tracing::debug!(deleted = n, "conntrack GC"),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = format!("{e:#}"), "conntrack GC failed"),
+            },
+            _ = &mut shutdown => break,
+        }
+    }
+    tracing::info!("shutting down");
+    agent.shutdown()
+}
