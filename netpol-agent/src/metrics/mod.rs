@@ -9,11 +9,14 @@
 //! - `control`: control-plane metrics the agent updates as things happen (apply latency,
 //!   reconcile errors, endpoint states, map fill levels, conntrack GC).
 //!
-//! Names follow docs/anchors.md §5.6.
+//! [`serve`] exposes `/metrics`, `/healthz` and `/readyz`; [`Health`] is the handle the sync
+//! loop uses to report liveness and readiness. Names follow docs/anchors.md §5.6.
 
 mod control;
 #[cfg(test)]
 mod exposition;
+mod health;
+mod http;
 mod kernel;
 
 use std::{sync::Arc, time::Duration};
@@ -24,6 +27,8 @@ use crate::dataplane::CounterSnapshot;
 use control::ControlMetrics;
 use kernel::KernelCollector;
 
+pub use health::{Health, Liveness};
+pub use http::{serve, serve_on, CONTENT_TYPE_OPENMETRICS};
 pub use kernel::{EndpointLabels, PodRef};
 
 /// Prefix of every metric name.
@@ -32,6 +37,15 @@ pub const PREFIX: &str = "netpol";
 /// Errors of the metrics module.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
+    /// The HTTP listener could not be bound.
+    #[error("bind the metrics endpoint on {addr}")]
+    Bind {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
     /// The registry could not be written as text (a metric's encoder failed).
     #[error("encode the metrics exposition")]
     Encode(#[source] std::fmt::Error),
