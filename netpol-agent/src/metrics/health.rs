@@ -9,7 +9,8 @@ use std::{
 };
 
 /// A cloneable handle: the sync loop calls [`Health::beat`] on every iteration (including idle
-/// wake-ups) and [`Health::set_ready`] once the first snapshot is enforced; the HTTP server reads it.
+/// wake-ups) and [`Health::set_ready`] once the first snapshot is enforced; the HTTP server reads
+/// it.
 #[derive(Clone, Debug)]
 pub struct Health {
     inner: Arc<Inner>,

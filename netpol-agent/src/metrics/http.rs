@@ -48,8 +48,8 @@ pub async fn serve(
 }
 
 /// Serves on an already bound listener until `shutdown` completes, then stops accepting and
-/// gives open connections a few seconds (`DRAIN_TIMEOUT`) to finish. Errors of single connections are logged,
-/// never returned: one bad client must not stop the endpoint.
+/// gives open connections a few seconds (`DRAIN_TIMEOUT`) to finish. Errors of single
+/// connections are logged, never returned: one bad client must not stop the endpoint.
 pub async fn serve_on(
     listener: TcpListener,
     metrics: Arc<Metrics>,

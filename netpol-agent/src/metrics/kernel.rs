@@ -155,8 +155,8 @@ impl View {
         let mut pod_drops = BTreeMap::new();
         let mut forward = BTreeMap::new();
         let mut verdicts: BTreeMap<VerdictLabels, u64> = BTreeMap::new();
-        // Every fixed series exists from the first snapshot on, with zero where nothing was counted,
-        // so `rate()` and alerts work before the first drop.
+        // Every fixed series exists from the first snapshot on, with zero where nothing was
+        // counted, so `rate()` and alerts work before the first drop.
         for dir in DIRECTIONS {
             let direction = direction_name(dir);
             forward.insert(DirectionLabels { direction }, CounterValue::default());
@@ -307,7 +307,7 @@ impl Collector for KernelCollector {
         counter_family(
             &mut encoder,
             "policy_verdicts",
-            "Policy decisions on new or re-evaluated flows: allow, deny (incl. policy changed), audit.",
+            "Policy decisions on new or re-evaluated flows; deny includes policy_changed.",
             view.verdicts.iter().map(|(l, v)| (l, *v)),
         )?;
         counter(
@@ -437,7 +437,8 @@ mod tests {
         assert_eq!(series(&s, "netpol_drop_count_total"), expected_node_drops(1.0, false));
         assert_eq!(series(&s, "netpol_drop_bytes_total"), expected_node_drops(1.0, true));
         let dir = |d: &str| labels(&[("direction", d)]);
-        // Forward = every non-drop reason: ingress conntrack 100 + audit 4, egress allow 5 + unpoliced 6.
+        // Forward = every non-drop reason:
+        // ingress conntrack 100 + audit 4, egress allow 5 + unpoliced 6.
         assert_eq!(
             series(&s, "netpol_forward_count_total"),
             BTreeMap::from([(dir("ingress"), 104.0), (dir("egress"), 11.0)])
