@@ -157,8 +157,9 @@ impl Step {
     }
 }
 
-/// Updates of one watcher; `None` once its stream ended.
-type Updates = Pin<Box<dyn Stream<Item = (Kind, Option<Result<Step, watcher::Error>>)> + Send>>;
+/// An update of one watcher; `None` once its stream ended.
+type Update = (Kind, Option<Result<Step, watcher::Error>>);
+type Updates = Pin<Box<dyn Stream<Item = Update> + Send>>;
 
 fn watch_config() -> watcher::Config {
     // `any_semantic`: (re)lists are served from the API server's watch cache, like kubelet and
@@ -188,6 +189,29 @@ where
     (reader, updates)
 }
 
+/// The reflector stores of the three kinds.
+struct Stores {
+    pods: Store<core::Pod>,
+    namespaces: Store<core::Namespace>,
+    policies: Store<net::NetworkPolicy>,
+}
+
+impl Stores {
+    fn build(&self, converter: &mut Converter) -> (crate::model::ClusterState, Vec<String>) {
+        converter.build(&self.pods.state(), &self.namespaces.state(), &self.policies.state())
+    }
+}
+
+/// Starts nothing by itself: the stores fill as the returned stream is polled.
+fn watch_all(client: kube::Client) -> (Stores, impl Stream<Item = Update> + Unpin + Send) {
+    let (pods, pod_updates) = reflect(Api::all(client.clone()), Kind::Pod, trim::pod);
+    let (namespaces, ns_updates) =
+        reflect(Api::all(client.clone()), Kind::Namespace, trim::namespace);
+    let (policies, policy_updates) = reflect(Api::all(client), Kind::NetworkPolicy, trim::policy);
+    let updates = futures::stream::select_all([pod_updates, ns_updates, policy_updates]);
+    (Stores { pods, namespaces, policies }, updates)
+}
+
 /// An error with its sources, `a: b: c`, skipping sources already quoted by their parent.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -214,13 +238,7 @@ pub async fn run(
     opts: KubeSourceOptions,
     tx: mpsc::Sender<SourceEvent>,
 ) -> Result<(), KubeSourceError> {
-    let (pods, pod_updates) = reflect(Api::<core::Pod>::all(client.clone()), Kind::Pod, trim::pod);
-    let (namespaces, ns_updates) =
-        reflect(Api::<core::Namespace>::all(client.clone()), Kind::Namespace, trim::namespace);
-    let (policies, policy_updates) =
-        reflect(Api::<net::NetworkPolicy>::all(client), Kind::NetworkPolicy, trim::policy);
-    let mut updates = futures::stream::select_all([pod_updates, ns_updates, policy_updates]);
-
+    let (stores, mut updates) = watch_all(client);
     let mut tracker = Tracker::default();
     let mut converter = Converter::default();
     let mut last: Option<(crate::model::ClusterState, Vec<String>)> = None;
@@ -238,7 +256,7 @@ pub async fn run(
             }
             () = sleep_until(deadline), if deadline.is_some() => {
                 let force = tracker.take_due();
-                let built = converter.build(&pods.state(), &namespaces.state(), &policies.state());
+                let built = stores.build(&mut converter);
                 if !force && last.as_ref() == Some(&built) {
                     debug!("store change without effect on the snapshot");
                     None

@@ -153,6 +153,43 @@ impl Fake {
     }
 }
 
+/// Starts the fake API server; returns a client of it, its command channel and a channel that
+/// receives one `()` per request it failed.
+fn fake_server(
+    pods: Vec<Value>,
+    namespaces: Vec<Value>,
+    policies: Vec<Value>,
+    hold: Option<Kind>,
+) -> (kube::Client, mpsc::UnboundedSender<Cmd>, mpsc::UnboundedReceiver<()>) {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let (cmd, mut cmd_rx) = mpsc::unbounded_channel();
+    let (failed_tx, failed) = mpsc::unbounded_channel();
+    let mut fake =
+        Fake { kinds: BTreeMap::new(), down: false, resource_version: 100, failed: failed_tx };
+    fake.command(Cmd::SetList(Kind::Pod, pods));
+    fake.command(Cmd::SetList(Kind::Namespace, namespaces));
+    fake.command(Cmd::SetList(Kind::NetworkPolicy, policies));
+    if let Some(kind) = hold {
+        fake.command(Cmd::HoldLists(kind, true));
+    }
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                req = handle.next_request() => match req {
+                    Some((req, send)) => fake.request(req, send),
+                    None => break,
+                },
+                cmd = cmd_rx.recv() => match cmd {
+                    Some(cmd) => fake.command(cmd),
+                    None => break,
+                },
+            }
+        }
+    });
+    (client, cmd, failed)
+}
+
 /// A running source against the fake.
 struct Harness {
     cmd: mpsc::UnboundedSender<Cmd>,
@@ -172,32 +209,7 @@ impl Harness {
         policies: Vec<Value>,
         hold: Option<Kind>,
     ) -> Harness {
-        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let client = kube::Client::new(service, "default");
-        let (cmd, mut cmd_rx) = mpsc::unbounded_channel();
-        let (failed_tx, failed) = mpsc::unbounded_channel();
-        let mut fake =
-            Fake { kinds: BTreeMap::new(), down: false, resource_version: 100, failed: failed_tx };
-        fake.command(Cmd::SetList(Kind::Pod, pods));
-        fake.command(Cmd::SetList(Kind::Namespace, namespaces));
-        fake.command(Cmd::SetList(Kind::NetworkPolicy, policies));
-        if let Some(kind) = hold {
-            fake.command(Cmd::HoldLists(kind, true));
-        }
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    req = handle.next_request() => match req {
-                        Some((req, send)) => fake.request(req, send),
-                        None => break,
-                    },
-                    cmd = cmd_rx.recv() => match cmd {
-                        Some(cmd) => fake.command(cmd),
-                        None => break,
-                    },
-                }
-            }
-        });
+        let (client, cmd, failed) = fake_server(pods, namespaces, policies, hold);
         let (tx, rx) = mpsc::channel(16);
         let opts = KubeSourceOptions { kubeconfig: None, debounce: Duration::from_millis(100) };
         let source = tokio::spawn(run(client, opts, tx));
@@ -469,7 +481,10 @@ async fn outage_reports_one_degraded_and_recovers_with_a_relist() {
 
     h.send(Cmd::Down(true));
     match h.next().await {
-        SourceEvent::Degraded { reason } => assert!(reason.contains("watch"), "{reason}"),
+        SourceEvent::Degraded { reason } => {
+            eprintln!("reason: {reason}");
+            assert!(reason.contains(" watch: ") && reason.contains("refused"), "{reason}");
+        }
         other => panic!("expected Degraded, got {other:?}"),
     }
     // Several retries of all three watchers, and nothing more is reported.
@@ -562,4 +577,38 @@ async fn client_reports_an_unreadable_kubeconfig() {
     let Err(err) = client(&opts).await else { panic!("a missing kubeconfig must fail") };
     assert!(matches!(err, KubeSourceError::Kubeconfig { .. }), "{err:?}");
     assert!(err.to_string().contains("/nonexistent/netpol/kubeconfig"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn stores_hold_trimmed_objects() {
+    let mut ns = ns_json("prod", 3);
+    ns["metadata"]["managedFields"] = json!([{ "manager": "m" }]);
+    ns["metadata"]["annotations"] = json!({ "netpol.io/audit": "on", "other": "x" });
+    let mut pol = policy_json("allow", "prod", "10.1.0.0/16", 4);
+    pol["metadata"]["annotations"] =
+        json!({ "kubectl.kubernetes.io/last-applied-configuration": "{}" });
+    let (client, _cmd, _failed) =
+        fake_server(vec![pod_json("a", "prod", "10.0.0.1", "web", 1)], vec![ns], vec![pol], None);
+    let (stores, mut updates) = watch_all(client);
+    let mut listed = 0;
+    while listed < 3 {
+        match tokio::time::timeout(WAIT, updates.next()).await.expect("update") {
+            Some((_, Some(Ok(Step::Listed)))) => listed += 1,
+            Some((kind, Some(Err(e)))) => panic!("{kind}: {e}"),
+            Some(_) => {}
+            None => panic!("watchers ended"),
+        }
+    }
+    let pod = serde_json::to_value(&*stores.pods.state()[0]).expect("json");
+    assert_eq!(pod["metadata"].get("managedFields"), None);
+    assert_eq!(pod["metadata"].get("annotations"), None);
+    assert_eq!(pod["spec"]["containers"][0].get("image"), None);
+    assert_eq!(pod["spec"]["containers"][0]["ports"][0].get("hostPort"), None);
+    assert_eq!(pod["status"]["podIP"], "10.0.0.1");
+    let ns = serde_json::to_value(&*stores.namespaces.state()[0]).expect("json");
+    assert_eq!(ns["metadata"].get("managedFields"), None);
+    assert_eq!(ns["metadata"]["annotations"], json!({ "netpol.io/audit": "on" }));
+    let pol = serde_json::to_value(&*stores.policies.state()[0]).expect("json");
+    assert_eq!(pol["metadata"].get("annotations"), None);
+    assert_eq!(pol["spec"]["ingress"][0]["from"][0]["ipBlock"]["cidr"], "10.1.0.0/16");
 }
