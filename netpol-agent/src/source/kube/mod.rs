@@ -262,6 +262,11 @@ pub async fn run(
                     None
                 } else {
                     let (state, errors) = built.clone();
+                    // Errors are sorted; each new one is logged once.
+                    let before = last.as_ref().map(|(_, e)| e.as_slice()).unwrap_or_default();
+                    for e in errors.iter().filter(|e| before.binary_search(e).is_err()) {
+                        warn!(error = %e, "object left out of the cluster state");
+                    }
                     last = Some(built);
                     debug!(
                         pods = state.pods.len(),
@@ -270,9 +275,6 @@ pub async fn run(
                         errors = errors.len(),
                         "sending snapshot"
                     );
-                    for e in &errors {
-                        debug!(error = %e, "object left out");
-                    }
                     Some(SourceEvent::Snapshot { state, errors })
                 }
             }
