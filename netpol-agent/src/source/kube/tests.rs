@@ -39,6 +39,8 @@ enum Cmd {
     HoldLists(Kind, bool),
     /// Fail every request with a connection error (`true`) or serve again (`false`).
     Down(bool),
+    /// Answer requests of a kind with this HTTP error status (`None`: serve again).
+    Status(Kind, Option<u16>),
 }
 
 #[derive(Default)]
@@ -48,6 +50,7 @@ struct KindState {
     queued: VecDeque<Vec<Value>>,
     hold_lists: bool,
     held_lists: Vec<SendResponse<Response<Body>>>,
+    status: Option<u16>,
 }
 
 struct Fake {
@@ -102,7 +105,15 @@ impl Fake {
         };
         let watch = req.uri().query().unwrap_or_default().split('&').any(|q| q == "watch=true");
         let k = self.kinds.entry(i).or_default();
-        if watch {
+        if let Some(code) = k.status {
+            let _ = self.failed.send(());
+            let status = json!({
+                "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+                "message": format!("{path} is not allowed"), "reason": "Forbidden", "code": code,
+            });
+            let body = Body::from(serde_json::to_vec(&status).expect("json"));
+            send.send_response(Response::builder().status(code).body(body).expect("resp"));
+        } else if watch {
             match k.queued.pop_front() {
                 Some(events) => send.send_response(ok(watch_body(&events))),
                 // Replaces an abandoned watch, if any.
@@ -139,6 +150,7 @@ impl Fake {
                     }
                 }
             }
+            Cmd::Status(kind, code) => self.kinds.entry(kind as usize).or_default().status = code,
             Cmd::Down(down) => {
                 self.down = down;
                 if down {
@@ -370,6 +382,49 @@ async fn nothing_is_sent_before_all_lists_synced() {
     assert_eq!(state.policies.len(), 1);
     assert_eq!(state.pods.len(), 1);
     h.quiet().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_initial_list_is_degraded_and_nothing_is_sent_until_it_syncs() {
+    let (client, cmd, mut failed) = fake_server(
+        vec![pod_json("a", "prod", "10.0.0.1", "web", 1)],
+        vec![ns_json("prod", 3)],
+        vec![policy_json("allow", "prod", "10.1.0.0/16", 4)],
+        None,
+    );
+    // RBAC forbids NetworkPolicies at first.
+    cmd.send(Cmd::Status(Kind::NetworkPolicy, Some(403))).expect("fake");
+    let (tx, rx) = mpsc::channel(16);
+    let opts = KubeSourceOptions { kubeconfig: None, debounce: Duration::from_millis(100) };
+    let source = tokio::spawn(run(client, opts, tx));
+    let mut h = Harness { cmd, rx, failed: mpsc::unbounded_channel().1, source };
+    match h.next().await {
+        SourceEvent::Degraded { reason } => {
+            assert!(reason.starts_with("NetworkPolicy watch: "), "{reason}");
+            assert!(reason.contains("is not allowed"), "{reason}");
+        }
+        other => panic!("expected Degraded, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(h.rx.is_empty(), "no snapshot without policies, no second Degraded");
+    let mut retries = 0;
+    while failed.try_recv().is_ok() {
+        retries += 1;
+    }
+    assert!(retries >= 3, "the list should have been retried: {retries}");
+    h.send(Cmd::Status(Kind::NetworkPolicy, None));
+    let (state, errors) = h.snapshot().await;
+    assert!(errors.is_empty());
+    assert_eq!(state, state_of_one_pod());
+    h.quiet().await;
+}
+
+fn state_of_one_pod() -> ClusterState {
+    state(
+        vec![pod_model("a", "prod", "10.0.0.1", "web")],
+        vec![namespace("prod", &[("team", "prod")])],
+        vec![policy_model("allow", "prod", "10.1.0.0/16")],
+    )
 }
 
 #[tokio::test(start_paused = true)]
