@@ -4,7 +4,7 @@
 //! Errors are per object: an invalid object is reported (naming the file, the object and the
 //! field) and skipped; every other object still loads. Nothing here panics on any input.
 
-mod convert;
+pub(crate) mod convert;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,1 +1,0 @@
-//! Kubernetes API source (being written).
