@@ -8,8 +8,9 @@
 //! nobody references any more are deleted.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -22,6 +23,7 @@ use crate::{
     dataplane::{conntrack::monotonic_ns, Dataplane, DataplaneOptions},
     iface::{Resolution, Resolver},
     layout::{KernelMaps, Layout},
+    metrics::{EndpointLabels, Health, Metrics, MetricsOptions},
     model::{ClusterState, PodRef},
     source::{self, SourceEvent},
 };
@@ -53,6 +55,10 @@ pub struct AgentOptions {
     pub retry_interval: Duration,
     /// How often conntrack is garbage-collected.
     pub gc_interval: Duration,
+    /// Address of `/metrics`, `/healthz` and `/readyz` (`None`: not served).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Label drop counters with namespace and pod (higher cardinality).
+    pub per_pod_labels: bool,
 }
 
 /// A local pod bound to its interface.
@@ -151,6 +157,36 @@ impl Agent {
     /// Local pods by state: (enforced, pending).
     pub fn endpoint_counts(&self) -> (usize, usize) {
         (self.bound.len(), self.pending.len())
+    }
+
+    /// Pod names by interface, for counters and events.
+    pub fn endpoint_labels(&self) -> EndpointLabels {
+        self.bound
+            .iter()
+            .map(|(p, b)| {
+                (
+                    b.ifindex,
+                    crate::metrics::PodRef { namespace: p.namespace.clone(), name: p.name.clone() },
+                )
+            })
+            .collect()
+    }
+
+    /// Publishes the kernel counters and fill levels.
+    fn publish(&mut self, metrics: &Metrics) {
+        match self.dp.counters() {
+            Ok(c) => metrics.set_counters(&c, &self.endpoint_labels()),
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "reading counters failed");
+                metrics.reconcile_error("counters");
+            }
+        }
+        let (enforced, pending) = self.endpoint_counts();
+        metrics.set_endpoints(enforced, pending, 0);
+        use netpol_common::maps;
+        metrics.set_map_fill(maps::PEER, self.applied.peers.len(), maps::PEER_MAX);
+        metrics.set_map_fill(maps::PORTS, self.applied.ports.len(), maps::PORTS_MAX);
+        metrics.set_map_fill(maps::EP, enforced, maps::EP_MAX);
     }
 
     /// Enforces a new snapshot of the cluster.
@@ -307,6 +343,15 @@ pub async fn run_until(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let mut agent = Agent::new(&opts).await?;
+    let metrics = Arc::new(Metrics::new(MetricsOptions { per_pod_labels: opts.per_pod_labels }));
+    let health = Health::new(Duration::from_secs(30));
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http = opts.metrics_addr.map(|addr| {
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        tokio::spawn(crate::metrics::serve(addr, metrics.clone(), health.clone(), async move {
+            let _ = http_stopped.await;
+        }))
+    });
     let (tx, mut rx) = mpsc::channel(4);
     let source = match opts.source.clone() {
         SourceConfig::Manifests(dir) => {
@@ -317,47 +362,80 @@ pub async fn run_until(
                     .map_err(anyhow::Error::from)
             })
         }
-        SourceConfig::Kubernetes { .. } => {
-            anyhow::bail!("the Kubernetes API source is not available yet; use --manifests DIR");
+        SourceConfig::Kubernetes { kubeconfig } => {
+            let kopts = source::kube::KubeSourceOptions { kubeconfig, ..Default::default() };
+            let client =
+                source::kube::client(&kopts).await.context("connecting to the Kubernetes API")?;
+            tracing::info!("watching Namespaces, Pods and NetworkPolicies; enforcing after the initial lists synced");
+            tokio::spawn(async move {
+                source::kube::run(client, kopts, tx).await.map_err(anyhow::Error::from)
+            })
         }
     };
     let mut retry = tokio::time::interval(opts.retry_interval);
     let mut gc = tokio::time::interval(opts.gc_interval);
+    let mut publish = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
-    loop {
+    let result = loop {
         tokio::select! {
             ev = rx.recv() => match ev {
                 Some(SourceEvent::Snapshot { state, errors }) => {
+                    metrics.set_source_up(true);
+                    metrics.set_manifest_errors(errors.len());
                     if !errors.is_empty() {
                         tracing::warn!(count = errors.len(), "objects ignored; the rest is enforced");
                     }
+                    let started = Instant::now();
                     // A failed apply leaves the last good state in the kernel; the next snapshot
                     // or retry tries again.
-                    if let Err(e) = agent.apply_snapshot(state).await {
-                        tracing::error!(error = format!("{e:#}"), "applying policy failed; last good state stays enforced");
+                    match agent.apply_snapshot(state).await {
+                        Ok(()) => {
+                            metrics.observe_apply(started.elapsed());
+                            health.set_ready();
+                        }
+                        Err(e) => {
+                            metrics.reconcile_error("apply");
+                            tracing::error!(error = format!("{e:#}"), "applying policy failed; last good state stays enforced");
+                        }
                     }
                 }
                 Some(SourceEvent::Degraded { reason }) => {
+                    metrics.set_source_up(false);
                     tracing::warn!(%reason, "source degraded; enforcing the last state");
                 }
                 None => {
                     let r = source.await;
-                    anyhow::bail!("the source stopped: {r:?}");
+                    break Err(anyhow::anyhow!("the source stopped: {r:?}"));
                 }
             },
             _ = retry.tick() => {
+                health.beat();
                 if let Err(e) = agent.retry_pending().await {
+                    metrics.reconcile_error("interface");
                     tracing::error!(error = format!("{e:#}"), "retrying pending pods failed");
                 }
             }
+            _ = publish.tick() => agent.publish(&metrics),
             _ = gc.tick() => match agent.gc() {
-                Ok(n) if n > 0 => tracing::debug!(deleted = n, "conntrack GC"),
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = format!("{e:#}"), "conntrack GC failed"),
+                Ok(n) => {
+                    metrics.gc(n);
+                    if n > 0 {
+                        tracing::debug!(deleted = n, "conntrack GC");
+                    }
+                }
+                Err(e) => {
+                    metrics.reconcile_error("conntrack_gc");
+                    tracing::error!(error = format!("{e:#}"), "conntrack GC failed");
+                }
             },
-            _ = &mut shutdown => break,
+            _ = &mut shutdown => break Ok(()),
         }
-    }
+    };
     tracing::info!("shutting down");
-    agent.shutdown()
+    let _ = stop_http.send(());
+    if let Some(h) = http {
+        let _ = h.await;
+    }
+    agent.shutdown()?;
+    result
 }

@@ -51,9 +51,12 @@ struct RunArgs {
     /// Do not allow traffic from the node's own addresses to its pods (kubelet probes).
     #[arg(long)]
     no_host_to_pods: bool,
-    /// Address of the metrics and health endpoints.
+    /// Address of the metrics and health endpoints (/metrics, /healthz, /readyz).
     #[arg(long, default_value = "0.0.0.0:9808")]
     metrics_addr: SocketAddr,
+    /// Label drop counters with namespace and pod (one series per pod: mind the cardinality).
+    #[arg(long)]
+    per_pod_metrics: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,8 +89,9 @@ fn main() -> anyhow::Result<()> {
                 allow_host_to_pods: !args.no_host_to_pods,
                 retry_interval: Duration::from_secs(1),
                 gc_interval: Duration::from_secs(10),
+                metrics_addr: Some(args.metrics_addr),
+                per_pod_labels: args.per_pod_metrics,
             };
-            let _ = args.metrics_addr;
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -27,7 +27,7 @@ struct RunningAgent {
 }
 
 impl RunningAgent {
-    fn start(dir: &ManifestDir, test: &str) -> RunningAgent {
+    fn start(dir: &ManifestDir, test: &str, metrics_addr: SocketAddr) -> RunningAgent {
         let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info").try_init();
         let pin_dir =
             PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-{test}", std::process::id()));
@@ -38,6 +38,8 @@ impl RunningAgent {
             allow_host_to_pods: true,
             retry_interval: Duration::from_millis(200),
             gc_interval: Duration::from_secs(10),
+            metrics_addr: Some(metrics_addr),
+            per_pod_labels: true,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -105,7 +107,10 @@ fn manifests_drive_enforcement_while_traffic_runs() {
         dir.write("back.yaml", &pod(&back, "prod", NODE, &[("app", "backend")], &[("http", 80)]))
             .unwrap();
         let to = SocketAddr::from((back.ip, 80));
-        let _agent = RunningAgent::start(&dir, &format!("agent{topology:?}"));
+        // Metrics on loopback, on a port derived from the process id to avoid collisions.
+        let metrics_addr =
+            SocketAddr::from(([127, 0, 0, 1], 20000 + (std::process::id() % 20000) as u16));
+        let _agent = RunningAgent::start(&dir, &format!("agent{topology:?}"), metrics_addr);
 
         // No policy: everyone reaches the backend.
         eventually(&front, to, true, "no policy");
@@ -116,6 +121,18 @@ fn manifests_drive_enforcement_while_traffic_runs() {
         dir.write("allow.yaml", ALLOW_FRONT).unwrap();
         eventually(&front, to, true, "frontend allowed");
         eventually(&other, to, false, "other still denied");
+        // The drops are visible in /metrics, attributed to the backend pod.
+        let m = scrape(metrics_addr, "/metrics");
+        let drops = sample(
+            &m,
+            "netpol_drop_count_total",
+            &[("direction", "ingress"), ("reason", "policy_deny"), ("pod", "back")],
+        );
+        assert!(drops >= 1.0, "drops of the backend in /metrics: {drops}\n{m}");
+        assert!(
+            scrape(metrics_addr, "/readyz").starts_with("HTTP/1.1 200"),
+            "ready after the first snapshot"
+        );
         // Relabel the running "other" pod as a frontend: now it is allowed.
         dir.write("other.yaml", &pod(&other, "prod", NODE, &[("app", "frontend")], &[])).unwrap();
         eventually(&other, to, true, "relabelled pod allowed");
@@ -134,4 +151,34 @@ fn manifests_drive_enforcement_while_traffic_runs() {
         dir.remove("back.yaml").unwrap();
         eventually(&other, to, true, "backend no longer on this node");
     }
+}
+
+/// GET `path` over loopback; the whole response (status line, headers, body).
+fn scrape(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, T) {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let req =
+                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+            if s.write_all(req.as_bytes()).is_ok() {
+                let mut out = String::new();
+                if s.read_to_string(&mut out).is_ok() && !out.is_empty() {
+                    return out;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no answer from {addr}{path}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The value of the first sample of `name` whose labels include `labels` (0 if none).
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
