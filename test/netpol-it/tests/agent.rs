@@ -122,13 +122,17 @@ fn manifests_drive_enforcement_while_traffic_runs() {
         eventually(&front, to, true, "frontend allowed");
         eventually(&other, to, false, "other still denied");
         // The drops are visible in /metrics, attributed to the backend pod.
-        let m = scrape(metrics_addr, "/metrics");
-        let drops = sample(
-            &m,
-            "netpol_drop_count_total",
-            &[("direction", "ingress"), ("reason", "policy_deny"), ("pod", "back")],
-        );
-        assert!(drops >= 1.0, "drops of the backend in /metrics: {drops}\n{m}");
+        // Counters are published every second: poll.
+        let deadline = Instant::now() + Duration::from_secs(4);
+        loop {
+            let m = scrape(metrics_addr, "/metrics");
+            let labels = [("direction", "ingress"), ("reason", "policy_deny"), ("pod", "back")];
+            if sample(&m, "netpol_drop_count_total", &labels) >= 1.0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no backend drops in /metrics:\n{m}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
         assert!(
             scrape(metrics_addr, "/readyz").starts_with("HTTP/1.1 200"),
             "ready after the first snapshot"
