@@ -109,43 +109,82 @@ fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
     let now = unsafe { bpf_ktime_get_ns() };
     let audit = ep.flags & EP_FLAG_AUDIT != 0;
 
-    if let Some(ct) = CT_MAP.get_ptr_mut(&key) {
+    let existing = CT_MAP.get_ptr_mut(&key);
+    if let Some(ct) = existing {
         let ct = unsafe { &mut *ct };
-        if ct.generation != ep.generation {
-            // The endpoint's policy changed since this flow was decided: check it again in the
-            // orientation it was opened, so a policy change cuts established connections.
-            let d =
-                evaluate(ep, ct.origin, &key.remote_addr, key.proto, service_port(&key, ct.origin));
-            let cut = ct.verdict != CT_VERDICT_DENY;
-            ct.verdict = if d.allow {
-                CT_VERDICT_ALLOW
-            } else if audit {
-                CT_VERDICT_AUDIT
-            } else {
-                // Keep a tombstone rather than deleting the entry: the flow's retransmissions
-                // would otherwise look untracked and be picked up again by the reverse check.
-                if cut {
-                    emit(ifindex, dir, ep.generation, d.rule_id, Reason::DenyPolicyChanged, flow);
-                }
-                CT_VERDICT_DENY
-            };
-            ct.generation = ep.generation;
-            ct.rule_id = d.rule_id;
+        // A SYN on the 4-tuple of a finished or cut flow is a new connection reusing the ports
+        // (Linux reuses ephemeral ports): decide it afresh below instead of letting it inherit
+        // the old flow's verdict. A retransmitted SYN of a connection being opened keeps it.
+        let reused = flow.proto == PROTO_TCP && flow.initiates && ct.state != CT_TCP_SYN_SENT;
+        if !reused {
+            return track(ifindex, dir, ep, flow, &key, ct, now, audit);
         }
-        ct.last_seen_ns = now;
-        if ct.verdict == CT_VERDICT_DENY {
-            return Reason::DenyPolicyChanged;
-        }
-        if flow.proto == PROTO_TCP {
-            ct.state = tcp_next_state(ct.state, flow.tcp_flags, ct.origin != dir);
-        }
-        if flow.first_fragment {
-            remember_fragment(ifindex, flow, now);
-        }
-        return if ct.verdict == CT_VERDICT_AUDIT { Reason::Audit } else { Reason::AllowConntrack };
     }
+    new_flow(ifindex, dir, ep, flow, &key, now, audit)
+}
 
-    // Not tracked: a new flow, or one whose tracking started late (agent restart, eviction).
+/// A packet of a tracked flow.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn track(
+    ifindex: u32,
+    dir: u8,
+    ep: &Endpoint,
+    flow: &Flow,
+    key: &CtKey,
+    ct: &mut CtValue,
+    now: u64,
+    audit: bool,
+) -> Reason {
+    if ct.generation != ep.generation {
+        // The endpoint's policy changed since this flow was decided: check it again in the
+        // orientation it was opened, so a policy change cuts established connections.
+        let d = evaluate(ep, ct.origin, &key.remote_addr, key.proto, service_port(&key, ct.origin));
+        let cut = ct.verdict != CT_VERDICT_DENY;
+        ct.verdict = if d.allow {
+            CT_VERDICT_ALLOW
+        } else if audit {
+            CT_VERDICT_AUDIT
+        } else {
+            // Keep a tombstone rather than deleting the entry: the flow's retransmissions
+            // would otherwise look untracked and be picked up again by the reverse check.
+            if cut {
+                emit(ifindex, dir, ep.generation, d.rule_id, Reason::DenyPolicyChanged, flow);
+            }
+            CT_VERDICT_DENY
+        };
+        ct.generation = ep.generation;
+        ct.rule_id = d.rule_id;
+    }
+    ct.last_seen_ns = now;
+    if ct.verdict == CT_VERDICT_DENY {
+        return Reason::DenyPolicyChanged;
+    }
+    if flow.proto == PROTO_TCP {
+        ct.state = tcp_next_state(ct.state, flow.tcp_flags, ct.origin != dir);
+    }
+    if flow.first_fragment {
+        remember_fragment(ifindex, flow, now);
+    }
+    if ct.verdict == CT_VERDICT_AUDIT {
+        Reason::Audit
+    } else {
+        Reason::AllowConntrack
+    }
+}
+
+/// A packet conntrack does not know (or a new connection reusing a finished flow's ports): a new
+/// flow, or one whose tracking started late (agent restart, eviction).
+#[inline(always)]
+fn new_flow(
+    ifindex: u32,
+    dir: u8,
+    ep: &Endpoint,
+    flow: &Flow,
+    key: &CtKey,
+    now: u64,
+    audit: bool,
+) -> Reason {
     let fwd = evaluate(ep, dir, &key.remote_addr, key.proto, service_port(&key, dir));
     let (origin, rule_id, verdict, reason) = if fwd.allow {
         let reason = if fwd.policed { Reason::AllowPolicy } else { Reason::AllowUnpoliced };
@@ -190,7 +229,7 @@ fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
         verdict,
         _pad: [0; 5],
     };
-    if CT_MAP.insert(&key, value, 0).is_err() {
+    if CT_MAP.insert(key, value, 0).is_err() {
         return Reason::DenyConntrackFull;
     }
     count_rule(rule_id, 1);

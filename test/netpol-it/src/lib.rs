@@ -6,6 +6,7 @@
 //! Everything a [`Lab`] creates has a name unique to the process and is removed on drop, also
 //! when a test panics; namespaces left by a killed run are removed by the next one.
 
+pub mod agent;
 pub mod cmd;
 pub mod fixture;
 pub mod lab;

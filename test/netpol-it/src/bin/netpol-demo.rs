@@ -1,118 +1,199 @@
-//! `cargo xtask demo`: netpol on a throwaway lab node, narrated.
+//! `cargo xtask demo`: the AKS vote-app walkthrough (seed 000) on a local lab node, enforced by
+//! the real agent, narrated step by step.
 //!
-//! Three pods in network namespaces behind host-side veths. The programs are attached to the
-//! backend's interface and given one rule — "backend accepts TCP 6379 from frontend only",
-//! the shape of the AKS vote-app walkthrough — then real connections are tried and the kernel's
-//! counters and pinned maps are shown. Everything is removed at the end, also on failure.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+//! Two namespaces, `development` and `production`, each with a vote frontend and a Redis
+//! backend (network namespaces behind routed host veths, as Calico or Azure CNI wire pods). The
+//! agent reads the same kind of manifests `kubectl apply` would send; each step writes one and
+//! shows who can reach whom, the kernel's drop counters in `/metrics`, and the pinned maps as
+//! bpftool prints them. Every expected result is checked: the demo fails if one is wrong.
+use std::{net::SocketAddr, time::Duration};
 
-use anyhow::{Context as _, Result};
-use netpol_agent::dataplane::{remove_pins, Dataplane, DataplaneOptions};
-use netpol_common::{
-    counters::Reason,
-    ep::Endpoint,
-    policy::{
-        PeerData, PeerValue, PortData, PortValue, ACTION_ALLOW, PEER_SET_BITS, PORT_FULL_BITS,
-    },
-    v4_mapped, DIR_INGRESS,
-};
+use anyhow::{bail, Result};
 use netpol_it::{
+    agent::{get, sample, RunningAgent},
     cmd::run,
-    lab::{ifindex, Lab, Pod},
+    lab::{Lab, Pod},
+    manifests::{namespace, pod, ManifestDir},
     probe::{tcp_echo, TcpServer},
 };
 
-const PORTS: [u16; 2] = [6379, 80];
+const NODE: &str = "aks-nodepool1-0";
+const REDIS: u16 = 6379;
 
-fn main() -> Result<()> {
-    netpol_it::require_root();
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/netpol-demo-{}", std::process::id()));
-    let result = demo(&pin_dir);
-    let _ = remove_pins(&pin_dir);
-    println!("\n== cleaned up: namespaces, veths, routes and pinned maps removed");
-    result
+const PRODUCTION_POLICY: &str = "\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: backend-policy
+  namespace: production
+spec:
+  podSelector:
+    matchLabels:
+      app: azure-vote-back
+  ingress:
+  - from:
+    - namespaceSelector:
+        matchLabels:
+          name: production
+      podSelector:
+        matchLabels:
+          app: azure-vote-front
+    ports:
+    - protocol: TCP
+      port: 6379
+";
+
+fn development_policy() -> String {
+    PRODUCTION_POLICY.replace("production", "development")
 }
 
-fn matrix(pods: &[Pod], server: &Pod) -> Result<()> {
-    print!("{:>12}", "from \\ to");
-    for p in PORTS {
-        print!("  {:>12}", format!("{}:{p}", server.name));
-    }
-    println!();
-    for c in pods.iter().filter(|p| p.name != server.name) {
-        print!("{:>12}", c.name);
-        for p in PORTS {
-            let ok =
-                tcp_echo(&c.netns, SocketAddr::from((server.ip, p)), Duration::from_millis(500))?;
-            print!("  {:>12}", if ok { "reach" } else { "BLOCKED" });
+struct Cell<'a> {
+    from: &'a Pod,
+    from_ns: &'a str,
+    to: &'a Pod,
+    to_ns: &'a str,
+}
+
+/// Prints who reaches which Redis and checks it against `expect` (row-major).
+fn matrix(cells: &[Cell], expect: &[bool]) -> Result<()> {
+    println!("   {:<32} {:<34} {}", "from", "to", "result");
+    let mut wrong = Vec::new();
+    for (c, want) in cells.iter().zip(expect) {
+        // Policy changes take effect within milliseconds; allow a moment before judging.
+        let mut got = false;
+        for _ in 0..10 {
+            got = tcp_echo(
+                &c.from.netns,
+                SocketAddr::from((c.to.ip, REDIS)),
+                Duration::from_millis(400),
+            )?;
+            if got == *want {
+                break;
+            }
         }
-        println!();
+        let mark = if got == *want { "" } else { "   <-- UNEXPECTED" };
+        println!(
+            "   {:<32} {:<34} {}{mark}",
+            format!("{}/{}", c.from_ns, c.from.name),
+            format!("{}/{}:{REDIS}", c.to_ns, c.to.name),
+            if got { "connected" } else { "BLOCKED" }
+        );
+        if got != *want {
+            wrong.push(format!("{}/{} -> {}/{}", c.from_ns, c.from.name, c.to_ns, c.to.name));
+        }
+    }
+    if !wrong.is_empty() {
+        bail!("unexpected reachability: {}", wrong.join(", "));
     }
     Ok(())
 }
 
-fn demo(pin_dir: &std::path::Path) -> Result<()> {
-    println!("== netpol demo: a lab node with three pods (network namespaces, routed veths)");
-    let mut lab = Lab::new()?;
-    let front = lab.add_pod("frontend")?;
-    let other = lab.add_pod("other")?;
-    let back = lab.add_pod("backend")?;
-    let _servers: Vec<TcpServer> =
-        PORTS.iter().map(|p| TcpServer::start(&back.netns, *p)).collect::<Result<_>>()?;
-    for p in lab.pods() {
-        println!("   {:<9} {:<15} host interface {}", p.name, p.ip, p.host_if);
-    }
-
-    println!("\n== 1. no policy: every pod reaches the backend");
-    matrix(lab.pods(), &back)?;
-
-    println!("\n== 2. load the TC programs, pin maps in {}", pin_dir.display());
-    let mut dp =
-        Dataplane::load(&DataplaneOptions { pin_dir: pin_dir.to_owned(), ..Default::default() })
-            .context("loading the eBPF programs")?;
-    let back_if = ifindex(&back.host_if)?;
-    println!("   policy: backend ingress allows TCP 6379 from frontend only (rule 1)");
-    dp.upsert_peer(
-        PEER_SET_BITS + 128,
-        PeerData { set_id: 1, addr: v4_mapped(front.ip.octets()) },
-        PeerValue { portset_id: 1 },
-    )?;
-    dp.upsert_port(
-        PORT_FULL_BITS,
-        PortData { portset_id: 1, proto: 6, port: 6379u16.to_be_bytes(), _pad: 0 },
-        PortValue { rule_id: 1, action: ACTION_ALLOW, _pad: [0; 3] },
-    )?;
-    dp.set_endpoint(back_if, Endpoint { generation: 1, ingress_np: 1, ..Default::default() })?;
-    dp.attach(&back.host_if)?;
-    println!("   attached from_pod (TC ingress) and to_pod (TC egress) to {}", back.host_if);
-
-    println!("\n== 3. enforced: who reaches whom now");
-    matrix(lab.pods(), &back)?;
-
-    println!("\n== 4. the kernel's per-CPU counters for the backend, read back from user space");
-    let c = dp.counters()?;
-    for r in Reason::ALL {
-        let n = c.packets(back_if, DIR_INGRESS, r);
-        if n > 0 {
-            println!(
-                "   ingress {:<16} {n:>4} packets{}",
-                r.name(),
-                if r.is_drop() { "  (dropped)" } else { "" }
-            );
+/// The drop counters from `/metrics`, once at least `min_denied` policy drops are published
+/// (the agent publishes the kernel counters every second).
+fn drops(agent: &RunningAgent, min_denied: f64) -> Result<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = get(agent.metrics_addr, "/metrics");
+        if sample(&text, "netpol_drop_count_total", &[("reason", "policy_deny")]) >= min_denied {
+            break text;
         }
+        if std::time::Instant::now() > deadline {
+            bail!("expected at least {min_denied} policy_deny drops in /metrics:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("netpol_drop_count_total{") && !l.ends_with(" 0"))
+        .collect();
+    Ok(lines.iter().map(|l| format!("   {l}")).collect::<Vec<_>>().join("\n"))
+}
+
+fn main() -> Result<()> {
+    netpol_it::require_root();
+    println!("== netpol demo: the AKS vote app (Calico walkthrough) on a local lab node\n");
+    let mut lab = Lab::new()?;
+    let dev_front = lab.add_pod("azure-vote-front")?;
+    let dev_back = lab.add_pod("azure-vote-back")?;
+    let prod_front = lab.add_pod("azure-vote-front")?;
+    let prod_back = lab.add_pod("azure-vote-back")?;
+    let _redis =
+        [TcpServer::start(&dev_back.netns, REDIS)?, TcpServer::start(&prod_back.netns, REDIS)?];
+    let dir = ManifestDir::new("demo")?;
+    dir.write(
+        "namespaces.yaml",
+        &format!(
+            "{}---\n{}",
+            namespace("development", &[("name", "development")]),
+            namespace("production", &[("name", "production")])
+        ),
+    )?;
+    for (p, ns, app, ports) in [
+        (&dev_front, "development", "azure-vote-front", &[][..]),
+        (&dev_back, "development", "azure-vote-back", &[("redis", REDIS)][..]),
+        (&prod_front, "production", "azure-vote-front", &[][..]),
+        (&prod_back, "production", "azure-vote-back", &[("redis", REDIS)][..]),
+    ] {
+        dir.write(&format!("{ns}-{app}.yaml"), &pod(p, ns, NODE, &[("app", app)], ports))?;
+        println!("   pod {ns}/{app:<18} {:<15} host interface {}", p.ip, p.host_if);
     }
-    println!("   rule 1 opened {} connection(s)", c.by_rule.get(&1).map_or(0, |v| v.packets));
+    println!("\n   the agent runs as node {NODE}, reading manifests from {}", dir.path().display());
+    let agent = RunningAgent::start(&dir, NODE, "demo");
+    agent.wait_ready();
+    println!(
+        "   agent ready: programs attached to every pod's host interface, maps pinned in {}",
+        agent.pin_dir.display()
+    );
 
-    println!("\n== 5. the pinned maps, as an operator sees them with bpftool");
-    let ep = pin_dir.join("np_ep");
-    println!("$ bpftool map dump pinned {}", ep.display());
-    print!("{}", run("bpftool", &["map", "dump", "pinned", &ep.to_string_lossy()])?);
-    let ct = pin_dir.join("np_ct");
-    println!("$ bpftool map dump pinned {}  (conntrack, first entry)", ct.display());
-    let dump = run("bpftool", &["map", "dump", "pinned", &ct.to_string_lossy()])?;
-    println!("{}", dump.lines().take(24).collect::<Vec<_>>().join("\n"));
+    let cells = [
+        Cell { from: &dev_front, from_ns: "development", to: &dev_back, to_ns: "development" },
+        Cell { from: &dev_front, from_ns: "development", to: &prod_back, to_ns: "production" },
+        Cell { from: &prod_front, from_ns: "production", to: &prod_back, to_ns: "production" },
+        Cell { from: &prod_front, from_ns: "production", to: &dev_back, to_ns: "development" },
+    ];
 
-    dp.detach_all()?;
-    drop(other);
+    println!(
+        "\n== 1. no NetworkPolicy yet: every frontend reaches every Redis (the security flaw)"
+    );
+    matrix(&cells, &[true, true, true, true])?;
+
+    println!("\n== 2. kubectl apply -f network-policy-production.yaml\n");
+    println!(
+        "{}",
+        PRODUCTION_POLICY.lines().map(|l| format!("   | {l}")).collect::<Vec<_>>().join("\n")
+    );
+    let applied = agent.applies();
+    dir.write("network-policy-production.yaml", PRODUCTION_POLICY)?;
+    agent.wait_applied(applied);
+    println!();
+    matrix(&cells, &[true, false, true, true])?;
+    println!(
+        "\n   drop counters in /metrics (from the kernel's per-CPU maps):\n{}",
+        drops(&agent, 1.0)?
+    );
+
+    println!(
+        "\n== 3. kubectl apply -f network-policy-development.yaml (the mirror for development)"
+    );
+    let applied = agent.applies();
+    dir.write("network-policy-development.yaml", &development_policy())?;
+    agent.wait_applied(applied);
+    matrix(&cells, &[true, false, true, false])?;
+    println!("\n   drop counters in /metrics, now also for development:\n{}", drops(&agent, 2.0)?);
+
+    println!("\n== 4. what the kernel holds, as an operator sees it with bpftool");
+    let ep = agent.pin_dir.join("np_ep");
+    println!("$ bpftool map dump pinned {}   (endpoint of one Redis pod)", ep.display());
+    let dump = run("bpftool", &["map", "dump", "pinned", &ep.to_string_lossy()])?;
+    println!("{}", dump.lines().take(16).collect::<Vec<_>>().join("\n"));
+    println!("$ bpftool prog show name to_pod   (one program for every pod; per-pod state lives in maps)");
+    println!("{}", run("bpftool", &["prog", "show", "name", "to_pod"])?.trim_end());
+    let links = run("bpftool", &["link", "show"])?;
+    let tcx = links.lines().filter(|l| l.contains("tcx")).count();
+    println!("$ bpftool link show | grep -c tcx   (TCX attachments: 2 per pod interface)\n{tcx}");
+    println!("\n== 5. cleaning up: the agent detaches, namespaces, veths, routes and pins go");
+    drop(agent);
+    drop(lab);
+    println!("   done. Same scenario as a test: cargo xtask test (test/netpol-it/tests/agent.rs)");
     Ok(())
 }
