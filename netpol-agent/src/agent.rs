@@ -222,7 +222,10 @@ impl Agent {
             "policy applied"
         );
         self.applied = maps;
-        self.synced = true;
+        if !self.synced {
+            self.synced = true;
+            self.release_unclaimed()?;
+        }
         Ok(())
     }
 
@@ -314,12 +317,24 @@ impl Agent {
         Ok(self.dp.gc_conntrack(monotonic_ns(), &Timeouts::DEFAULT)?.deleted)
     }
 
-    /// Detaches from every interface and removes the endpoint entries (orderly shutdown of a
-    /// process whose attachments are not pinned).
+    /// Stops enforcing changes but leaves the programs attached and the maps pinned: the
+    /// kernel keeps enforcing the last state, and the next agent adopts the pinned attachments
+    /// and swaps its programs in without a gap. (On kernels without TCX the netlink filters go
+    /// with the process.) `netpol-agent uninstall` removes everything.
     pub fn shutdown(&mut self) -> Result<()> {
-        let bound = std::mem::take(&mut self.bound);
-        for (pod, b) in &bound {
-            self.unbind(pod, b)?;
+        tracing::info!(
+            enforced = self.bound.len(),
+            "leaving programs attached and maps pinned for the next agent"
+        );
+        Ok(())
+    }
+
+    /// After the first snapshot: releases attachments a previous agent left on interfaces no
+    /// local pod has any more.
+    fn release_unclaimed(&mut self) -> Result<()> {
+        let released = self.dp.release_unclaimed()?;
+        if !released.is_empty() {
+            tracing::info!(?released, "released attachments of pods that left while no agent ran");
         }
         Ok(())
     }

@@ -17,9 +17,11 @@ use std::{
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError},
     programs::{
-        tc::{self, SchedClassifierLinkId, TcAttachType},
-        ProgramError, SchedClassifier,
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcAttachType},
+        LinkOrder, ProgramError, SchedClassifier,
     },
+    util::KernelVersion,
     Btf, Ebpf, EbpfError, EbpfLoader,
 };
 pub use counters::{CounterSnapshot, Stats};
@@ -94,6 +96,24 @@ pub enum DataplaneError {
         #[source]
         source: Box<ProgramError>,
     },
+    /// A TCX attachment did not yield a link file descriptor.
+    #[error("attachment on {interface} has no link fd")]
+    LinkFd {
+        /// Interface name.
+        interface: String,
+        /// Cause.
+        #[source]
+        source: Box<aya::programs::links::LinkError>,
+    },
+    /// Pinning an attachment failed.
+    #[error("pinning link {path}")]
+    PinLink {
+        /// Pin path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: Box<aya::pin::PinError>,
+    },
     /// The interface does not exist.
     #[error("interface {interface} not found")]
     NoInterface {
@@ -134,8 +154,18 @@ impl Default for DataplaneOptions {
 /// Links of one attached interface.
 struct Attachment {
     name: String,
-    from_pod: SchedClassifierLinkId,
-    to_pod: SchedClassifierLinkId,
+    from_pod: LinkHold,
+    to_pod: LinkHold,
+}
+
+/// How this process holds one attachment.
+enum LinkHold {
+    /// A TCX link pinned in bpffs: it outlives the process, so a restarted agent adopts it and
+    /// swaps its program in place (no window without enforcement).
+    Pinned { link: PinnedLink },
+    /// A netlink (clsact) filter on kernels without TCX: owned by the program, gone with the
+    /// process.
+    Owned(SchedClassifierLinkId),
 }
 
 /// The loaded programs and their maps.
@@ -212,14 +242,23 @@ impl Dataplane {
         if let Err(e) = tc::qdisc_add_clsact(interface) {
             tracing::debug!(interface, error = %e, "clsact qdisc not added (exists or TCX in use)");
         }
-        let from_pod = self.attach_one(maps::PROG_FROM_POD, interface, TcAttachType::Ingress)?;
-        let to_pod = match self.attach_one(maps::PROG_TO_POD, interface, TcAttachType::Egress) {
-            Ok(id) => id,
-            Err(e) => {
-                let _ = self.classifier(maps::PROG_FROM_POD).map(|p| p.detach(from_pod));
-                return Err(e);
-            }
-        };
+        let from_pod =
+            self.attach_one(maps::PROG_FROM_POD, interface, ifindex, TcAttachType::Ingress)?;
+        let to_pod =
+            match self.attach_one(maps::PROG_TO_POD, interface, ifindex, TcAttachType::Egress) {
+                Ok(hold) => hold,
+                Err(e) => {
+                    match from_pod {
+                        LinkHold::Pinned { link } => {
+                            let _ = link.unpin();
+                        }
+                        LinkHold::Owned(id) => {
+                            let _ = self.classifier(maps::PROG_FROM_POD).map(|p| p.detach(id));
+                        }
+                    }
+                    return Err(e);
+                }
+            };
         self.attached.insert(ifindex, Attachment { name: interface.to_owned(), from_pod, to_pod });
         Ok(ifindex)
     }
@@ -236,13 +275,50 @@ impl Dataplane {
         &mut self,
         program: &'static str,
         interface: &str,
+        ifindex: u32,
         at: TcAttachType,
-    ) -> Result<SchedClassifierLinkId> {
-        self.classifier(program)?.attach(interface, at).map_err(|e| DataplaneError::Attach {
+    ) -> Result<LinkHold> {
+        let err = |e: ProgramError| DataplaneError::Attach {
             program,
             interface: interface.to_owned(),
             source: Box::new(e),
-        })
+        };
+        // TCX links (kernel 6.6+) can be pinned; older kernels get netlink filters.
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        if !tcx {
+            return self
+                .classifier(program)?
+                .attach(interface, at)
+                .map(LinkHold::Owned)
+                .map_err(err);
+        }
+        let dir = self.pin_dir.join("links");
+        std::fs::create_dir_all(&dir)
+            .map_err(|source| DataplaneError::PinDir { path: dir.clone(), source })?;
+        let path = dir.join(format!("{ifindex}_{program}"));
+        let prog = self.classifier(program)?;
+        // A previous agent's attachment: swap this process's program into the existing link
+        // atomically, so packets never pass unenforced during a restart or upgrade.
+        let adopted = PinnedLink::from_pin(&path)
+            .ok()
+            .and_then(|old| SchedClassifierLink::try_from(FdLink::from(old)).ok())
+            .and_then(|link| prog.attach_to_link(link).ok());
+        let id = match adopted {
+            Some(id) => id,
+            // None, or a stale pin whose interface is gone: attach anew.
+            None => prog
+                .attach_with_options(interface, at, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(err)?,
+        };
+        let link: FdLink = prog.take_link(id).map_err(err)?.try_into().map_err(|e| {
+            DataplaneError::LinkFd { interface: interface.to_owned(), source: Box::new(e) }
+        })?;
+        // Re-pin under the same name (the old pin names the same link or a dead one).
+        let _ = std::fs::remove_file(&path);
+        let link = link
+            .pin(&path)
+            .map_err(|e| DataplaneError::PinLink { path: path.clone(), source: Box::new(e) })?;
+        Ok(LinkHold::Pinned { link })
     }
 
     /// Detaches both programs from the interface with index `ifindex`, if attached.
@@ -250,14 +326,47 @@ impl Dataplane {
         let Some(a) = self.attached.remove(&ifindex) else {
             return Ok(());
         };
-        for (program, id) in [(maps::PROG_FROM_POD, a.from_pod), (maps::PROG_TO_POD, a.to_pod)] {
-            self.classifier(program)?.detach(id).map_err(|e| DataplaneError::Attach {
-                program,
-                interface: a.name.clone(),
-                source: Box::new(e),
-            })?;
+        for (program, hold) in [(maps::PROG_FROM_POD, a.from_pod), (maps::PROG_TO_POD, a.to_pod)] {
+            match hold {
+                // Unpinning removes the last reference besides our fd, which is closed here:
+                // the kernel detaches the link.
+                LinkHold::Pinned { link } => {
+                    let _ = link.unpin();
+                }
+                LinkHold::Owned(id) => {
+                    self.classifier(program)?.detach(id).map_err(|e| DataplaneError::Attach {
+                        program,
+                        interface: a.name.clone(),
+                        source: Box::new(e),
+                    })?
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Removes pinned attachments (and endpoint entries) left by a previous agent for
+    /// interfaces this process did not claim: pods that went away while no agent ran.
+    pub fn release_unclaimed(&mut self) -> Result<Vec<u32>> {
+        let dir = self.pin_dir.join("links");
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(Vec::new()) };
+        let mut released = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(ifindex) = name.split('_').next().and_then(|i| i.parse::<u32>().ok()) else {
+                continue;
+            };
+            if self.attached.contains_key(&ifindex) {
+                continue;
+            }
+            // Dropping the opened link after removing the pin detaches it.
+            let _ = std::fs::remove_file(e.path());
+            self.remove_endpoint(ifindex)?;
+            if !released.contains(&ifindex) {
+                released.push(ifindex);
+            }
+        }
+        Ok(released)
     }
 
     /// Interfaces this process attached to, by ifindex.
@@ -394,8 +503,8 @@ impl Dataplane {
         self.map_mut(name)
     }
 
-    /// Detaches every interface this process attached. Pinned maps stay (restart without a gap
-    /// needs them); [`remove_pins`] deletes them.
+    /// Detaches every interface this process attached (their link pins go too). Pinned maps
+    /// stay; [`remove_pins`] deletes them.
     pub fn detach_all(&mut self) -> Result<()> {
         let ifindexes: Vec<u32> = self.attached.keys().copied().collect();
         for i in ifindexes {

@@ -31,6 +31,11 @@ impl RunningAgent {
         let pin_dir =
             PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-{name}", std::process::id()));
         let _ = remove_pins(&pin_dir);
+        RunningAgent::start_on(dir, node, pin_dir)
+    }
+
+    /// Starts the agent on the pins in `pin_dir`, adopting what a previous agent left there.
+    pub fn start_on(dir: &ManifestDir, node: &str, pin_dir: PathBuf) -> RunningAgent {
         let metrics_addr = free_loopback_port();
         let opts = AgentOptions {
             node_name: node.into(),
@@ -83,8 +88,15 @@ impl RunningAgent {
     }
 }
 
-impl Drop for RunningAgent {
-    fn drop(&mut self) {
+impl RunningAgent {
+    /// Stops the agent like a restart does: its attachments and maps stay pinned. Returns the
+    /// pin directory for the next agent.
+    pub fn stop_keeping_pins(mut self) -> PathBuf {
+        self.stop_thread();
+        std::mem::take(&mut self.pin_dir)
+    }
+
+    fn stop_thread(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
@@ -95,7 +107,16 @@ impl Drop for RunningAgent {
                 Err(_) => eprintln!("agent thread panicked"),
             }
         }
-        let _ = remove_pins(&self.pin_dir);
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.stop_thread();
+        // Removing the pins detaches the programs (this process no longer holds the links).
+        if !self.pin_dir.as_os_str().is_empty() {
+            let _ = remove_pins(&self.pin_dir);
+        }
     }
 }
 

@@ -42,7 +42,14 @@ impl Fixture {
             PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-{test}", std::process::id()));
         let _ = remove_pins(&pin_dir);
         opts.pin_dir = pin_dir.clone();
-        let dp = Dataplane::load(&opts).expect("loading the eBPF programs");
+        let dp = match Dataplane::load(&opts) {
+            Ok(dp) => dp,
+            Err(e) => {
+                // Maps pinned before the failure would otherwise outlive the test.
+                let _ = remove_pins(&pin_dir);
+                panic!("loading the eBPF programs: {e:?}");
+            }
+        };
         Fixture { dp, pin_dir }
     }
 

@@ -36,13 +36,19 @@ impl TcpServer {
         let thread = std::thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
                 match listener.accept() {
+                    // One thread per connection: a connection held open (the restart tests keep
+                    // one) must not stall the others.
                     Ok((mut s, _)) => {
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                        let mut buf = [0u8; 64];
-                        if let Ok(n) = s.read(&mut buf) {
-                            let _ = s.write_all(&buf[..n]);
-                        }
+                        std::thread::spawn(move || {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                            let mut buf = [0u8; 64];
+                            while let Ok(n) = s.read(&mut buf) {
+                                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
