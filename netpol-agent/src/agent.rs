@@ -303,6 +303,27 @@ impl Agent {
         Ok(())
     }
 
+    /// A deleted interface: a pod bound to it loses its binding (the kernel removed the
+    /// attachments with the device) and waits for its interface to come back.
+    pub fn interface_removed(&mut self, ifindex: u32) -> Result<()> {
+        let Some(pod) =
+            self.bound.iter().find(|(_, b)| b.ifindex == ifindex).map(|(p, _)| p.clone())
+        else {
+            return Ok(());
+        };
+        if let Some(b) = self.bound.remove(&pod) {
+            self.unbind(&pod, &b)?;
+        }
+        self.pending.insert(pod.clone());
+        tracing::info!(%pod, ifindex, "interface deleted; waiting for the pod's interface");
+        Ok(())
+    }
+
+    /// Whether some pod waits for its interface.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// Retries pods whose interface was not found.
     pub async fn retry_pending(&mut self) -> Result<()> {
         if self.pending.is_empty() {
@@ -387,9 +408,11 @@ pub async fn run_until(
             })
         }
     };
+    let mut host = crate::iface::watch().context("subscribing to netlink link and route events")?;
     let mut retry = tokio::time::interval(opts.retry_interval);
     let mut gc = tokio::time::interval(opts.gc_interval);
     let mut publish = tokio::time::interval(Duration::from_secs(1));
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
@@ -423,8 +446,20 @@ pub async fn run_until(
                     break Err(anyhow::anyhow!("the source stopped: {r:?}"));
                 }
             },
+            ev = host.recv() => {
+                let result = match ev {
+                    Some(crate::iface::HostEvent::LinkRemoved(i)) => agent.interface_removed(i),
+                    Some(crate::iface::HostEvent::Changed) if agent.has_pending() => agent.retry_pending().await,
+                    Some(crate::iface::HostEvent::Changed) => Ok(()),
+                    None => Err(anyhow::anyhow!("netlink event stream ended")),
+                };
+                if let Err(e) = result {
+                    metrics.reconcile_error("interface");
+                    tracing::error!(error = format!("{e:#}"), "handling a netlink event failed");
+                }
+            }
+            _ = heartbeat.tick() => health.beat(),
             _ = retry.tick() => {
-                health.beat();
                 if let Err(e) = agent.retry_pending().await {
                     metrics.reconcile_error("interface");
                     tracing::error!(error = format!("{e:#}"), "retrying pending pods failed");

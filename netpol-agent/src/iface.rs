@@ -253,3 +253,51 @@ fn probe(ip: IpAddr) {
         let _ = s.send_to(&[], (ip, 9));
     }
 }
+
+/// A change of the host's links, routes or neighbours: it may make a pending pod resolvable,
+/// or a bound pod's interface disappear.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostEvent {
+    /// The interface with this index was deleted.
+    LinkRemoved(u32),
+    /// Some link, route or neighbour changed.
+    Changed,
+}
+
+/// Subscribes to netlink link, route and neighbour notifications; must be called inside a tokio
+/// runtime. Pods are attached as soon as their interface and route appear, instead of waiting
+/// for the periodic retry.
+pub fn watch() -> Result<tokio::sync::mpsc::UnboundedReceiver<HostEvent>, IfaceError> {
+    use futures::StreamExt as _;
+    use rtnetlink::{
+        constants::{RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH},
+        packet_core::NetlinkPayload,
+        packet_route::RouteNetlinkMessage,
+        sys::{AsyncSocket as _, SocketAddr},
+    };
+    let (mut conn, handle, mut messages) =
+        rtnetlink::new_connection().map_err(IfaceError::Connect)?;
+    let groups = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, groups))
+        .map_err(IfaceError::Connect)?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        // Keeps the connection's request side open for as long as notifications are read.
+        let _handle = handle;
+        while let Some((msg, _)) = messages.next().await {
+            let ev = match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
+                    HostEvent::LinkRemoved(l.header.index)
+                }
+                _ => HostEvent::Changed,
+            };
+            if tx.send(ev).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}

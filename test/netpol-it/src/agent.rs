@@ -36,8 +36,18 @@ impl RunningAgent {
 
     /// Starts the agent on the pins in `pin_dir`, adopting what a previous agent left there.
     pub fn start_on(dir: &ManifestDir, node: &str, pin_dir: PathBuf) -> RunningAgent {
+        RunningAgent::start_with(dir, node, pin_dir, |_| {})
+    }
+
+    /// Like [`RunningAgent::start_on`], with options adjusted by `tweak`.
+    pub fn start_with(
+        dir: &ManifestDir,
+        node: &str,
+        pin_dir: PathBuf,
+        tweak: impl FnOnce(&mut AgentOptions),
+    ) -> RunningAgent {
         let metrics_addr = free_loopback_port();
-        let opts = AgentOptions {
+        let mut opts = AgentOptions {
             node_name: node.into(),
             source: SourceConfig::Manifests(dir.path().to_owned()),
             dataplane: DataplaneOptions { pin_dir: pin_dir.clone(), ..Default::default() },
@@ -47,6 +57,7 @@ impl RunningAgent {
             metrics_addr: Some(metrics_addr),
             per_pod_labels: true,
         };
+        tweak(&mut opts);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             tokio::runtime::Builder::new_multi_thread()

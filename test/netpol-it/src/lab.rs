@@ -100,15 +100,25 @@ impl Lab {
     /// Adds a pod: namespace, veth pair, address, routes, forwarding and proxy ARP on the host
     /// side (per interface: never the global ip_forward).
     pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
+        let pod = self.next_pod(name);
+        self.create_pod(pod)
+    }
+
+    /// The pod [`Lab::add_pod`] would create next (names and addresses), without creating it:
+    /// for manifests written before a pod's interface exists.
+    pub fn next_pod(&self, name: &str) -> Pod {
         let idx = self.pods.len() + 2;
-        let pod = Pod {
+        Pod {
             name: name.to_owned(),
             netns: format!("{NAME_PREFIX}-{}-{idx}", self.id),
             host_if: format!("{NAME_PREFIX}{}h{idx}", self.id),
             ip: Ipv4Addr::new(LAB_PREFIX[0], LAB_PREFIX[1], self.subnet, idx as u8),
             ip6: (self.topology == Topology::Bridged)
                 .then(|| Ipv6Addr::new(0xfd13, 0x213, 0, self.subnet as u16, 0, 0, 0, idx as u16)),
-        };
+        }
+    }
+
+    fn create_pod(&mut self, pod: Pod) -> Result<Pod> {
         // Record first so that drop removes a half-built pod too.
         self.pods.push(pod.clone());
         let (ns, hif) = (&pod.netns, &pod.host_if);

@@ -2,6 +2,7 @@
 //! with pods, namespaces and policies created, relabelled and deleted while traffic runs.
 use std::{
     net::SocketAddr,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -96,5 +97,46 @@ fn manifests_drive_enforcement_while_traffic_runs() {
         eventually(&other, to, false, "deny again");
         dir.remove("back.yaml").unwrap();
         eventually(&other, to, true, "backend no longer on this node");
+    }
+}
+
+#[test]
+fn pods_are_attached_when_their_interface_appears_and_released_when_it_goes() {
+    use netpol_it::cmd::ip;
+    let mut lab = Lab::new().unwrap();
+    let stranger = lab.add_pod("stranger").unwrap();
+    let late = lab.next_pod("late");
+    let dir = ManifestDir::new("late").unwrap();
+    dir.write("ns.yaml", &namespace("prod", &[])).unwrap();
+    dir.write("stranger.yaml", &pod(&stranger, "prod", NODE, &[("app", "stranger")], &[])).unwrap();
+    dir.write("late.yaml", &pod(&late, "prod", NODE, &[("app", "late")], &[("http", 80)])).unwrap();
+    dir.write("deny.yaml", DENY_ALL).unwrap();
+    // The periodic retry is made too slow to matter: only netlink events can attach the pod.
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-late", std::process::id()));
+    let agent = RunningAgent::start_with(&dir, NODE, pin_dir, |o| {
+        o.retry_interval = Duration::from_secs(600)
+    });
+    agent.wait_ready();
+    let pending = |agent: &RunningAgent| {
+        sample(&scrape(agent.metrics_addr, "/metrics"), "netpol_endpoints", &[("state", "pending")])
+    };
+
+    // The pod exists in the API but has no interface yet: pending.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pending(&agent) < 1.0 {
+        assert!(Instant::now() < deadline, "the late pod should be pending");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Its interface appears: enforced within moments, without waiting for the retry.
+    let late = lab.add_pod("late").unwrap();
+    let _srv = TcpServer::start(&late.netns, 80).unwrap();
+    let to = SocketAddr::from((late.ip, 80));
+    eventually(&stranger, to, false, "attached on the netlink event");
+    // The interface is deleted out of band: the pod is pending again.
+    ip(&format!("link del {}", late.host_if)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pending(&agent) < 1.0 {
+        assert!(Instant::now() < deadline, "a deleted interface should make the pod pending");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
