@@ -56,7 +56,7 @@ struct Cell<'a> {
 
 /// Prints who reaches which Redis and checks it against `expect` (row-major).
 fn matrix(cells: &[Cell], expect: &[bool]) -> Result<()> {
-    println!("   {:<32} {:<34} {}", "from", "to", "result");
+    println!("   {:<32} {:<34} result", "from", "to");
     let mut wrong = Vec::new();
     for (c, want) in cells.iter().zip(expect) {
         // Policy changes take effect within milliseconds; allow a moment before judging.
