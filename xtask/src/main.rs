@@ -24,6 +24,8 @@ enum Command {
     Test(test::TestArgs),
     /// Set up, build, and run the demo on a local lab node.
     Demo,
+    /// rustfmt check and clippy (host crates, then the eBPF crate for its BPF target).
+    Lint,
     /// Run a benchmark; prints a table and writes JSON under bench/results/.
     Bench {
         /// Which benchmark: `datapath` (BPF_PROG_TEST_RUN cost per packet vs an empty program)
@@ -59,6 +61,39 @@ fn main() -> anyhow::Result<()> {
             exec::run_status(
                 exec::target_dir().join("release/netpol-bench"),
                 &[std::ffi::OsStr::new(&name), out.as_os_str()],
+            )
+        }
+        Command::Lint => {
+            exec::cargo(&["fmt", "--all", "--check"])?;
+            exec::cargo(&[
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "netpol-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
+            // The eBPF crate alone: unifying netpol-common's `user` feature would pull in std.
+            exec::run_status(
+                "rustup",
+                &[
+                    "run",
+                    preflight::EBPF_TOOLCHAIN,
+                    "cargo",
+                    "clippy",
+                    "-p",
+                    "netpol-ebpf",
+                    "--release",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
             )
         }
         Command::Demo => {
