@@ -40,6 +40,7 @@ impl RunningAgent {
             gc_interval: Duration::from_secs(10),
             metrics_addr: Some(metrics_addr),
             per_pod_labels: true,
+            status_file: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
