@@ -166,10 +166,11 @@ fn cli_reads_what_the_live_agent_enforces() {
     let mut agent = RunningAgent::start(&dir, "cli");
     let to = SocketAddr::from((back.ip, 80));
 
-    // Observed traffic: the frontend reaches the backend, the other pod does not.
+    // Every pod bound (the status file is written after the interfaces are attached), then the
+    // observed traffic: the frontend reaches the backend, the other pod does not.
+    let status = wait_for_status(&agent.status_file, 3);
     eventually(&front, to, true, "frontend allowed");
     eventually(&other, to, false, "other denied");
-    let status = wait_for_status(&agent.status_file, 3);
     assert_eq!(status.node, NODE);
     assert!(status.rules.values().any(|r| r.describe() == "prod/allow-frontend ingress rule 0"));
 
