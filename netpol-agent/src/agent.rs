@@ -24,8 +24,9 @@ use crate::{
     iface::{Resolution, Resolver},
     layout::{KernelMaps, Layout},
     metrics::{EndpointLabels, Health, Metrics, MetricsOptions},
-    model::{ClusterState, PodRef},
+    model::{ClusterState, Direction, PodRef},
     source::{self, SourceEvent},
+    status::{AppliedPolicy, EndpointStatus, RuleStatus, Status, TierSets},
 };
 
 /// Where the cluster state comes from.
@@ -59,6 +60,9 @@ pub struct AgentOptions {
     pub metrics_addr: Option<SocketAddr>,
     /// Label drop counters with namespace and pod (higher cardinality).
     pub per_pod_labels: bool,
+    /// Where the status file for the CLI is written after every applied snapshot (`None`: not
+    /// written).
+    pub status_file: Option<PathBuf>,
 }
 
 /// A local pod bound to its interface.
@@ -82,6 +86,8 @@ pub struct Agent {
     bound: BTreeMap<PodRef, Bound>,
     pending: BTreeSet<PodRef>,
     synced: bool,
+    node_name: String,
+    status_file: Option<PathBuf>,
 }
 
 /// The changes that turn `old` into `new`, for the incremental compiler.
@@ -141,6 +147,8 @@ impl Agent {
             bound: BTreeMap::new(),
             pending: BTreeSet::new(),
             synced: false,
+            node_name: opts.node_name.clone(),
+            status_file: opts.status_file.clone(),
         })
     }
 
@@ -226,7 +234,79 @@ impl Agent {
             self.synced = true;
             self.release_unclaimed()?;
         }
+        self.write_status();
         Ok(())
+    }
+
+    /// What the agent enforces, for the CLI.
+    pub fn status(&self) -> Status {
+        let state = self.compiler.state();
+        let endpoints = self
+            .bound
+            .iter()
+            .map(|(pod, b)| {
+                let policies = state
+                    .pods
+                    .get(pod)
+                    .map(|p| {
+                        state
+                            .policies
+                            .values()
+                            .filter(|np| {
+                                np.namespace == p.namespace && np.pod_selector.matches(&p.labels)
+                            })
+                            .map(|np| AppliedPolicy {
+                                policy: np.key().to_string(),
+                                directions: Direction::ALL
+                                    .into_iter()
+                                    .filter(|d| np.affects(*d))
+                                    .map(|d| d.name().to_owned())
+                                    .collect(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                EndpointStatus {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                    ifindex: b.ifindex,
+                    interface: b.name.clone(),
+                    ips: b.ips.clone(),
+                    generation: b.value.generation,
+                    audit: b.value.flags & netpol_common::ep::EP_FLAG_AUDIT != 0,
+                    ingress: TierSets::of(&b.value, netpol_common::DIR_INGRESS),
+                    egress: TierSets::of(&b.value, netpol_common::DIR_EGRESS),
+                    policies,
+                }
+            })
+            .collect();
+        let pin_dir = self.dp.pin_dir().to_owned();
+        Status {
+            node: self.node_name.clone(),
+            written_at: crate::status::unix_now(),
+            layout: pin_dir
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            pin_dir,
+            endpoints,
+            pending: self.pending.iter().map(ToString::to_string).collect(),
+            rules: self.applied.rules.iter().map(|(id, o)| (*id, RuleStatus::from(o))).collect(),
+            peer_entries: self.applied.peers.len(),
+            port_entries: self.applied.ports.len(),
+        }
+    }
+
+    /// Writes the status file, if configured; a failure is logged (enforcement goes on).
+    fn write_status(&self) {
+        let Some(path) = &self.status_file else {
+            return;
+        };
+        if let Err(e) = self.status().write(path) {
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::new(e)),
+                "writing the status file failed"
+            );
+        }
     }
 
     /// Binds, updates and unbinds local pods so the endpoint map matches `maps`.
@@ -330,7 +410,12 @@ impl Agent {
             return Ok(());
         }
         let maps = self.applied.clone();
-        self.sync_endpoints(&maps).await
+        let before = self.pending.len();
+        let r = self.sync_endpoints(&maps).await;
+        if self.pending.len() != before {
+            self.write_status();
+        }
+        r
     }
 
     /// One conntrack garbage-collection pass.
@@ -357,6 +442,8 @@ impl Agent {
         if !released.is_empty() {
             tracing::info!(?released, "released attachments of pods that left while no agent ran");
         }
+        // Nothing is enforced any more: say so to the CLI.
+        self.write_status();
         Ok(())
     }
 }

@@ -61,6 +61,23 @@ pub enum ExplainError {
     /// Neither `--port` nor `--proto icmp`.
     #[error("--port is required (or --proto icmp)")]
     MissingPort,
+    /// `--live`: the pod is not an endpoint enforced on this node.
+    #[error("{flag}: pod {pod} is not enforced on this node (not in the agent's status file)")]
+    NotOnNode {
+        /// The flag.
+        flag: &'static str,
+        /// The pod.
+        pod: PodRef,
+    },
+    /// Neither `--manifests` nor `--live`.
+    #[error("pass --manifests DIR (what the policies say) or --live (what this node enforces)")]
+    NoSource,
+    /// `--live`: reading the pinned maps failed.
+    #[error(transparent)]
+    Pinned(#[from] crate::dataplane::pinned::PinnedError),
+    /// `--live`: reading the status file failed.
+    #[error(transparent)]
+    Status(#[from] crate::status::StatusError),
     /// Id allocation failed.
     #[error("laying out the maps failed")]
     Layout {
@@ -84,8 +101,18 @@ pub enum OutputFormat {
 #[derive(clap::Args, Debug)]
 pub struct ExplainArgs {
     /// Directory of manifests (*.yaml, *.yml, *.json: Namespaces, Pods, NetworkPolicies).
+    #[arg(long, required_unless_present = "live", conflicts_with = "live")]
+    pub manifests: Option<PathBuf>,
+    /// Decide against this node's live pinned maps instead of manifests (needs root); pods are
+    /// found in the agent's status file.
     #[arg(long)]
-    pub manifests: PathBuf,
+    pub live: bool,
+    /// `--live`: where the maps are pinned.
+    #[arg(long, default_value = netpol_common::maps::PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// `--live`: the agent's status file.
+    #[arg(long, default_value = crate::status::DEFAULT_PATH)]
+    pub status_file: PathBuf,
     /// Source: NAMESPACE/POD or an IP address.
     #[arg(long)]
     pub from: String,
@@ -347,7 +374,12 @@ fn check(
         .get(&d.rule_id)
         .cloned()
         .filter(|_| d.rule_id != netpol_common::policy::RULE_NONE);
-    report.reason = match (&report.rule, d.policed, d.allow) {
+    report.reason = reason_text(report.rule.as_ref(), d.policed, d.allow, dir);
+    Ok(report)
+}
+
+fn reason_text(rule: Option<&RuleOrigin>, policed: bool, allow: bool, dir: Direction) -> String {
+    match (rule, policed, allow) {
         (_, false, _) => format!("no NetworkPolicy selects the pod for {dir}: allowed"),
         (Some(RuleOrigin::NodeToPod), _, _) => {
             "traffic from the node's own address to its pods is allowed".into()
@@ -356,8 +388,90 @@ fn check(
             format!("allowed by NetworkPolicy {policy} {direction} rule {index}")
         }
         (_, true, _) => format!("isolated for {dir} and no rule allows it: denied"),
+    }
+}
+
+/// Explains `q` against this node's live maps: each end that is an endpoint of this node (found
+/// in `status`) is decided with its `np_ep` entry and the kernel's lookups in the pinned
+/// `np_peer`/`np_ports`; rule ids are attributed through the status file's rule origins.
+pub fn explain_live(
+    pinned: &crate::dataplane::pinned::PinnedMaps,
+    status: &crate::status::Status,
+    q: &Query,
+) -> Result<Report, ExplainError> {
+    use crate::status::EndpointStatus;
+    let resolve = |flag: &'static str,
+                   peer: &Peer|
+     -> Result<(Vec<IpAddr>, Option<&EndpointStatus>), ExplainError> {
+        match peer {
+            Peer::Pod(p) => {
+                let ep = status
+                    .endpoint(&p.namespace, &p.name)
+                    .ok_or_else(|| ExplainError::NotOnNode { flag, pod: p.clone() })?;
+                if ep.ips.is_empty() {
+                    return Err(ExplainError::NoAddress { flag, pod: p.clone() });
+                }
+                Ok((ep.ips.clone(), Some(ep)))
+            }
+            Peer::Ip(ip) => Ok((vec![*ip], status.endpoint_by_ip(*ip))),
+        }
     };
-    Ok(report)
+    let (from_ips, from_ep) = resolve("--from", &q.from)?;
+    let (to_ips, to_ep) = resolve("--to", &q.to)?;
+    let (from_ip, to_ip) = addresses(&from_ips, &to_ips)?;
+    let mut directions = Vec::new();
+    for (dir, ep, remote) in
+        [(Direction::Egress, from_ep, to_ip), (Direction::Ingress, to_ep, from_ip)]
+    {
+        let Some(ep) = ep else { continue };
+        let policies: Vec<PodRef> = ep
+            .policies
+            .iter()
+            .filter(|p| p.directions.iter().any(|d| d == dir.name()))
+            .filter_map(|p| p.policy.split_once('/').map(|(ns, n)| PodRef::new(ns, n)))
+            .collect();
+        let mut report = DirectionReport {
+            direction: dir,
+            pod: PodRef::new(&ep.namespace, &ep.name),
+            node: status.node.clone(),
+            remote,
+            policed: false,
+            allow: true,
+            rule: None,
+            policies,
+            reason: String::new(),
+        };
+        let Some(value) = pinned.endpoint(ep.ifindex)? else {
+            report.reason = format!(
+                "no np_ep entry for ifindex {} ({}): its traffic passes unchecked",
+                ep.ifindex, ep.interface
+            );
+            directions.push(report);
+            continue;
+        };
+        let addr = match remote {
+            IpAddr::V4(v4) => netpol_common::v4_mapped(v4.octets()),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        let d = pinned.evaluate(&value, dir.as_u8(), addr, q.proto, q.port)?;
+        report.policed = d.policed;
+        report.allow = d.allow;
+        report.rule = status
+            .rules
+            .get(&d.rule_id)
+            .and_then(|r| r.origin())
+            .filter(|_| d.rule_id != netpol_common::policy::RULE_NONE);
+        report.reason = reason_text(report.rule.as_ref(), d.policed, d.allow, dir);
+        directions.push(report);
+    }
+    Ok(Report {
+        allow: directions.iter().all(|d| d.allow),
+        from_ip,
+        to_ip,
+        proto: q.proto,
+        port: q.port,
+        directions,
+    })
 }
 
 fn proto_name(p: u8) -> String {
@@ -444,14 +558,22 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
         node_addrs: args.node_addrs,
         allow_host_to_pods: !args.no_host_to_pods,
     };
-    if !args.manifests.is_dir() {
-        anyhow::bail!("--manifests {}: not a directory", args.manifests.display());
-    }
-    let (state, errors) = crate::manifest::load_dir(&args.manifests);
-    for e in &errors {
-        eprintln!("warning: {e}");
-    }
-    let report = explain(&state, &query)?;
+    let report = if args.live {
+        crate::uninstall::require_root()?;
+        let pinned = crate::dataplane::pinned::PinnedMaps::open(&args.pin_dir)?;
+        let status = crate::status::Status::read(&args.status_file)?;
+        explain_live(&pinned, &status, &query)?
+    } else {
+        let manifests = args.manifests.ok_or(ExplainError::NoSource)?;
+        if !manifests.is_dir() {
+            anyhow::bail!("--manifests {}: not a directory", manifests.display());
+        }
+        let (state, errors) = crate::manifest::load_dir(&manifests);
+        for e in &errors {
+            eprintln!("warning: {e}");
+        }
+        explain(&state, &query)?
+    };
     match args.output {
         OutputFormat::Text => print!("{}", render_text(&report)),
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&render_json(&report))?),

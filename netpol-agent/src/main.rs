@@ -23,8 +23,15 @@ struct Cli {
 enum Command {
     /// Enforce the policies of this node's pods (the DaemonSet process).
     Run(RunArgs),
-    /// Print the verdict for a connection and the policies and rules that decide it.
+    /// Print the verdict for a connection and the policies and rules that decide it (from
+    /// manifests, or with --live from this node's maps).
     Explain(netpol_agent::explain::ExplainArgs),
+    /// Show this node's endpoints, their generations, policies, counters and map fill levels.
+    Inspect(netpol_agent::inspect::InspectArgs),
+    /// Dump the connection-tracking table.
+    Conntrack(netpol_agent::inspect::ConntrackArgs),
+    /// Detach netpol from every interface and remove its pinned maps and status file.
+    Uninstall(netpol_agent::uninstall::UninstallArgs),
 }
 
 #[derive(Args, Debug)]
@@ -57,6 +64,9 @@ struct RunArgs {
     /// Label drop counters with namespace and pod (one series per pod: mind the cardinality).
     #[arg(long)]
     per_pod_metrics: bool,
+    /// Where to publish what is enforced, for `inspect`, `conntrack` and `explain --live`.
+    #[arg(long, default_value = netpol_agent::status::DEFAULT_PATH)]
+    status_file: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,6 +81,9 @@ fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Explain(args) => netpol_agent::explain::run(args),
+        Command::Inspect(args) => netpol_agent::inspect::run_inspect(args),
+        Command::Conntrack(args) => netpol_agent::inspect::run_conntrack(args),
+        Command::Uninstall(args) => netpol_agent::uninstall::run(args),
         Command::Run(args) => {
             tracing::info!(?args, "starting");
             let source = match args.manifests {
@@ -91,6 +104,7 @@ fn main() -> anyhow::Result<()> {
                 gc_interval: Duration::from_secs(10),
                 metrics_addr: Some(args.metrics_addr),
                 per_pod_labels: args.per_pod_metrics,
+                status_file: Some(args.status_file),
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

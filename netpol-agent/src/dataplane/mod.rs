@@ -8,6 +8,7 @@ mod bpffs;
 pub mod conntrack;
 mod counters;
 mod object;
+pub mod pinned;
 
 use std::{
     collections::BTreeMap,

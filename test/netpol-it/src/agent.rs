@@ -22,6 +22,8 @@ pub struct RunningAgent {
     pub pin_dir: PathBuf,
     /// Its metrics and health endpoints (loopback).
     pub metrics_addr: SocketAddr,
+    /// Its status file (what `netpol-agent inspect` reads).
+    pub status_file: PathBuf,
 }
 
 impl RunningAgent {
@@ -47,6 +49,8 @@ impl RunningAgent {
         tweak: impl FnOnce(&mut AgentOptions),
     ) -> RunningAgent {
         let metrics_addr = free_loopback_port();
+        let status_file = pin_dir.with_extension("status.json");
+        let status_file = std::env::temp_dir().join(status_file.file_name().unwrap_or_default());
         let mut opts = AgentOptions {
             node_name: node.into(),
             source: SourceConfig::Manifests(dir.path().to_owned()),
@@ -56,6 +60,7 @@ impl RunningAgent {
             gc_interval: Duration::from_secs(10),
             metrics_addr: Some(metrics_addr),
             per_pod_labels: true,
+            status_file: Some(status_file.clone()),
         };
         tweak(&mut opts);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -68,7 +73,7 @@ impl RunningAgent {
                     let _ = rx.await;
                 }))
         });
-        RunningAgent { stop: Some(tx), thread: Some(thread), pin_dir, metrics_addr }
+        RunningAgent { stop: Some(tx), thread: Some(thread), pin_dir, metrics_addr, status_file }
     }
 
     /// How many snapshots the agent has applied (the count of its apply-duration histogram).
@@ -127,6 +132,7 @@ impl Drop for RunningAgent {
         // Removing the pins detaches the programs (this process no longer holds the links).
         if !self.pin_dir.as_os_str().is_empty() {
             let _ = remove_pins(&self.pin_dir);
+            let _ = std::fs::remove_file(&self.status_file);
         }
     }
 }
