@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use crate::{
     compile::{Change, CompileOptions, Compiler},
     dataplane::{conntrack::monotonic_ns, Dataplane, DataplaneOptions},
+    events::Names,
     iface::{Resolution, Resolver},
     layout::{KernelMaps, Layout},
     metrics::{EndpointLabels, Health, Metrics, MetricsOptions},
@@ -178,6 +179,12 @@ impl Agent {
                 )
             })
             .collect()
+    }
+
+    /// What the deny-event reader needs to name pods and rules in the state enforced now.
+    pub fn event_names(&self) -> Names {
+        let endpoints = self.bound.iter().map(|(p, b)| (b.ifindex, p.clone())).collect();
+        Names::new(endpoints, self.compiler.state(), self.applied.rules.clone())
     }
 
     /// Publishes the kernel counters and fill levels.
@@ -466,6 +473,20 @@ pub async fn run_until(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let mut agent = Agent::new(&opts).await?;
+    // Deny and audit events are logged by a task of their own, which names pods with what the
+    // sync loop publishes after every change.
+    let (names, names_rx) = tokio::sync::watch::channel(Arc::new(Names::default()));
+    let events = match agent.dataplane().take_events() {
+        Ok(ring) => Some(tokio::spawn(async move {
+            if let Err(e) = crate::events::run(ring, names_rx).await {
+                tracing::error!(error = format!("{e:#}"), "deny events are no longer logged");
+            }
+        })),
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "deny events are not logged");
+            None
+        }
+    };
     let metrics = Arc::new(Metrics::new(MetricsOptions { per_pod_labels: opts.per_pod_labels }));
     let health = Health::new(Duration::from_secs(30));
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -513,7 +534,9 @@ pub async fn run_until(
                     let started = Instant::now();
                     // A failed apply leaves the last good state in the kernel; the next snapshot
                     // or retry tries again.
-                    match agent.apply_snapshot(state).await {
+                    let applied = agent.apply_snapshot(state).await;
+                    names.send_replace(Arc::new(agent.event_names()));
+                    match applied {
                         Ok(()) => {
                             metrics.observe_apply(started.elapsed());
                             health.set_ready();
@@ -534,6 +557,7 @@ pub async fn run_until(
                 }
             },
             ev = host.recv() => {
+                let had_pending = agent.has_pending();
                 let result = match ev {
                     Some(crate::iface::HostEvent::LinkRemoved(i)) => agent.interface_removed(i),
                     Some(crate::iface::HostEvent::Changed) if agent.has_pending() => agent.retry_pending().await,
@@ -544,12 +568,20 @@ pub async fn run_until(
                     metrics.reconcile_error("interface");
                     tracing::error!(error = format!("{e:#}"), "handling a netlink event failed");
                 }
+                // Bindings changed: deny events must name the right pods.
+                if had_pending || agent.has_pending() {
+                    names.send_replace(Arc::new(agent.event_names()));
+                }
             }
             _ = heartbeat.tick() => health.beat(),
             _ = retry.tick() => {
+                let had_pending = agent.has_pending();
                 if let Err(e) = agent.retry_pending().await {
                     metrics.reconcile_error("interface");
                     tracing::error!(error = format!("{e:#}"), "retrying pending pods failed");
+                }
+                if had_pending {
+                    names.send_replace(Arc::new(agent.event_names()));
                 }
             }
             _ = publish.tick() => agent.publish(&metrics),
@@ -569,6 +601,9 @@ pub async fn run_until(
         }
     };
     tracing::info!("shutting down");
+    if let Some(events) = events {
+        events.abort();
+    }
     let _ = stop_http.send(());
     if let Some(h) = http {
         let _ = h.await;

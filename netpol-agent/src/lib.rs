@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod compile;
 pub mod dataplane;
+pub mod events;
 pub mod explain;
 pub mod iface;
 pub mod inspect;

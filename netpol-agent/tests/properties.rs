@@ -189,8 +189,9 @@ fn policy_strategy(i: usize) -> impl Strategy<Value = NetworkPolicy> {
         0u8..5,
         proptest::collection::vec(rule_strategy(), 0..3),
         proptest::collection::vec(rule_strategy(), 0..3),
+        proptest::bool::weighted(0.2),
     )
-        .prop_map(move |(ns, sel, types, ingress, egress)| NetworkPolicy {
+        .prop_map(move |(ns, sel, types, ingress, egress, audit)| NetworkPolicy {
             namespace: ns.into(),
             name: format!("np{i}"),
             pod_selector: sel,
@@ -202,22 +203,26 @@ fn policy_strategy(i: usize) -> impl Strategy<Value = NetworkPolicy> {
             },
             ingress,
             egress,
+            audit,
         })
 }
 
 fn cluster_strategy() -> impl Strategy<Value = ClusterState> {
-    let namespaces = proptest::collection::vec((labels_strategy(NS_LABELS), any::<bool>()), 3);
+    let namespaces = proptest::collection::vec(
+        (labels_strategy(NS_LABELS), any::<bool>(), proptest::bool::weighted(0.2)),
+        3,
+    );
     let pods = (0usize..8).prop_flat_map(|n| (0..n).map(pod_strategy).collect::<Vec<_>>());
     let policies = (0usize..5).prop_flat_map(|n| (0..n).map(policy_strategy).collect::<Vec<_>>());
     (namespaces, pods, policies).prop_map(|(nss, pods, policies)| {
         let mut state = ClusterState::default();
-        for (name, (mut labels, declared)) in NAMESPACES.iter().zip(nss) {
+        for (name, (mut labels, declared, audit)) in NAMESPACES.iter().zip(nss) {
             // Some namespaces have no object: they still carry the name label.
             if declared {
                 labels.insert(NAMESPACE_NAME_LABEL.into(), name.to_string());
                 state
                     .namespaces
-                    .insert(name.to_string(), Namespace { name: name.to_string(), labels });
+                    .insert(name.to_string(), Namespace { name: name.to_string(), labels, audit });
             }
         }
         for p in pods {

@@ -117,10 +117,19 @@ impl Compiler {
             Change::UpsertNamespace(ns) => {
                 let old = ns_labels(&self.state, &ns.name).into_owned();
                 self.ns_dirt(&old, &ns.labels, &mut dirty_policies);
+                if self.ns_audit(&ns.name) != ns.audit {
+                    dirty_pods.extend(
+                        self.index.local_by_ns.get(&ns.name).into_iter().flatten().cloned(),
+                    );
+                }
                 self.state.namespaces.insert(ns.name.clone(), ns);
             }
             Change::DeleteNamespace(name) => {
                 let old = ns_labels(&self.state, &name).into_owned();
+                if self.ns_audit(&name) {
+                    dirty_pods
+                        .extend(self.index.local_by_ns.get(&name).into_iter().flatten().cloned());
+                }
                 self.state.namespaces.remove(&name);
                 let new = ns_labels(&self.state, &name).into_owned();
                 self.ns_dirt(&old, &new, &mut dirty_policies);
@@ -208,6 +217,25 @@ impl Compiler {
         }
     }
 
+    /// Whether namespace `name` is in audit mode.
+    fn ns_audit(&self, name: &str) -> bool {
+        self.state.namespaces.get(name).is_some_and(|n| n.audit)
+    }
+
+    /// Whether `pod` is an audit endpoint: its namespace is in audit mode, or an audit policy
+    /// selects it (whatever its policy types; the flag is per endpoint).
+    fn audited(&self, pod: &Pod) -> bool {
+        self.ns_audit(&pod.namespace)
+            || self
+                .index
+                .policies_by_ns
+                .get(&pod.namespace)
+                .into_iter()
+                .flatten()
+                .filter_map(|k| self.state.policies.get(k))
+                .any(|p| p.audit && p.pod_selector.matches(&pod.labels))
+    }
+
     /// Policies whose namespace selectors match a namespace's old or new labels.
     fn ns_dirt(
         &self,
@@ -238,7 +266,11 @@ impl Compiler {
                         options: &self.options,
                     };
                     let results = compile_pod(&ctx, pod, &mut memo);
-                    let mut ep = CompiledEndpoint { ips: pod.ips.clone(), sets: BTreeMap::new() };
+                    let mut ep = CompiledEndpoint {
+                        ips: pod.ips.clone(),
+                        sets: BTreeMap::new(),
+                        audit: self.audited(pod),
+                    };
                     for (slot, result) in results {
                         let hash = match result {
                             SetResult::Known(h) => h,

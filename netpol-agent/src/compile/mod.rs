@@ -55,6 +55,11 @@ pub struct CompiledEndpoint {
     /// Peer-set hash per direction and tier; a missing entry means `SET_NONE`
     /// (for the NetworkPolicy tier: not isolated, everything allowed).
     pub sets: BTreeMap<(Direction, Tier), u64>,
+    /// Audit mode (`EP_FLAG_AUDIT`): the pod's namespace has [`crate::model::Namespace::audit`]
+    /// or a policy with [`crate::model::NetworkPolicy::audit`] selects it. The flag is per
+    /// endpoint: every would-be policy drop of the pod passes and is reported as `audit`,
+    /// whichever policy would have caused it.
+    pub audit: bool,
 }
 
 /// The compiler's output: everything one node's policy maps must contain.

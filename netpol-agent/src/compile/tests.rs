@@ -373,3 +373,88 @@ fn incremental_matches_full_for_simple_changes() {
         "unreferenced sets are dropped"
     );
 }
+
+/// The endpoint map flags of every local pod, from a full compile and from a compiler that
+/// reached `s` incrementally from `from` (both must agree).
+fn audit_flags(from: &ClusterState, s: &ClusterState) -> BTreeMap<String, u32> {
+    let full = Layout::new().update(&compile(s, &opts())).unwrap();
+    let mut inc = Compiler::new(from.clone(), opts());
+    for c in crate::agent::changes(from, s) {
+        inc.apply(c);
+    }
+    let inc = Layout::new().update(inc.compiled()).unwrap();
+    let flags = |m: &crate::layout::KernelMaps| -> BTreeMap<String, u32> {
+        m.endpoints.iter().map(|(k, e)| (k.to_string(), e.value.flags)).collect()
+    };
+    assert_eq!(flags(&full), flags(&inc), "incremental and full compiles disagree");
+    flags(&full)
+}
+
+#[test]
+fn audit_flag_from_namespace_and_policy() {
+    use netpol_common::ep::EP_FLAG_AUDIT as A;
+    let audited_ns = |name: &str| Namespace { audit: true, ..namespace(name, &[]) };
+    let deny_db = || policy("deny-db", "prod").select(sel(&[("app", "db")]));
+    let plain = state(base_ns(), base_pods(), vec![deny_db()]);
+    let cases: [(&str, ClusterState, u32, u32); 5] = [
+        ("no audit anywhere", plain.clone(), 0, 0),
+        (
+            "namespace audit: every pod of it",
+            state(vec![audited_ns("prod")], base_pods(), vec![deny_db()]),
+            A,
+            A,
+        ),
+        (
+            "another namespace in audit",
+            state(vec![audited_ns("dev")], base_pods(), vec![deny_db()]),
+            0,
+            0,
+        ),
+        (
+            "policy audit: only the pods it selects",
+            state(base_ns(), base_pods(), vec![deny_db().audit(true)]),
+            0,
+            A,
+        ),
+        (
+            "audit policy selecting nothing here",
+            state(base_ns(), base_pods(), vec![deny_db(), policy("a", "dev").audit(true)]),
+            0,
+            0,
+        ),
+    ];
+    for (what, s, web, db) in cases {
+        for from in [&plain, &ClusterState::default()] {
+            let flags = audit_flags(from, &s);
+            assert_eq!((flags["prod/web"], flags["prod/db"]), (web, db), "{what}");
+            // Turning audit off again clears the flag (incrementally too).
+            let off = audit_flags(&s, &plain);
+            assert_eq!((off["prod/web"], off["prod/db"]), (0, 0), "{what}: removed");
+        }
+        // Audit changes the flag only, never what the rules allow.
+        assert_eq!(
+            allowed(&s, "prod/db", I, "1.2.3.4", TCP, 80),
+            allowed(&plain, "prod/db", I, "1.2.3.4", TCP, 80),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn audit_flag_follows_pod_labels_and_namespace_deletion() {
+    use netpol_common::ep::EP_FLAG_AUDIT as A;
+    let audit_db = policy("audit-db", "prod").select(sel(&[("app", "db")])).audit(true);
+    let s = state(base_ns(), base_pods(), vec![audit_db.clone()]);
+    // The web pod gets the db label: now selected by the audit policy.
+    let mut relabelled = s.clone();
+    let web = relabelled.pods.get_mut(&PodRef::new("prod", "web")).unwrap();
+    web.labels.insert("app".into(), "db".into());
+    assert_eq!(audit_flags(&s, &relabelled)["prod/web"], A);
+    // Deleting an audited namespace object ends the namespace's audit mode.
+    let ns_audit =
+        state(vec![Namespace { audit: true, ..namespace("prod", &[]) }], base_pods(), vec![]);
+    let mut deleted = ns_audit.clone();
+    deleted.namespaces.clear();
+    assert_eq!(audit_flags(&ns_audit, &deleted)["prod/web"], 0);
+    assert_eq!(audit_flags(&deleted, &ns_audit)["prod/web"], A);
+}

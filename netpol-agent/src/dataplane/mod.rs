@@ -16,7 +16,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcAttachType},
@@ -497,6 +497,14 @@ impl Dataplane {
     /// Deletes every conntrack entry; returns how many.
     pub fn clear_conntrack(&mut self) -> Result<u64> {
         conntrack::clear(self.map_mut(maps::CT)?)
+    }
+
+    /// Takes the deny-event ring buffer (`np_events`) out of the loaded object, for a reader
+    /// task ([`crate::events::run`]). Works once; later calls report the map as missing.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let name = maps::EVENTS;
+        let map = self.ebpf.take_map(name).ok_or(DataplaneError::MissingMap { name })?;
+        RingBuf::try_from(map).map_err(map_err(name, "open"))
     }
 
     /// Mutable access to a map by name, for callers that need a map type not wrapped here.

@@ -12,7 +12,7 @@ mod lookup;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use netpol_common::ep::Endpoint;
+use netpol_common::ep::{Endpoint, EP_FLAG_AUDIT};
 use netpol_common::policy::{
     PeerData, PeerValue, PortData, PortValue, ACTION_ALLOW, PEER_SET_BITS,
 };
@@ -183,7 +183,8 @@ impl Layout {
             }
         }
         for (pod, ep) in &compiled.endpoints {
-            let mut value = Endpoint::default();
+            let mut value =
+                Endpoint { flags: if ep.audit { EP_FLAG_AUDIT } else { 0 }, ..Endpoint::default() };
             for ((dir, tier), hash) in &ep.sets {
                 if let Some(id) = self.peer_ids.get(*hash) {
                     value.set_tier(dir.as_u8(), *tier, id);

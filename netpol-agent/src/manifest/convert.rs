@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{
     Cidr, ContainerPort, IpBlock, LabelSelector, Labels, ModelError, Namespace, NetworkPolicy,
-    Operator, Peer, Pod, PolicyPort, PolicyType, PortRef, Protocol, Requirement, Rule,
+    Operator, Peer, Pod, PolicyPort, PolicyType, PortRef, Protocol, Requirement, Rule, AUDIT_KEY,
     NAMESPACE_NAME_LABEL,
 };
 
@@ -140,9 +140,15 @@ pub fn pod(value: serde_json::Value) -> Result<Pod, Failure> {
 pub fn namespace(value: serde_json::Value) -> Result<Namespace, Failure> {
     let n: core::Namespace = serde_json::from_value(value).map_err(Failure::Decode)?;
     let name = name_of(&n.metadata)?;
+    let audit = is_true(n.metadata.labels.as_ref()) || is_true(n.metadata.annotations.as_ref());
     let mut labels: Labels = n.metadata.labels.unwrap_or_default();
     labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
-    Ok(Namespace { name, labels })
+    Ok(Namespace { name, labels, audit })
+}
+
+/// Whether `map` has [`AUDIT_KEY`] set to `"true"`.
+fn is_true(map: Option<&std::collections::BTreeMap<String, String>>) -> bool {
+    map.and_then(|m| m.get(AUDIT_KEY)).is_some_and(|v| v == "true")
 }
 
 fn selector(s: &meta::LabelSelector, field: &str) -> Result<LabelSelector, Failure> {
@@ -283,7 +289,8 @@ pub fn policy(value: serde_json::Value) -> Result<NetworkPolicy, Failure> {
     for (i, r) in spec.egress.iter().flatten().enumerate() {
         egress.push(rule(r.to.as_ref(), r.ports.as_ref(), &format!("spec.egress[{i}]"), "to")?);
     }
-    Ok(NetworkPolicy { namespace, name, pod_selector, policy_types, ingress, egress })
+    let audit = is_true(p.metadata.annotations.as_ref());
+    Ok(NetworkPolicy { namespace, name, pod_selector, policy_types, ingress, egress, audit })
 }
 
 #[cfg(test)]

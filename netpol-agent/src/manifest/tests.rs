@@ -185,3 +185,30 @@ fn load_dir_reads_sorted_manifest_files() {
     let (_, errors) = load_dir(Path::new("/nonexistent/netpol"));
     assert!(matches!(errors[..], [ManifestError::Read { .. }]));
 }
+
+#[test]
+fn audit_from_namespace_label_or_annotation_and_policy_annotation() {
+    let ns =
+        |meta: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: n, {meta}}}\n");
+    let pol = |meta: &str| {
+        format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: n, {meta}}}\nspec: {{podSelector: {{}}}}\n")
+    };
+    let cases = [
+        ("labels: {netpol.io/audit: \"true\"}", true),
+        ("annotations: {netpol.io/audit: \"true\"}", true),
+        ("annotations: {netpol.io/audit: \"false\"}", false),
+        ("annotations: {netpol.io/audit: \"yes\"}", false),
+        ("annotations: {other.io/audit: \"true\"}", false),
+        ("labels: {}", false),
+    ];
+    for (meta, want) in cases {
+        let (s, errors) = load_str("ns.yaml", &ns(meta));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(s.namespaces["n"].audit, want, "namespace {meta}");
+        let (s, errors) = load_str("p.yaml", &pol(meta));
+        assert!(errors.is_empty(), "{errors:?}");
+        let p = s.policies.values().next().expect("policy");
+        // Policies are switched by the annotation only (labels select, they do not configure).
+        assert_eq!(p.audit, want && meta.starts_with("annotations"), "policy {meta}");
+    }
+}

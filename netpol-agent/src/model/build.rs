@@ -65,7 +65,7 @@ impl PodBuilder {
 pub fn namespace(name: &str, labels: &[(&str, &str)]) -> Namespace {
     let mut l: Labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     l.insert(NAMESPACE_NAME_LABEL.into(), name.into());
-    Namespace { name: name.into(), labels: l }
+    Namespace { name: name.into(), labels: l, audit: false }
 }
 
 /// A selector from `matchLabels` pairs.
@@ -95,6 +95,7 @@ pub fn policy(name: &str, namespace: &str) -> PolicyBuilder {
         policy_types: None,
         ingress: Vec::new(),
         egress: Vec::new(),
+        audit: false,
     })
 }
 
@@ -121,6 +122,11 @@ impl PolicyBuilder {
     /// Adds an egress rule.
     pub fn egress(mut self, r: Rule) -> Self {
         self.0.egress.push(r);
+        self
+    }
+    /// Sets the audit annotation ([`NetworkPolicy::audit`]).
+    pub fn audit(mut self, on: bool) -> Self {
+        self.0.audit = on;
         self
     }
     /// The policy.

@@ -22,6 +22,12 @@ pub type Labels = BTreeMap<String, String>;
 /// The label the API server puts on every namespace (immutable, equal to the namespace name).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
+/// Label or annotation key that puts endpoints in audit mode when its value is `"true"`: on a
+/// Namespace (label or annotation) every local pod of the namespace, on a NetworkPolicy
+/// (annotation) every pod the policy selects. See [`Namespace::audit`] and
+/// [`NetworkPolicy::audit`].
+pub const AUDIT_KEY: &str = "netpol.io/audit";
+
 /// Errors of building model values from untrusted input (manifests, API objects).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ModelError {
@@ -219,6 +225,10 @@ pub struct Namespace {
     pub name: String,
     /// Labels (including [`NAMESPACE_NAME_LABEL`]).
     pub labels: Labels,
+    /// [`AUDIT_KEY`] is `"true"` as a label or an annotation: every pod of the namespace is an
+    /// audit endpoint (`EP_FLAG_AUDIT`): its would-be policy drops pass and are counted and
+    /// reported as `audit`.
+    pub audit: bool,
 }
 
 /// A container port of a pod, the target of named ports.
@@ -333,6 +343,12 @@ pub struct NetworkPolicy {
     pub ingress: Vec<Rule>,
     /// `spec.egress`.
     pub egress: Vec<Rule>,
+    /// Annotation [`AUDIT_KEY`] is `"true"`: the pods this policy selects become audit endpoints.
+    ///
+    /// The kernel's audit flag is per endpoint, not per rule: every would-be policy drop of such a
+    /// pod passes and is counted and reported as `audit`, including drops that *other* policies
+    /// selecting the same pod would cause. Verdicts (what the rules allow) are unchanged.
+    pub audit: bool,
 }
 
 impl NetworkPolicy {

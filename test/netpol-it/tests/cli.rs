@@ -8,9 +8,8 @@ use std::{
 };
 
 use netpol_agent::{
-    agent::{run_until, AgentOptions, SourceConfig},
     compile::RuleOrigin,
-    dataplane::{pinned::PinnedMaps, remove_pins, DataplaneOptions},
+    dataplane::pinned::PinnedMaps,
     explain::{explain_live, parse_port, Peer, Query},
     inspect::{conntrack, inspect},
     model::PodRef,
@@ -18,6 +17,7 @@ use netpol_agent::{
     uninstall::uninstall,
 };
 use netpol_it::{
+    agent::RunningAgent,
     lab::{Lab, Pod},
     manifests::{namespace, pod, ManifestDir},
     probe::{tcp_echo, TcpServer},
@@ -25,76 +25,6 @@ use netpol_it::{
 
 const NODE: &str = "lab-node";
 const T: Duration = Duration::from_millis(400);
-
-/// The agent on a thread of its own, with a private pin directory and status file.
-struct RunningAgent {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
-    pin_dir: PathBuf,
-    status_file: PathBuf,
-}
-
-impl RunningAgent {
-    fn start(dir: &ManifestDir, test: &str) -> RunningAgent {
-        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info").try_init();
-        let pin_dir =
-            PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-{test}", std::process::id()));
-        let status_file = std::env::temp_dir()
-            .join(format!("netpol-test-{}-{test}", std::process::id()))
-            .join("status.json");
-        let opts = AgentOptions {
-            node_name: NODE.into(),
-            source: SourceConfig::Manifests(dir.path().to_owned()),
-            dataplane: DataplaneOptions { pin_dir: pin_dir.clone(), ..Default::default() },
-            allow_host_to_pods: true,
-            retry_interval: Duration::from_millis(200),
-            gc_interval: Duration::from_secs(60),
-            metrics_addr: None,
-            per_pod_labels: false,
-            status_file: Some(status_file.clone()),
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()?
-                .block_on(run_until(opts, async move {
-                    let _ = rx.await;
-                }))
-        });
-        RunningAgent { stop: Some(tx), thread: Some(thread), pin_dir, status_file }
-    }
-
-    /// Stops the agent; its pins and status file stay (as after a real agent exits).
-    fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            match t.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => panic!("agent failed: {e:#}"),
-                Err(_) => panic!("agent thread panicked"),
-            }
-        }
-    }
-}
-
-impl Drop for RunningAgent {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = remove_pins(&self.pin_dir);
-        if let Some(d) = self.status_file.parent() {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
 
 #[track_caller]
 fn eventually(from: &Pod, to: SocketAddr, want: bool, what: &str) {
@@ -163,7 +93,7 @@ fn cli_reads_what_the_live_agent_enforces() {
         .unwrap();
     dir.write("deny.yaml", DENY_ALL).unwrap();
     dir.write("allow.yaml", ALLOW_FRONT).unwrap();
-    let mut agent = RunningAgent::start(&dir, "cli");
+    let agent = RunningAgent::start(&dir, NODE, "cli");
     let to = SocketAddr::from((back.ip, 80));
 
     // Every pod bound (the status file is written after the interfaces are attached), then the
@@ -252,15 +182,16 @@ fn cli_reads_what_the_live_agent_enforces() {
     assert!(e.contains("no netpol maps pinned at"), "{e}");
 
     // uninstall after the agent stopped: no programs left, no pins, no status file; twice.
-    agent.stop();
-    assert!(agent.pin_dir.exists(), "the agent keeps its pins when it stops");
-    let u = uninstall(&agent.pin_dir, &agent.status_file).unwrap();
+    let status_file = agent.status_file.clone();
+    let pin_dir = agent.stop_keeping_pins();
+    assert!(pin_dir.exists(), "the agent keeps its pins when it stops");
+    let u = uninstall(&pin_dir, &status_file).unwrap();
     assert!(u.still_attached.is_empty(), "{u:?}");
-    assert_eq!(u.removed_pins.as_deref(), Some(agent.pin_dir.as_path()));
-    assert_eq!(u.removed_status_file.as_deref(), Some(agent.status_file.as_path()));
-    assert!(!agent.pin_dir.exists());
-    assert!(!agent.status_file.exists());
-    let again = uninstall(&agent.pin_dir, &agent.status_file).unwrap();
+    assert_eq!(u.removed_pins.as_deref(), Some(pin_dir.as_path()));
+    assert_eq!(u.removed_status_file.as_deref(), Some(status_file.as_path()));
+    assert!(!pin_dir.exists());
+    assert!(!status_file.exists());
+    let again = uninstall(&pin_dir, &status_file).unwrap();
     assert!(
         again.removed_pins.is_none()
             && again.removed_status_file.is_none()
