@@ -57,6 +57,8 @@ pub struct AgentOptions {
     pub retry_interval: Duration,
     /// How often conntrack is garbage-collected.
     pub gc_interval: Duration,
+    /// How often the kernel is asked whether every bound pod's programs are still attached.
+    pub reconcile_interval: Duration,
     /// Address of `/metrics`, `/healthz` and `/readyz` (`None`: not served).
     pub metrics_addr: Option<SocketAddr>,
     /// Label drop counters with namespace and pod (higher cardinality).
@@ -406,6 +408,29 @@ impl Agent {
         Ok(())
     }
 
+    /// Checks that every bound pod's programs are still attached (someone may have removed them,
+    /// or an interface was replaced under the same name) and binds again those that are not.
+    pub async fn reconcile_attachments(&mut self) -> Result<()> {
+        let pods: Vec<(PodRef, u32)> =
+            self.bound.iter().map(|(p, b)| (p.clone(), b.ifindex)).collect();
+        let mut lost = false;
+        for (pod, ifindex) in pods {
+            if self.dp.verify_attached(ifindex)? {
+                continue;
+            }
+            tracing::warn!(%pod, ifindex, "programs no longer attached; attaching again");
+            if let Some(b) = self.bound.remove(&pod) {
+                self.unbind(&pod, &b)?;
+            }
+            self.pending.insert(pod);
+            lost = true;
+        }
+        if lost {
+            self.retry_pending().await?;
+        }
+        Ok(())
+    }
+
     /// Whether some pod waits for its interface.
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
@@ -521,24 +546,25 @@ pub async fn run_until(
     let mut gc = tokio::time::interval(opts.gc_interval);
     let mut publish = tokio::time::interval(Duration::from_secs(1));
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+    let mut reconcile = tokio::time::interval(opts.reconcile_interval);
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
             ev = rx.recv() => match ev {
-                Some(SourceEvent::Snapshot { state, errors }) => {
+                Some(SourceEvent::Snapshot { state, errors, since }) => {
                     metrics.set_source_up(true);
                     metrics.set_manifest_errors(errors.len());
                     if !errors.is_empty() {
                         tracing::warn!(count = errors.len(), "objects ignored; the rest is enforced");
                     }
-                    let started = Instant::now();
                     // A failed apply leaves the last good state in the kernel; the next snapshot
                     // or retry tries again.
                     let applied = agent.apply_snapshot(state).await;
                     names.send_replace(Arc::new(agent.event_names()));
                     match applied {
                         Ok(()) => {
-                            metrics.observe_apply(started.elapsed());
+                            // From the earliest object change in this snapshot to maps written.
+                            metrics.observe_apply(since.elapsed());
                             health.set_ready();
                         }
                         Err(e) => {
@@ -574,6 +600,12 @@ pub async fn run_until(
                 }
             }
             _ = heartbeat.tick() => health.beat(),
+            _ = reconcile.tick() => {
+                if let Err(e) = agent.reconcile_attachments().await {
+                    metrics.reconcile_error("attachments");
+                    tracing::error!(error = format!("{e:#}"), "checking attachments failed");
+                }
+            }
             _ = retry.tick() => {
                 let had_pending = agent.has_pending();
                 if let Err(e) = agent.retry_pending().await {

@@ -102,6 +102,7 @@ fn main() -> anyhow::Result<()> {
                 allow_host_to_pods: !args.no_host_to_pods,
                 retry_interval: Duration::from_secs(1),
                 gc_interval: Duration::from_secs(10),
+                reconcile_interval: Duration::from_secs(30),
                 metrics_addr: Some(args.metrics_addr),
                 per_pod_labels: args.per_pod_metrics,
                 status_file: Some(args.status_file),

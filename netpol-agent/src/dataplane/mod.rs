@@ -346,6 +346,36 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Whether this process's programs are really attached to interface `ifindex` (both
+    /// directions), as the kernel reports it. Always `true` for netlink filters, which the kernel
+    /// cannot be asked about by program id here.
+    pub fn verify_attached(&mut self, ifindex: u32) -> Result<bool> {
+        let Some(a) = self.attached.get(&ifindex) else { return Ok(false) };
+        if !matches!(a.from_pod, LinkHold::Pinned { .. }) {
+            return Ok(true);
+        }
+        let name = a.name.clone();
+        for (program, at) in [
+            (maps::PROG_FROM_POD, TcAttachType::Ingress),
+            (maps::PROG_TO_POD, TcAttachType::Egress),
+        ] {
+            let ours = self
+                .classifier(program)?
+                .info()
+                .map_err(|e| DataplaneError::Program { name: program, source: Box::new(e) })?
+                .id();
+            let attached = match SchedClassifier::query_tcx(&name, at) {
+                Ok((_, progs)) => progs.iter().any(|p| p.id() == ours),
+                // The interface is gone: not attached.
+                Err(_) => false,
+            };
+            if !attached {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Removes pinned attachments (and endpoint entries) left by a previous agent for
     /// interfaces this process did not claim: pods that went away while no agent ran.
     pub fn release_unclaimed(&mut self) -> Result<Vec<u32>> {

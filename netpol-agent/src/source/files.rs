@@ -73,14 +73,18 @@ pub async fn run(
         .map_err(|source| FilesSourceError::Watch { dir: opts.dir.clone(), source })?;
 
     let mut last: Option<(ClusterState, Vec<String>)> = None;
+    let mut since = std::time::Instant::now();
     loop {
         let current = load(&opts.dir);
         if last.as_ref() != Some(&current) {
             for e in &current.1 {
                 tracing::warn!(error = %e, "manifest ignored");
             }
-            let event =
-                SourceEvent::Snapshot { state: current.0.clone(), errors: current.1.clone() };
+            let event = SourceEvent::Snapshot {
+                state: current.0.clone(),
+                errors: current.1.clone(),
+                since,
+            };
             if tx.send(event).await.is_err() {
                 return Ok(());
             }
@@ -91,11 +95,12 @@ pub async fn run(
                 if woke.is_none() {
                     return Ok(());
                 }
+                since = std::time::Instant::now();
                 // Let the burst of events of one write (create, modify, rename) settle.
                 tokio::time::sleep(opts.debounce).await;
                 while wake_rx.try_recv().is_ok() {}
             }
-            _ = tokio::time::sleep(opts.rescan) => {}
+            _ = tokio::time::sleep(opts.rescan) => since = std::time::Instant::now(),
             _ = tx.closed() => return Ok(()),
         }
     }
@@ -114,7 +119,7 @@ mod tests {
 
     async fn next(rx: &mut mpsc::Receiver<SourceEvent>) -> (ClusterState, Vec<String>) {
         match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-            Ok(Some(SourceEvent::Snapshot { state, errors })) => (state, errors),
+            Ok(Some(SourceEvent::Snapshot { state, errors, .. })) => (state, errors),
             other => panic!("expected a snapshot, got {other:?}"),
         }
     }

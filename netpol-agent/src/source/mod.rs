@@ -18,6 +18,9 @@ pub enum SourceEvent {
         /// Objects that could not be used, each naming the object and field; the rest of the
         /// state is valid and enforced.
         errors: Vec<String>,
+        /// When the earliest change this snapshot includes was observed: the agent measures
+        /// its apply latency from here ("object change to maps written").
+        since: std::time::Instant,
     },
     /// The backend is unreachable or failing; the last snapshot stays enforced.
     Degraded {

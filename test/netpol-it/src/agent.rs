@@ -58,6 +58,7 @@ impl RunningAgent {
             allow_host_to_pods: true,
             retry_interval: Duration::from_millis(200),
             gc_interval: Duration::from_secs(10),
+            reconcile_interval: Duration::from_secs(1),
             metrics_addr: Some(metrics_addr),
             per_pod_labels: true,
             status_file: Some(status_file.clone()),

@@ -240,3 +240,22 @@ pub fn inject(netns: &str, frame: &[u8]) -> Result<()> {
         Ok(())
     })?
 }
+
+/// Polls for up to 5 s until a TCP echo from `from` to `to` succeeds (`want` true) or fails
+/// (`want` false): policy changes take effect asynchronously. Panics naming `what` otherwise.
+#[track_caller]
+pub fn eventually(from: &crate::lab::Pod, to: SocketAddr, want: bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = tcp_echo(&from.netns, to, Duration::from_millis(400)).expect("probe");
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {} -> {to} expected {}",
+            from.name,
+            if want { "reach" } else { "blocked" }
+        );
+    }
+}

@@ -8,31 +8,12 @@ use std::{
 
 use netpol_it::{
     agent::{get as scrape, sample, RunningAgent},
-    lab::{Lab, Pod, Topology},
+    lab::{Lab, Topology},
     manifests::{namespace, pod, ManifestDir},
-    probe::{tcp_echo, TcpServer},
+    probe::{eventually, TcpServer},
 };
 
 const NODE: &str = "lab-node";
-const T: Duration = Duration::from_millis(400);
-
-/// Polls until `from` reaching `to` equals `want` (policy changes take effect asynchronously).
-#[track_caller]
-fn eventually(from: &Pod, to: SocketAddr, want: bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = tcp_echo(&from.netns, to, T).unwrap();
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {} -> {to} expected {}",
-            from.name,
-            if want { "reach" } else { "blocked" }
-        );
-    }
-}
 
 const DENY_ALL: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: default-deny\n  namespace: prod\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n";
 const ALLOW_FRONT: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: allow-frontend\n  namespace: prod\nspec:\n  podSelector:\n    matchLabels: {app: backend}\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels: {app: frontend}\n    ports:\n    - port: http\n";

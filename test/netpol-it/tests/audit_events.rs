@@ -12,9 +12,9 @@ use std::{
 
 use netpol_it::{
     agent::{get as scrape, sample, RunningAgent},
-    lab::{Lab, Pod, Topology},
+    lab::{Lab, Topology},
     manifests::{namespace, pod, ManifestDir},
-    probe::{tcp_echo, TcpServer},
+    probe::{eventually, tcp_echo, TcpServer},
 };
 use serde_json::Value;
 
@@ -62,24 +62,6 @@ impl Captured {
     /// Everything captured, for failure messages.
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-/// Polls until `from` reaching `to` equals `want` (policy changes take effect asynchronously).
-#[track_caller]
-fn eventually(from: &Pod, to: SocketAddr, want: bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = tcp_echo(&from.netns, to, T).unwrap();
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {} -> {to} expected {}",
-            from.name,
-            if want { "reach" } else { "blocked" }
-        );
     }
 }
 

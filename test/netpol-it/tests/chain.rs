@@ -27,8 +27,11 @@ fn allowed_tcp_passes_denied_tcp_is_dropped_and_counted() {
     let to = |port| SocketAddr::from((server.ip, port));
 
     // Before enforcement both ports answer: the topology itself works.
-    assert!(tcp_echo(&client.netns, to(80), TIMEOUT).unwrap(), "port 80 before enforcement");
-    assert!(tcp_echo(&client.netns, to(81), TIMEOUT).unwrap(), "port 81 before enforcement");
+    // (A fresh topology may need a moment: retried.)
+    for port in [80, 81] {
+        let ok = (0..5).any(|_| tcp_echo(&client.netns, to(port), TIMEOUT).unwrap());
+        assert!(ok, "port {port} before enforcement");
+    }
 
     let pin_dir = std::path::Path::new("/sys/fs/bpf")
         .join(format!("netpol-test-{}-chain", std::process::id()));

@@ -18,25 +18,13 @@ use netpol_agent::{
 };
 use netpol_it::{
     agent::RunningAgent,
-    lab::{Lab, Pod},
+    lab::Lab,
     manifests::{namespace, pod, ManifestDir},
-    probe::{tcp_echo, TcpServer},
+    probe::{eventually, tcp_echo, TcpServer},
 };
 
 const NODE: &str = "lab-node";
 const T: Duration = Duration::from_millis(400);
-
-#[track_caller]
-fn eventually(from: &Pod, to: SocketAddr, want: bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = tcp_echo(&from.netns, to, T).unwrap();
-        if got == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: {} -> {to} expected {want}", from.name);
-    }
-}
 
 fn wait_for_status(path: &Path, endpoints: usize) -> Status {
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -49,8 +49,8 @@ fn restart_keeps_enforcing_and_keeps_established_flows() {
 
     let first = RunningAgent::start(&dir, NODE, "restart");
     first.wait_ready();
-    assert!(tcp_echo(&client.netns, to, T).unwrap(), "client allowed");
-    assert!(!tcp_echo(&stranger.netns, to, T).unwrap(), "stranger denied");
+    netpol_it::probe::eventually(&client, to, true, "client allowed");
+    netpol_it::probe::eventually(&stranger, to, false, "stranger denied");
     let mut before = open(&client, to);
 
     let pins = first.stop_keeping_pins();
@@ -65,4 +65,36 @@ fn restart_keeps_enforcing_and_keeps_established_flows() {
     assert!(echoes(&mut during), "a connection opened without an agent survives the adoption");
     assert!(!tcp_echo(&stranger.netns, to, T).unwrap(), "stranger denied after the restart");
     assert!(tcp_echo(&client.netns, to, T).unwrap(), "client allowed after the restart");
+}
+
+#[test]
+fn attachments_removed_behind_the_agents_back_are_restored() {
+    let mut lab = Lab::new().unwrap();
+    let stranger = lab.add_pod("stranger").unwrap();
+    let server = lab.add_pod("server").unwrap();
+    let _http = TcpServer::start(&server.netns, 80).unwrap();
+    let dir = ManifestDir::new("reconcile").unwrap();
+    dir.write("ns.yaml", &namespace("prod", &[])).unwrap();
+    dir.write("stranger.yaml", &pod(&stranger, "prod", NODE, &[("app", "stranger")], &[])).unwrap();
+    dir.write("server.yaml", &pod(&server, "prod", NODE, &[("app", "server")], &[("http", 80)]))
+        .unwrap();
+    dir.write("policy.yaml", POLICY).unwrap();
+    let to = SocketAddr::from((server.ip, 80));
+    let pins = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/netpol-test-{}-reconcile",
+        std::process::id()
+    ));
+    let agent = RunningAgent::start_with(&dir, NODE, pins, |o| {
+        o.reconcile_interval = Duration::from_secs(3)
+    });
+    agent.wait_ready();
+    netpol_it::probe::eventually(&stranger, to, false, "enforced");
+
+    // An operator runs `netpol-agent uninstall` while the agent runs: the programs are detached
+    // from every interface.
+    let report = netpol_agent::uninstall::uninstall(&agent.pin_dir, &agent.status_file).unwrap();
+    assert!(report.detached.len() >= 2, "something was detached: {report:?}");
+    assert!(tcp_echo(&stranger.netns, to, T).unwrap(), "unenforced once detached");
+    // The agent notices at its next check (every 3 s here) and attaches again.
+    netpol_it::probe::eventually(&stranger, to, false, "enforced again after the reconcile");
 }

@@ -275,7 +275,11 @@ pub async fn run(
                         errors = errors.len(),
                         "sending snapshot"
                     );
-                    Some(SourceEvent::Snapshot { state, errors })
+                    // The snapshot was due `debounce` after the first change it includes.
+                    let since = deadline.map_or_else(std::time::Instant::now, |d| {
+                        d.into_std().checked_sub(opts.debounce).unwrap_or_else(std::time::Instant::now)
+                    });
+                    Some(SourceEvent::Snapshot { state, errors, since })
                 }
             }
         };

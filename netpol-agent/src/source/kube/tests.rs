@@ -242,7 +242,7 @@ impl Harness {
 
     async fn snapshot(&mut self) -> (ClusterState, Vec<String>) {
         match self.next().await {
-            SourceEvent::Snapshot { state, errors } => (state, errors),
+            SourceEvent::Snapshot { state, errors, .. } => (state, errors),
             other => panic!("expected a snapshot, got {other:?}"),
         }
     }
