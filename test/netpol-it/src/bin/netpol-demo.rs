@@ -183,17 +183,35 @@ fn main() -> Result<()> {
 
     println!("\n== 4. what the kernel holds, as an operator sees it with bpftool");
     let ep = agent.pin_dir.join("np_ep");
-    println!("$ bpftool map dump pinned {}   (endpoint of one Redis pod)", ep.display());
-    let dump = run("bpftool", &["map", "dump", "pinned", &ep.to_string_lossy()])?;
-    println!("{}", dump.lines().take(16).collect::<Vec<_>>().join("\n"));
+    // The production Redis pod's entry: the key is its host interface's ifindex (u32, little
+    // endian as the map stores it).
+    let ifindex = netpol_it::lab::ifindex(&prod_back.host_if)?;
+    let key: Vec<String> = ifindex.to_le_bytes().iter().map(|b| b.to_string()).collect();
+    let mut args = vec!["map", "lookup", "pinned"];
+    let ep_path = ep.to_string_lossy().into_owned();
+    args.push(&ep_path);
+    args.push("key");
+    args.extend(key.iter().map(String::as_str));
+    println!(
+        "$ bpftool {}   (production/azure-vote-back: its ingress set is isolated)",
+        args.join(" ")
+    );
+    println!("{}", run("bpftool", &args)?.trim_end());
     println!("$ bpftool prog show name to_pod   (one program for every pod; per-pod state lives in maps)");
     println!("{}", run("bpftool", &["prog", "show", "name", "to_pod"])?.trim_end());
-    let links = run("bpftool", &["link", "show"])?;
-    let tcx = links.lines().filter(|l| l.contains("tcx")).count();
-    println!("$ bpftool link show | grep -c tcx   (TCX attachments: 2 per pod interface)\n{tcx}");
-    println!("\n== 5. cleaning up: the agent detaches, namespaces, veths, routes and pins go");
+    // Debian's bpftool 7.1 does not list TCX links; their pins (which let a restarted agent
+    // take over without a gap) are files of their own.
+    let links = agent.pin_dir.join("links");
+    let mut pins: Vec<String> = std::fs::read_dir(&links)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    pins.sort();
+    println!("$ ls {}   (pinned TCX links: two per pod interface)", links.display());
+    println!("{}", pins.join("  "));
+    println!("\n== 5. cleaning up: the agent stops, its pins are removed (which detaches the programs), namespaces, veths and routes go");
     drop(agent);
     drop(lab);
-    println!("   done. Same scenario as a test: cargo xtask test (test/netpol-it/tests/agent.rs)");
+    println!("   done. What this showed is covered by cargo xtask test (test/netpol-it/tests/agent.rs and friends).");
     Ok(())
 }
