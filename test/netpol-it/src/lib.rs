@@ -14,6 +14,7 @@ pub mod manifests;
 pub mod netns;
 pub mod packet;
 pub mod probe;
+pub mod scenario;
 pub mod synth;
 
 /// Panics unless running as root with bpffs available: privileged tests must fail loudly, never

@@ -69,14 +69,28 @@ pub fn pod(
     labels: &[(&str, &str)],
     ports: &[(&str, u16)],
 ) -> String {
+    let ports: Vec<(&str, u16, &str)> = ports.iter().map(|&(n, p)| (n, p, "TCP")).collect();
+    pod_with_protocols(p, namespace, node, labels, &ports)
+}
+
+/// A Pod manifest like [`pod`], with container ports as (name, port, protocol); an empty name
+/// leaves the port unnamed.
+pub fn pod_with_protocols(
+    p: &Pod,
+    namespace: &str,
+    node: &str,
+    labels: &[(&str, &str)],
+    ports: &[(&str, u16, &str)],
+) -> String {
     let mut ips = format!("  - ip: {}\n", p.ip);
     if let Some(v6) = p.ip6 {
         ips.push_str(&format!("  - ip: {v6}\n"));
     }
     let ports: String = ports
         .iter()
-        .map(|(n, port)| {
-            format!("    - name: {n}\n      containerPort: {port}\n      protocol: TCP\n")
+        .map(|(n, port, proto)| {
+            let name = if n.is_empty() { String::new() } else { format!("name: {n}\n      ") };
+            format!("    - {name}containerPort: {port}\n      protocol: {proto}\n")
         })
         .collect();
     let ports = if ports.is_empty() { String::new() } else { format!("    ports:\n{ports}") };

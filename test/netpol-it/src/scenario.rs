@@ -1,0 +1,728 @@
+//! Scenario files: namespaces, pods with ports, and steps (apply or delete a policy, relabel a
+//! pod or namespace, expect who reaches whom), run against a lab node enforced by the real agent.
+//!
+//! ```yaml
+//! name: http-echo
+//! namespaces:
+//! - name: ns-1
+//!   labels: {}
+//! pods:
+//! - {namespace: ns-1, name: http-echo, labels: {app: http-echo}, ports: [{port: 80, protocol: TCP}]}
+//! - {namespace: ns-1, name: busybox, labels: {run: busybox}}
+//! steps:
+//! - expect: {port: 80/TCP, reach: [[ns-1/busybox, ns-1/http-echo, true]]}
+//! - apply: |
+//!     kind: NetworkPolicy
+//!     ...
+//!   namespace: ns-1          # like `kubectl apply -n`, when the manifest names none
+//! - delete: ns-1/deny-all    # a NetworkPolicy, as namespace/name
+//! - label_pod: {pod: ns-1/busybox, labels: {app: busybox}}       # null removes a label
+//! - label_namespace: {namespace: ns-1, labels: {purpose: dev}}
+//! - expect:
+//!     port: 80/TCP
+//!     matrix: |               # rows: from, columns: to; `.` reached, `X` blocked, `?` any
+//!       from\to        ns-1/http-echo
+//!       ns-1/busybox   .
+//! ```
+//!
+//! Each step may have a `name`. The lab starts a TCP echo server on every TCP port and a UDP echo
+//! server on every UDP port of a pod; SCTP probes are INIT chunks received by a raw socket in the
+//! destination pod.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde::Deserialize;
+
+use crate::{
+    agent::RunningAgent,
+    lab::{Lab, Pod, Topology},
+    manifests::{namespace, pod_with_protocols, ManifestDir},
+    probe::{sctp_init, tcp_echo, udp_echo, TcpServer, UdpServer},
+};
+
+/// The node the scenario's pods run on.
+pub const NODE: &str = "lab-node";
+/// How long one probe waits for an answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
+/// How long a wrong cell is probed again before it counts as a mismatch (policy changes are
+/// asynchronous, even after the agent reported the apply).
+const SETTLE: Duration = Duration::from_secs(3);
+
+/// A scenario file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// What it shows.
+    pub name: String,
+    /// Where it comes from and what it leaves out.
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceSpec>,
+    pub pods: Vec<PodSpec>,
+    pub steps: Vec<Step>,
+    /// The file it was read from (set by [`Scenario::load`]).
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub enum Protocol {
+    #[default]
+    TCP,
+    UDP,
+    SCTP,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+/// One step: exactly one of `apply`, `delete`, `label_pod`, `label_namespace`, `expect`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// NetworkPolicy YAML (one or more documents), or the path of a file holding it (relative
+    /// to the scenario file).
+    #[serde(default)]
+    pub apply: Option<String>,
+    /// The namespace for `apply` manifests that name none.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// A NetworkPolicy to delete, as namespace/name.
+    #[serde(default)]
+    pub delete: Option<String>,
+    #[serde(default)]
+    pub label_pod: Option<LabelPod>,
+    #[serde(default)]
+    pub label_namespace: Option<LabelNamespace>,
+    #[serde(default)]
+    pub expect: Option<Expect>,
+}
+
+/// New labels for a running pod: merged into its labels; `null` removes one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelPod {
+    pub pod: String,
+    pub labels: BTreeMap<String, Option<String>>,
+}
+
+/// New labels for a namespace: merged into its labels; `null` removes one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelNamespace {
+    pub namespace: String,
+    pub labels: BTreeMap<String, Option<String>>,
+}
+
+/// Expected reachability on one port: listed pairs, or a full matrix.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// `6379/TCP`, `53/UDP`, `80` (TCP).
+    pub port: PortRef,
+    #[serde(default)]
+    pub reach: Option<Vec<(String, String, bool)>>,
+    #[serde(default)]
+    pub matrix: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PortRef {
+    Number(u16),
+    Text(String),
+}
+
+impl PortRef {
+    fn parse(&self) -> Result<(u16, Protocol)> {
+        match self {
+            PortRef::Number(n) => Ok((*n, Protocol::TCP)),
+            PortRef::Text(t) => {
+                let (port, proto) = t.split_once('/').unwrap_or((t, "TCP"));
+                let port = port.trim().parse().with_context(|| format!("bad port {t:?}"))?;
+                let proto = match proto.trim().to_ascii_uppercase().as_str() {
+                    "TCP" => Protocol::TCP,
+                    "UDP" => Protocol::UDP,
+                    "SCTP" => Protocol::SCTP,
+                    other => bail!("unknown protocol {other:?} in {t:?} (TCP, UDP or SCTP)"),
+                };
+                Ok((port, proto))
+            }
+        }
+    }
+}
+
+/// What one expectation checks: the rows (from) and columns (to) of its matrix, and the
+/// expected value of each checked cell.
+struct Checks {
+    port: u16,
+    proto: Protocol,
+    rows: Vec<String>,
+    cols: Vec<String>,
+    want: BTreeMap<(usize, usize), bool>,
+}
+
+impl Expect {
+    fn checks(&self) -> Result<Checks> {
+        let (port, proto) = self.port.parse().context("port")?;
+        let mut c = Checks { port, proto, rows: vec![], cols: vec![], want: BTreeMap::new() };
+        let index = |v: &mut Vec<String>, s: &str| match v.iter().position(|x| x == s) {
+            Some(i) => i,
+            None => {
+                v.push(s.to_owned());
+                v.len() - 1
+            }
+        };
+        match (&self.reach, &self.matrix) {
+            (Some(reach), None) => {
+                for (from, to, want) in reach {
+                    let (r, k) = (index(&mut c.rows, from), index(&mut c.cols, to));
+                    c.want.insert((r, k), *want);
+                }
+            }
+            (None, Some(m)) => {
+                let mut lines = m.lines().filter(|l| !l.trim().is_empty());
+                let header = lines.next().context("matrix: no header line (the `to` pods)")?;
+                // An optional corner word (`from\to`: pods are always namespace/name).
+                c.cols = header
+                    .split_whitespace()
+                    .enumerate()
+                    .filter(|(i, w)| *i > 0 || w.contains('/'))
+                    .map(|(_, w)| w.to_owned())
+                    .collect();
+                for line in lines {
+                    let mut words = line.split_whitespace();
+                    let from = words.next().unwrap_or_default();
+                    let cells: Vec<&str> = words.collect();
+                    if cells.len() != c.cols.len() {
+                        bail!(
+                            "matrix: row {from:?} has {} cells for {} columns",
+                            cells.len(),
+                            c.cols.len()
+                        );
+                    }
+                    let r = index(&mut c.rows, from);
+                    for (k, cell) in cells.iter().enumerate() {
+                        let want = match *cell {
+                            "." => true,
+                            "X" | "x" => false,
+                            "?" | "-" => continue,
+                            other => bail!("matrix: row {from:?}: cell {other:?} is not . X or ?"),
+                        };
+                        c.want.insert((r, k), want);
+                    }
+                }
+            }
+            _ => bail!("expect needs exactly one of `reach` and `matrix`"),
+        }
+        if c.want.is_empty() {
+            bail!("expect checks nothing");
+        }
+        Ok(c)
+    }
+}
+
+/// A step's action, validated.
+enum Action<'a> {
+    Apply(Vec<(String, String, String)>),
+    Delete(&'a str, &'a str),
+    LabelPod(&'a LabelPod),
+    LabelNamespace(&'a LabelNamespace),
+    Expect(Checks),
+}
+
+impl Step {
+    fn describe(&self, i: usize) -> String {
+        match &self.name {
+            Some(n) => format!("steps[{i}] ({n})"),
+            None => format!("steps[{i}]"),
+        }
+    }
+}
+
+/// Policy manifests of an `apply`: (namespace, name, YAML) per document.
+fn policies(text: &str, default_ns: Option<&str>) -> Result<Vec<(String, String, String)>> {
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let mut v = serde_yaml::Value::deserialize(doc).context("policy YAML")?;
+        if v.is_null() {
+            continue;
+        }
+        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+        if kind != "NetworkPolicy" {
+            bail!("apply: kind {kind:?}; only NetworkPolicy manifests are applied by steps");
+        }
+        let meta = v
+            .get_mut("metadata")
+            .and_then(|m| m.as_mapping_mut())
+            .context("apply: a NetworkPolicy without metadata")?;
+        let name = meta
+            .get("name")
+            .and_then(|n| n.as_str())
+            .context("apply: no metadata.name")?
+            .to_owned();
+        let ns = match meta.get("namespace").and_then(|n| n.as_str()) {
+            Some(ns) => ns.to_owned(),
+            None => {
+                let ns = default_ns.with_context(|| {
+                    format!(
+                        "apply: policy {name} names no namespace and the step has no `namespace`"
+                    )
+                })?;
+                meta.insert("namespace".into(), ns.into());
+                ns.to_owned()
+            }
+        };
+        out.push((ns, name, serde_yaml::to_string(&v)?));
+    }
+    if out.is_empty() {
+        bail!("apply: no manifest");
+    }
+    Ok(out)
+}
+
+impl Scenario {
+    /// Reads and validates a scenario file; errors name the file and the field.
+    pub fn load(path: &Path) -> Result<Scenario> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut s: Scenario = serde_yaml::from_str(&text)
+            .with_context(|| format!("{}: not a valid scenario", path.display()))?;
+        s.file = path.to_owned();
+        s.validate().with_context(|| format!("{}: invalid scenario", path.display()))?;
+        Ok(s)
+    }
+
+    fn pod_key(p: &PodSpec) -> String {
+        format!("{}/{}", p.namespace, p.name)
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (i, p) in self.pods.iter().enumerate() {
+            if !self.namespaces.iter().any(|n| n.name == p.namespace) {
+                bail!("pods[{i}] ({}): namespace {:?} is not declared", p.name, p.namespace);
+            }
+            if self.pods[..i].iter().any(|q| Scenario::pod_key(q) == Scenario::pod_key(p)) {
+                bail!("pods[{i}]: {} declared twice", Scenario::pod_key(p));
+            }
+        }
+        if self.pods.is_empty() {
+            bail!("pods: none");
+        }
+        for (i, step) in self.steps.iter().enumerate() {
+            self.action(step).with_context(|| step.describe(i))?;
+        }
+        Ok(())
+    }
+
+    fn has_pod(&self, key: &str) -> Result<()> {
+        if self.pods.iter().any(|p| Scenario::pod_key(p) == key) {
+            Ok(())
+        } else {
+            bail!("no pod {key:?} (pods are named namespace/name)")
+        }
+    }
+
+    fn action<'a>(&self, step: &'a Step) -> Result<Action<'a>> {
+        let set = [
+            step.apply.is_some(),
+            step.delete.is_some(),
+            step.label_pod.is_some(),
+            step.label_namespace.is_some(),
+            step.expect.is_some(),
+        ];
+        if set.iter().filter(|b| **b).count() != 1 {
+            bail!("needs exactly one of apply, delete, label_pod, label_namespace, expect");
+        }
+        if step.namespace.is_some() && step.apply.is_none() {
+            bail!("`namespace` only goes with `apply`");
+        }
+        if let Some(apply) = &step.apply {
+            let text = if !apply.contains('\n') && apply.trim_end().ends_with(".yaml") {
+                let base = self.file.parent().unwrap_or(Path::new("."));
+                let f = base.join(apply.trim());
+                std::fs::read_to_string(&f).with_context(|| format!("apply: {}", f.display()))?
+            } else {
+                apply.clone()
+            };
+            return Ok(Action::Apply(policies(&text, step.namespace.as_deref())?));
+        }
+        if let Some(d) = &step.delete {
+            let (ns, name) = d.split_once('/').context("delete: expected namespace/name")?;
+            return Ok(Action::Delete(ns, name));
+        }
+        if let Some(l) = &step.label_pod {
+            self.has_pod(&l.pod).context("label_pod.pod")?;
+            return Ok(Action::LabelPod(l));
+        }
+        if let Some(l) = &step.label_namespace {
+            if !self.namespaces.iter().any(|n| n.name == l.namespace) {
+                bail!("label_namespace.namespace: no namespace {:?}", l.namespace);
+            }
+            return Ok(Action::LabelNamespace(l));
+        }
+        let Some(e) = &step.expect else { unreachable!("one action is set") };
+        let c = e.checks().context("expect")?;
+        for p in c.rows.iter().chain(&c.cols) {
+            self.has_pod(p).context("expect")?;
+        }
+        Ok(Action::Expect(c))
+    }
+}
+
+/// A running scenario: the lab, its servers, the manifests and the agent.
+struct Run<'s> {
+    scenario: &'s Scenario,
+    // Dropped in this order: agent, servers, manifests, lab.
+    agent: RunningAgent,
+    _tcp: Vec<TcpServer>,
+    _udp: Vec<UdpServer>,
+    dir: ManifestDir,
+    pods: BTreeMap<String, (Pod, BTreeMap<String, String>)>,
+    ns_labels: BTreeMap<String, BTreeMap<String, String>>,
+    _lab: Lab,
+}
+
+fn pairs(m: &BTreeMap<String, String>) -> Vec<(&str, &str)> {
+    m.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+fn merge(into: &mut BTreeMap<String, String>, labels: &BTreeMap<String, Option<String>>) {
+    for (k, v) in labels {
+        match v {
+            Some(v) => into.insert(k.clone(), v.clone()),
+            None => into.remove(k),
+        };
+    }
+}
+
+/// A short name for files and pins.
+fn slug(s: &str) -> String {
+    let s: String = s
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    s.chars().take(24).collect()
+}
+
+impl Run<'_> {
+    fn pod_manifest(&self, key: &str) -> Result<String> {
+        let spec = self
+            .scenario
+            .pods
+            .iter()
+            .find(|p| Scenario::pod_key(p) == key)
+            .context(key.to_owned())?;
+        let (pod, labels) = &self.pods[key];
+        let ports: Vec<(&str, u16, &str)> = spec
+            .ports
+            .iter()
+            .map(|p| {
+                let proto = match p.protocol {
+                    Protocol::TCP => "TCP",
+                    Protocol::UDP => "UDP",
+                    Protocol::SCTP => "SCTP",
+                };
+                (p.name.as_deref().unwrap_or(""), p.port, proto)
+            })
+            .collect();
+        Ok(pod_with_protocols(pod, &spec.namespace, NODE, &pairs(labels), &ports))
+    }
+
+    /// Writes (or removes, `text` None) a manifest and waits until the agent applied it.
+    fn change(&self, file: &str, text: Option<&str>) -> Result<()> {
+        let before = self.agent.applies();
+        match text {
+            Some(t) => self.dir.write(file, t)?,
+            None => self.dir.remove(file)?,
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.agent.applies() <= before {
+            if Instant::now() > deadline {
+                bail!("the agent applied no new snapshot within 10 s after writing {file}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn probe(&self, from: &str, to: &str, port: u16, proto: Protocol) -> Result<bool> {
+        let (from, to) = (&self.pods[from].0, &self.pods[to].0);
+        let addr = SocketAddr::from((to.ip, port));
+        match proto {
+            Protocol::TCP => tcp_echo(&from.netns, addr, PROBE_TIMEOUT),
+            Protocol::UDP => udp_echo(&from.netns, addr, PROBE_TIMEOUT),
+            Protocol::SCTP => sctp_init(&from.netns, &to.netns, addr, PROBE_TIMEOUT),
+        }
+    }
+
+    /// Probes every cell of the matrix (TCP and UDP in parallel; SCTP one at a time, its probes
+    /// share a source port), probing wrong cells again until they settle or [`SETTLE`] passes.
+    fn observe(&self, c: &Checks) -> Result<BTreeMap<(usize, usize), bool>> {
+        let cells: Vec<(usize, usize)> =
+            (0..c.rows.len()).flat_map(|r| (0..c.cols.len()).map(move |k| (r, k))).collect();
+        let probe_all = |cells: &[(usize, usize)]| -> Result<Vec<((usize, usize), bool)>> {
+            if c.proto == Protocol::SCTP {
+                return cells
+                    .iter()
+                    .map(|&(r, k)| {
+                        Ok(((r, k), self.probe(&c.rows[r], &c.cols[k], c.port, c.proto)?))
+                    })
+                    .collect();
+            }
+            std::thread::scope(|s| {
+                let handles: Vec<_> = cells
+                    .iter()
+                    .map(|&(r, k)| {
+                        s.spawn(move || {
+                            Ok(((r, k), self.probe(&c.rows[r], &c.cols[k], c.port, c.proto)?))
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().expect("probe thread")).collect()
+            })
+        };
+        let mut got: BTreeMap<_, _> = probe_all(&cells)?.into_iter().collect();
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let wrong: Vec<(usize, usize)> = c
+                .want
+                .iter()
+                .filter(|(cell, w)| got[*cell] != **w)
+                .map(|(cell, _)| *cell)
+                .collect();
+            if wrong.is_empty() || Instant::now() > deadline {
+                return Ok(got);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            got.extend(probe_all(&wrong)?);
+        }
+    }
+}
+
+/// Formats an observed matrix e2e-style (rows from, columns to; `.` reached, `X` blocked, `!`
+/// after a cell that differs from the expectation, lower case for cells not checked) and
+/// returns it with the mismatches.
+fn print_matrix(c: &Checks, got: &BTreeMap<(usize, usize), bool>) -> (String, Vec<String>) {
+    let width = c.rows.iter().map(String::len).max().unwrap_or(0);
+    let mut out = format!("   {:width$}", format!("{}/{}", c.port, c.proto));
+    for (k, col) in c.cols.iter().enumerate() {
+        let _ = write!(out, "  [{k}] {col}");
+    }
+    out.push('\n');
+    let mut wrong = Vec::new();
+    for (r, row) in c.rows.iter().enumerate() {
+        let _ = write!(out, "   {row:width$}");
+        for (k, col) in c.cols.iter().enumerate() {
+            let g = got[&(r, k)];
+            let mark = if g { '.' } else { 'X' };
+            let cell = match c.want.get(&(r, k)) {
+                None => format!("{}", mark.to_ascii_lowercase()),
+                Some(w) if *w == g => format!("{mark}"),
+                Some(w) => {
+                    wrong.push(format!(
+                        "{row} -> {col} {}/{}: expected {}, observed {}",
+                        c.port,
+                        c.proto,
+                        if *w { "reached" } else { "blocked" },
+                        if g { "reached" } else { "blocked" }
+                    ));
+                    format!("{mark}!")
+                }
+            };
+            let _ = write!(out, "  {cell:<width$}", width = col.len() + 4);
+        }
+        out.push('\n');
+    }
+    (out, wrong)
+}
+
+/// Runs a scenario in a fresh lab of `topology`, printing every step and its matrix; fails with
+/// the list of mismatched cells (all steps run, so that the whole story is printed).
+pub fn run(scenario: &Scenario, topology: Topology) -> Result<()> {
+    println!(
+        "== scenario {:?} ({}), {topology:?} topology",
+        scenario.name,
+        scenario.file.display()
+    );
+    let tag = format!("{}-{topology:?}", slug(&scenario.name));
+    let mut lab = Lab::with_topology(topology)?;
+    let mut pods = BTreeMap::new();
+    let (mut tcp, mut udp) = (Vec::new(), Vec::new());
+    for spec in &scenario.pods {
+        let pod = lab.add_pod(&spec.name)?;
+        for p in &spec.ports {
+            match p.protocol {
+                Protocol::TCP => tcp.push(TcpServer::start(&pod.netns, p.port)?),
+                Protocol::UDP => udp.push(UdpServer::start(&pod.netns, p.port)?),
+                Protocol::SCTP => {}
+            }
+        }
+        println!("   pod {:<28} {:<15} {:?}", Scenario::pod_key(spec), pod.ip, spec.labels);
+        pods.insert(Scenario::pod_key(spec), (pod, spec.labels.clone()));
+    }
+    let dir = ManifestDir::new(&tag)?;
+    let mut ns_labels = BTreeMap::new();
+    for ns in &scenario.namespaces {
+        dir.write(&format!("ns-{}.yaml", ns.name), &namespace(&ns.name, &pairs(&ns.labels)))?;
+        ns_labels.insert(ns.name.clone(), ns.labels.clone());
+    }
+    let agent = RunningAgent::start(&dir, NODE, &tag);
+    let mut run = Run { scenario, agent, _tcp: tcp, _udp: udp, dir, pods, ns_labels, _lab: lab };
+    for key in run.pods.keys() {
+        run.dir.write(&format!("pod-{}.yaml", key.replace('/', "-")), &run.pod_manifest(key)?)?;
+    }
+    run.agent.wait_ready();
+    let mut failures = Vec::new();
+    for (i, step) in scenario.steps.iter().enumerate() {
+        let what = step.describe(i);
+        let action = scenario.action(step).with_context(|| what.clone())?;
+        match action {
+            Action::Apply(docs) => {
+                for (ns, name, text) in docs {
+                    println!("-- {what}: apply NetworkPolicy {ns}/{name}");
+                    run.change(&format!("netpol-{ns}-{name}.yaml"), Some(&text))?;
+                }
+            }
+            Action::Delete(ns, name) => {
+                println!("-- {what}: delete NetworkPolicy {ns}/{name}");
+                run.change(&format!("netpol-{ns}-{name}.yaml"), None)
+                    .with_context(|| format!("{what}: no policy {ns}/{name} was applied"))?;
+            }
+            Action::LabelPod(l) => {
+                println!("-- {what}: label pod {} {:?}", l.pod, l.labels);
+                merge(&mut run.pods.get_mut(&l.pod).expect("validated").1, &l.labels);
+                let text = run.pod_manifest(&l.pod)?;
+                run.change(&format!("pod-{}.yaml", l.pod.replace('/', "-")), Some(&text))?;
+            }
+            Action::LabelNamespace(l) => {
+                println!("-- {what}: label namespace {} {:?}", l.namespace, l.labels);
+                let labels = run.ns_labels.get_mut(&l.namespace).expect("validated");
+                merge(labels, &l.labels);
+                let text = namespace(&l.namespace, &pairs(labels));
+                run.change(&format!("ns-{}.yaml", l.namespace), Some(&text))?;
+            }
+            Action::Expect(c) => {
+                println!("-- {what}: expect (rows from, columns to; . reached, X blocked, ! unexpected, lower case not checked)");
+                let got = run.observe(&c)?;
+                let (text, wrong) = print_matrix(&c, &got);
+                print!("{text}");
+                failures.extend(wrong.into_iter().map(|w| format!("{what}: {w}")));
+            }
+        }
+    }
+    if !failures.is_empty() {
+        bail!(
+            "scenario {:?} ({topology:?}): {} unexpected cell(s):\n  {}",
+            scenario.name,
+            failures.len(),
+            failures.join("\n  ")
+        );
+    }
+    println!("== scenario {:?} ({topology:?}): every expectation met", scenario.name);
+    Ok(())
+}
+
+/// The scenario files shipped with the crate (`scenarios/*.yaml`), sorted.
+pub fn shipped() -> Result<Vec<PathBuf>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Scenario> {
+        let s: Scenario = serde_yaml::from_str(text)?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    const BASE: &str = "name: t\nnamespaces: [{name: a}]\npods: [{namespace: a, name: p, ports: [{port: 80}]}, {namespace: a, name: q}]\n";
+
+    #[test]
+    fn matrix_and_reach_parse() {
+        let s = parse(&format!(
+            "{BASE}steps:\n- expect: {{port: 80/TCP, reach: [[a/q, a/p, true]]}}\n- expect:\n    port: 53/udp\n    matrix: |\n      from\\\\to a/p a/q\n      a/q X   ?\n"
+        ))
+        .unwrap();
+        let Action::Expect(c) = s.action(&s.steps[1]).unwrap() else { panic!() };
+        assert_eq!((c.port, c.proto), (53, Protocol::UDP));
+        assert_eq!(c.want.len(), 1);
+        assert!(!c.want[&(0, 0)]);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e =
+            parse(&format!("{BASE}steps:\n- expect: {{port: 80, reach: [[a/x, a/p, true]]}}\n"))
+                .unwrap_err();
+        assert!(format!("{e:#}").contains("steps[0]: expect: no pod \"a/x\""), "{e:#}");
+        let e =
+            parse(&format!("{BASE}steps:\n- delete: a/x\n  expect: {{port: 80}}\n")).unwrap_err();
+        assert!(format!("{e:#}").contains("exactly one of"), "{e:#}");
+        let e = parse(&format!("{BASE}steps:\n- aply: x\n")).unwrap_err();
+        assert!(format!("{e:#}").contains("unknown field `aply`"), "{e:#}");
+        let e = parse(&format!(
+            "{BASE}steps:\n- apply: |\n    kind: NetworkPolicy\n    metadata: {{name: x}}\n"
+        ))
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("names no namespace"), "{e:#}");
+    }
+
+    #[test]
+    fn shipped_scenarios_are_valid() {
+        for f in shipped().unwrap() {
+            Scenario::load(&f).unwrap();
+        }
+    }
+}
