@@ -40,19 +40,9 @@ pub struct InspectArgs {
     pub output: OutputFormat,
 }
 
-/// Arguments of `netpol-agent conntrack`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ConntrackArgs {
-    /// Where the maps are pinned.
-    #[arg(long, default_value = maps::PIN_DIR)]
-    pub pin_dir: PathBuf,
-    /// The agent's status file (for pod names).
-    #[arg(long, default_value = crate::status::DEFAULT_PATH)]
-    pub status_file: PathBuf,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
-    pub output: OutputFormat,
-}
+/// Arguments of `netpol-agent conntrack`: the same as `inspect` (the status file supplies pod
+/// names).
+pub type ConntrackArgs = InspectArgs;
 
 /// Packets of one endpoint, direction and reason.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -233,6 +233,15 @@ impl KernelCollector {
 }
 
 /// Writes one counter family: `name` gets the `_total` suffix from the encoder.
+/// The drop packet and byte families of one label kind (node-level or per pod).
+fn drop_families<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    m: &BTreeMap<L, CounterValue>,
+) -> Result<(), std::fmt::Error> {
+    counter_family(encoder, "drop_count", DROP_COUNT_HELP, m.iter().map(|(l, v)| (l, v.packets)))?;
+    counter_family(encoder, "drop_bytes", DROP_BYTES_HELP, m.iter().map(|(l, v)| (l, v.bytes)))
+}
+
 fn counter_family<'a, L: EncodeLabelSet + 'a>(
     encoder: &mut DescriptorEncoder,
     name: &str,
@@ -263,34 +272,8 @@ impl Collector for KernelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let Some(view) = self.current() else { return Ok(()) };
         match &view.drops {
-            Drops::Node(m) => {
-                counter_family(
-                    &mut encoder,
-                    "drop_count",
-                    DROP_COUNT_HELP,
-                    m.iter().map(|(l, v)| (l, v.packets)),
-                )?;
-                counter_family(
-                    &mut encoder,
-                    "drop_bytes",
-                    DROP_BYTES_HELP,
-                    m.iter().map(|(l, v)| (l, v.bytes)),
-                )?;
-            }
-            Drops::PerPod(m) => {
-                counter_family(
-                    &mut encoder,
-                    "drop_count",
-                    DROP_COUNT_HELP,
-                    m.iter().map(|(l, v)| (l, v.packets)),
-                )?;
-                counter_family(
-                    &mut encoder,
-                    "drop_bytes",
-                    DROP_BYTES_HELP,
-                    m.iter().map(|(l, v)| (l, v.bytes)),
-                )?;
-            }
+            Drops::Node(m) => drop_families(&mut encoder, m)?,
+            Drops::PerPod(m) => drop_families(&mut encoder, m)?,
         }
         counter_family(
             &mut encoder,
