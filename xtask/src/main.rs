@@ -24,6 +24,13 @@ enum Command {
     Test(test::TestArgs),
     /// Set up, build, and run the demo on a local lab node.
     Demo,
+    /// A local lab node for scenario files: `lab run [FILES] [--topology routed|bridged|both]`,
+    /// `lab up FILE [--steps]` (keeps the node up until Ctrl-C), `lab list`.
+    Lab {
+        /// Arguments for netpol-lab (`cargo xtask lab -- --help` lists them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// rustfmt check and clippy (host crates, then the eBPF crate for its BPF target).
     Lint,
     /// Run a benchmark; prints a table and writes JSON under bench/results/.
@@ -99,7 +106,12 @@ fn main() -> anyhow::Result<()> {
         Command::Demo => {
             setup::run()?;
             exec::cargo(&["build", "-p", "netpol-it", "--bin", "netpol-demo"])?;
-            exec::run_status(exec::target_dir().join("debug/netpol-demo"), &[] as &[&str])
+            exec::run_lab_tool(exec::target_dir().join("debug/netpol-demo"), &[] as &[&str])
+        }
+        Command::Lab { args } => {
+            setup::run()?;
+            exec::cargo(&["build", "-p", "netpol-it", "--bin", "netpol-lab"])?;
+            exec::run_lab_tool(exec::target_dir().join("debug/netpol-lab"), &args)
         }
     }
 }

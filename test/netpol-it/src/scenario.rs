@@ -23,6 +23,8 @@
 //!     matrix: |               # rows: from, columns: to; `.` reached, `X` blocked, `?` any
 //!       from\to        ns-1/http-echo
 //!       ns-1/busybox   .
+//! - full_matrix: true         # every pod to every pod on every declared port and protocol,
+//!                             # each cell checked against the compiler's verdict (`explain`)
 //! ```
 //!
 //! Each step may have a `name`. The lab starts a TCP echo server on every TCP port and a UDP echo
@@ -39,8 +41,11 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde::Deserialize;
 
+use netpol_agent::explain;
+
 use crate::{
     agent::RunningAgent,
+    interrupt,
     lab::{Lab, Pod, Topology},
     manifests::{namespace, pod_with_protocols, ManifestDir},
     probe::{sctp_init, tcp_echo, udp_echo, TcpServer, UdpServer},
@@ -109,6 +114,17 @@ pub enum Protocol {
     SCTP,
 }
 
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::TCP => 6,
+            Protocol::UDP => 17,
+            Protocol::SCTP => 132,
+        }
+    }
+}
+
 impl std::fmt::Display for Protocol {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{self:?}")
@@ -137,6 +153,10 @@ pub struct Step {
     pub label_namespace: Option<LabelNamespace>,
     #[serde(default)]
     pub expect: Option<Expect>,
+    /// Probe every pod to every other pod on every port a pod declares (TCP, UDP and SCTP) and
+    /// check each cell against the verdict the compiler gives for the same manifests.
+    #[serde(default)]
+    pub full_matrix: bool,
 }
 
 /// New labels for a running pod: merged into its labels; `null` removes one.
@@ -270,6 +290,7 @@ enum Action<'a> {
     LabelPod(&'a LabelPod),
     LabelNamespace(&'a LabelNamespace),
     Expect(Checks),
+    FullMatrix,
 }
 
 impl Step {
@@ -371,9 +392,12 @@ impl Scenario {
             step.label_pod.is_some(),
             step.label_namespace.is_some(),
             step.expect.is_some(),
+            step.full_matrix,
         ];
         if set.iter().filter(|b| **b).count() != 1 {
-            bail!("needs exactly one of apply, delete, label_pod, label_namespace, expect");
+            bail!(
+                "needs exactly one of apply, delete, label_pod, label_namespace, expect, full_matrix"
+            );
         }
         if step.namespace.is_some() && step.apply.is_none() {
             bail!("`namespace` only goes with `apply`");
@@ -402,6 +426,9 @@ impl Scenario {
             }
             return Ok(Action::LabelNamespace(l));
         }
+        if step.full_matrix {
+            return Ok(Action::FullMatrix);
+        }
         let Some(e) = &step.expect else { unreachable!("one action is set") };
         let c = e.checks().context("expect")?;
         for p in c.rows.iter().chain(&c.cols) {
@@ -411,9 +438,10 @@ impl Scenario {
     }
 }
 
-/// A running scenario: the lab, its servers, the manifests and the agent.
-struct Run<'s> {
+/// A scenario's lab node: the lab with its pods and servers, the manifests and the agent.
+pub struct Node<'s> {
     scenario: &'s Scenario,
+    topology: Topology,
     // Dropped in this order: agent, servers, manifests, lab.
     agent: RunningAgent,
     _tcp: Vec<TcpServer>,
@@ -446,7 +474,7 @@ fn slug(s: &str) -> String {
     s.chars().take(24).collect()
 }
 
-impl Run<'_> {
+impl Node<'_> {
     fn pod_manifest(&self, key: &str) -> Result<String> {
         let spec = self
             .scenario
@@ -535,6 +563,7 @@ impl Run<'_> {
             if wrong.is_empty() || Instant::now() > deadline {
                 return Ok(got);
             }
+            interrupt::check()?;
             std::thread::sleep(Duration::from_millis(100));
             got.extend(probe_all(&wrong)?);
         }
@@ -578,6 +607,196 @@ fn print_matrix(c: &Checks, got: &BTreeMap<(usize, usize), bool>) -> (String, Ve
     (out, wrong)
 }
 
+impl<'s> Node<'s> {
+    /// Builds the scenario's node in a fresh lab of `topology`: one network namespace per pod
+    /// with servers on its declared ports, the Namespace and Pod manifests, and the agent
+    /// enforcing them (ready when this returns).
+    pub fn start(scenario: &'s Scenario, topology: Topology) -> Result<Node<'s>> {
+        let tag = format!("{}-{topology:?}", slug(&scenario.name));
+        let mut lab = Lab::with_topology(topology)?;
+        let mut pods = BTreeMap::new();
+        let (mut tcp, mut udp) = (Vec::new(), Vec::new());
+        for spec in &scenario.pods {
+            interrupt::check()?;
+            let pod = lab.add_pod(&spec.name)?;
+            for p in &spec.ports {
+                match p.protocol {
+                    Protocol::TCP => tcp.push(TcpServer::start(&pod.netns, p.port)?),
+                    Protocol::UDP => udp.push(UdpServer::start(&pod.netns, p.port)?),
+                    Protocol::SCTP => {}
+                }
+            }
+            let ports: Vec<String> =
+                spec.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect();
+            println!(
+                "   pod {:<28} {:<15} {:<18} ports {:<20} labels {:?}",
+                Scenario::pod_key(spec),
+                pod.ip,
+                pod.netns,
+                ports.join(","),
+                spec.labels
+            );
+            pods.insert(Scenario::pod_key(spec), (pod, spec.labels.clone()));
+        }
+        let dir = ManifestDir::new(&tag)?;
+        let mut ns_labels = BTreeMap::new();
+        for ns in &scenario.namespaces {
+            dir.write(&format!("ns-{}.yaml", ns.name), &namespace(&ns.name, &pairs(&ns.labels)))?;
+            ns_labels.insert(ns.name.clone(), ns.labels.clone());
+        }
+        let agent = RunningAgent::start(&dir, NODE, &tag);
+        let node = Node {
+            scenario,
+            topology,
+            agent,
+            _tcp: tcp,
+            _udp: udp,
+            dir,
+            pods,
+            ns_labels,
+            _lab: lab,
+        };
+        for key in node.pods.keys() {
+            node.dir
+                .write(&format!("pod-{}.yaml", key.replace('/', "-")), &node.pod_manifest(key)?)?;
+        }
+        node.agent.wait_ready();
+        Ok(node)
+    }
+
+    /// The manifests directory the agent watches.
+    pub fn manifests(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The agent (metrics address, pin directory, status file).
+    pub fn agent(&self) -> &RunningAgent {
+        &self.agent
+    }
+
+    /// The lab pods by `namespace/name`.
+    pub fn pods(&self) -> impl Iterator<Item = (&str, &Pod)> {
+        self.pods.iter().map(|(k, (p, _))| (k.as_str(), p))
+    }
+
+    /// Runs step `i`, printing what it does and, for expectations, the observed matrix; returns
+    /// the unexpected cells.
+    pub fn step(&mut self, i: usize) -> Result<Vec<String>> {
+        interrupt::check()?;
+        let scenario = self.scenario;
+        let step = &scenario.steps[i];
+        let what = step.describe(i);
+        let action = scenario.action(step).with_context(|| what.clone())?;
+        let mut failures = Vec::new();
+        match action {
+            Action::Apply(docs) => {
+                for (ns, name, text) in docs {
+                    println!("-- {what}: apply NetworkPolicy {ns}/{name}");
+                    self.change(&format!("netpol-{ns}-{name}.yaml"), Some(&text))?;
+                }
+            }
+            Action::Delete(ns, name) => {
+                println!("-- {what}: delete NetworkPolicy {ns}/{name}");
+                self.change(&format!("netpol-{ns}-{name}.yaml"), None)
+                    .with_context(|| format!("{what}: no policy {ns}/{name} was applied"))?;
+            }
+            Action::LabelPod(l) => {
+                println!("-- {what}: label pod {} {:?}", l.pod, l.labels);
+                merge(&mut self.pods.get_mut(&l.pod).expect("validated").1, &l.labels);
+                let text = self.pod_manifest(&l.pod)?;
+                self.change(&format!("pod-{}.yaml", l.pod.replace('/', "-")), Some(&text))?;
+            }
+            Action::LabelNamespace(l) => {
+                println!("-- {what}: label namespace {} {:?}", l.namespace, l.labels);
+                let labels = self.ns_labels.get_mut(&l.namespace).expect("validated");
+                merge(labels, &l.labels);
+                let text = namespace(&l.namespace, &pairs(labels));
+                self.change(&format!("ns-{}.yaml", l.namespace), Some(&text))?;
+            }
+            Action::Expect(c) => {
+                println!("-- {what}: expect (rows from, columns to; . reached, X blocked, ! unexpected, lower case not checked)");
+                let got = self.observe(&c)?;
+                let (text, wrong) = print_matrix(&c, &got);
+                print!("{text}");
+                failures.extend(wrong.into_iter().map(|w| format!("{what}: {w}")));
+            }
+            Action::FullMatrix => {
+                println!("-- {what}: every pod to every pod on every declared port, checked against the compiler's verdict (explain)");
+                for c in self.full_checks()? {
+                    let got = self.observe(&c)?;
+                    let (text, wrong) = print_matrix(&c, &got);
+                    print!("{text}");
+                    failures.extend(wrong.into_iter().map(|w| format!("{what}: {w}")));
+                }
+            }
+        }
+        Ok(failures)
+    }
+
+    /// One check per declared (port, protocol): every pod to every pod serving it (not itself:
+    /// that traffic never leaves the pod), expected cells from `explain` over the manifests the
+    /// agent reads right now.
+    fn full_checks(&self) -> Result<Vec<Checks>> {
+        let (state, errors) = netpol_agent::manifest::load_dir(self.dir.path());
+        if let Some(e) = errors.first() {
+            bail!("the lab's own manifests do not load: {e}");
+        }
+        let mut ports: Vec<(u16, Protocol)> = self
+            .scenario
+            .pods
+            .iter()
+            .flat_map(|p| p.ports.iter().map(|q| (q.port, q.protocol)))
+            .collect();
+        ports.sort_by_key(|&(port, proto)| (port, proto as u8));
+        ports.dedup();
+        let rows: Vec<String> = self.pods.keys().cloned().collect();
+        let mut out = Vec::new();
+        for (port, proto) in ports {
+            let cols: Vec<String> = self
+                .scenario
+                .pods
+                .iter()
+                .filter(|p| p.ports.iter().any(|q| q.port == port && q.protocol == proto))
+                .map(Scenario::pod_key)
+                .collect();
+            let mut c = Checks { port, proto, rows: rows.clone(), cols, want: BTreeMap::new() };
+            for (r, from) in c.rows.iter().enumerate() {
+                for (k, to) in c.cols.iter().enumerate() {
+                    if from == to {
+                        continue;
+                    }
+                    let q = explain::Query {
+                        from: explain::Peer::Pod(pod_ref(from)),
+                        to: explain::Peer::Pod(pod_ref(to)),
+                        proto: proto.number(),
+                        port,
+                        node: Some(NODE.to_owned()),
+                        node_addrs: Vec::new(),
+                        allow_host_to_pods: true,
+                    };
+                    let report = explain::explain(&state, &q)
+                        .with_context(|| format!("explain {from} -> {to} {port}/{proto}"))?;
+                    c.want.insert((r, k), report.allow);
+                }
+            }
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    /// Waits for Ctrl-C (see [`interrupt`]), for `cargo xtask lab up`.
+    pub fn hold(&self) {
+        while !interrupt::interrupted() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn pod_ref(key: &str) -> netpol_agent::model::PodRef {
+    let (ns, name) = key.split_once('/').expect("pod keys are namespace/name");
+    netpol_agent::model::PodRef::new(ns, name)
+}
+
 /// Runs a scenario in a fresh lab of `topology`, printing every step and its matrix; fails with
 /// the list of mismatched cells (all steps run, so that the whole story is printed).
 pub fn run(scenario: &Scenario, topology: Topology) -> Result<()> {
@@ -586,76 +805,16 @@ pub fn run(scenario: &Scenario, topology: Topology) -> Result<()> {
         scenario.name,
         scenario.file.display()
     );
-    let tag = format!("{}-{topology:?}", slug(&scenario.name));
-    let mut lab = Lab::with_topology(topology)?;
-    let mut pods = BTreeMap::new();
-    let (mut tcp, mut udp) = (Vec::new(), Vec::new());
-    for spec in &scenario.pods {
-        let pod = lab.add_pod(&spec.name)?;
-        for p in &spec.ports {
-            match p.protocol {
-                Protocol::TCP => tcp.push(TcpServer::start(&pod.netns, p.port)?),
-                Protocol::UDP => udp.push(UdpServer::start(&pod.netns, p.port)?),
-                Protocol::SCTP => {}
-            }
-        }
-        println!("   pod {:<28} {:<15} {:?}", Scenario::pod_key(spec), pod.ip, spec.labels);
-        pods.insert(Scenario::pod_key(spec), (pod, spec.labels.clone()));
-    }
-    let dir = ManifestDir::new(&tag)?;
-    let mut ns_labels = BTreeMap::new();
-    for ns in &scenario.namespaces {
-        dir.write(&format!("ns-{}.yaml", ns.name), &namespace(&ns.name, &pairs(&ns.labels)))?;
-        ns_labels.insert(ns.name.clone(), ns.labels.clone());
-    }
-    let agent = RunningAgent::start(&dir, NODE, &tag);
-    let mut run = Run { scenario, agent, _tcp: tcp, _udp: udp, dir, pods, ns_labels, _lab: lab };
-    for key in run.pods.keys() {
-        run.dir.write(&format!("pod-{}.yaml", key.replace('/', "-")), &run.pod_manifest(key)?)?;
-    }
-    run.agent.wait_ready();
+    let mut node = Node::start(scenario, topology)?;
     let mut failures = Vec::new();
-    for (i, step) in scenario.steps.iter().enumerate() {
-        let what = step.describe(i);
-        let action = scenario.action(step).with_context(|| what.clone())?;
-        match action {
-            Action::Apply(docs) => {
-                for (ns, name, text) in docs {
-                    println!("-- {what}: apply NetworkPolicy {ns}/{name}");
-                    run.change(&format!("netpol-{ns}-{name}.yaml"), Some(&text))?;
-                }
-            }
-            Action::Delete(ns, name) => {
-                println!("-- {what}: delete NetworkPolicy {ns}/{name}");
-                run.change(&format!("netpol-{ns}-{name}.yaml"), None)
-                    .with_context(|| format!("{what}: no policy {ns}/{name} was applied"))?;
-            }
-            Action::LabelPod(l) => {
-                println!("-- {what}: label pod {} {:?}", l.pod, l.labels);
-                merge(&mut run.pods.get_mut(&l.pod).expect("validated").1, &l.labels);
-                let text = run.pod_manifest(&l.pod)?;
-                run.change(&format!("pod-{}.yaml", l.pod.replace('/', "-")), Some(&text))?;
-            }
-            Action::LabelNamespace(l) => {
-                println!("-- {what}: label namespace {} {:?}", l.namespace, l.labels);
-                let labels = run.ns_labels.get_mut(&l.namespace).expect("validated");
-                merge(labels, &l.labels);
-                let text = namespace(&l.namespace, &pairs(labels));
-                run.change(&format!("ns-{}.yaml", l.namespace), Some(&text))?;
-            }
-            Action::Expect(c) => {
-                println!("-- {what}: expect (rows from, columns to; . reached, X blocked, ! unexpected, lower case not checked)");
-                let got = run.observe(&c)?;
-                let (text, wrong) = print_matrix(&c, &got);
-                print!("{text}");
-                failures.extend(wrong.into_iter().map(|w| format!("{what}: {w}")));
-            }
-        }
+    for i in 0..scenario.steps.len() {
+        failures.extend(node.step(i)?);
     }
     if !failures.is_empty() {
         bail!(
-            "scenario {:?} ({topology:?}): {} unexpected cell(s):\n  {}",
+            "scenario {:?} ({:?}): {} unexpected cell(s):\n  {}",
             scenario.name,
+            node.topology,
             failures.len(),
             failures.join("\n  ")
         );
@@ -717,6 +876,14 @@ mod tests {
         ))
         .unwrap_err();
         assert!(format!("{e:#}").contains("names no namespace"), "{e:#}");
+    }
+
+    #[test]
+    fn full_matrix_is_a_step_of_its_own() {
+        let s = parse(&format!("{BASE}steps:\n- full_matrix: true\n")).unwrap();
+        assert!(matches!(s.action(&s.steps[0]).unwrap(), Action::FullMatrix));
+        let e = parse(&format!("{BASE}steps:\n- full_matrix: true\n  delete: a/x\n")).unwrap_err();
+        assert!(format!("{e:#}").contains("exactly one of"), "{e:#}");
     }
 
     #[test]

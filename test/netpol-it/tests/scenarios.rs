@@ -26,7 +26,8 @@ fn every_scenario_file_has_a_test() {
             "000-vote-app.yaml",
             "001-namespace-isolation.yaml",
             "003-guestbook.yaml",
-            "004-http-echo.yaml"
+            "004-http-echo.yaml",
+            "010-protocols.yaml"
         ]
     );
 }
@@ -49,4 +50,9 @@ fn guestbook_003() {
 #[test]
 fn http_echo_004() {
     check("004-http-echo.yaml");
+}
+
+#[test]
+fn protocols_010() {
+    check("010-protocols.yaml");
 }
