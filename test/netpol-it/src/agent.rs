@@ -62,6 +62,7 @@ impl RunningAgent {
             metrics_addr: Some(metrics_addr),
             per_pod_labels: true,
             status_file: Some(status_file.clone()),
+            allow_foreign_programs: false,
         };
         tweak(&mut opts);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
