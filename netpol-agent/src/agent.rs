@@ -167,7 +167,9 @@ impl Agent {
     pub async fn new(opts: &AgentOptions) -> Result<Self> {
         let mut dp = Dataplane::load(&opts.dataplane).context("loading the eBPF programs")?;
         let ownership = if opts.allow_foreign_programs {
-            tracing::warn!("--allow-foreign-programs: attaching also beside other enforcers' programs");
+            tracing::warn!(
+                "--allow-foreign-programs: attaching also beside other enforcers' programs"
+            );
             None
         } else {
             Some(dp.ownership().context("reading the ids of netpol's own programs and maps")?)
