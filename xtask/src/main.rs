@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: everything needed to set up, build, test and demonstrate netpol.
 mod exec;
+mod image;
 mod preflight;
 mod setup;
 mod test;
@@ -24,6 +25,8 @@ enum Command {
     Test(test::TestArgs),
     /// Set up, build, and run the demo on a local lab node.
     Demo,
+    /// Build the agent's container image (Dockerfile) with docker or podman.
+    Image(image::ImageArgs),
     /// rustfmt check and clippy (host crates, then the eBPF crate for its BPF target).
     Lint,
     /// Run a benchmark; prints a table and writes JSON under bench/results/.
@@ -37,6 +40,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
+        Command::Image(args) => image::run(&args),
         Command::Check => {
             let missing = preflight::missing(preflight::Needs::ALL);
             if missing.is_empty() {
