@@ -7,14 +7,19 @@
 # bpf-linker built against LLVM 22 to link the BPF object.
 ARG RUST_VERSION=1.95.0
 FROM rust:${RUST_VERSION}-bookworm AS build
-# The nightly the eBPF build is verified with, installed under the name aya-build runs.
-ARG NIGHTLY=nightly-2026-05-19
+# The nightly the eBPF build is verified with (rustc 1.97.0-nightly e50aa6fba 2026-05-19),
+# installed under the name aya-build runs.
+ARG NIGHTLY=nightly-2026-05-20
 ARG BPF_LINKER_VERSION=0.13.0
 RUN apt-get update \
  && apt-get install -y --no-install-recommends llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev \
  && rm -rf /var/lib/apt/lists/*
+# aya-build runs `rustup run nightly ...`; rustup refuses `toolchain link` under an official
+# channel name, so the dated toolchain's directory is renamed to the one `nightly` resolves to.
 RUN rustup toolchain install "${NIGHTLY}" --profile minimal --component rust-src \
- && rustup toolchain link nightly "$(rustc +"${NIGHTLY}" --print sysroot)"
+ && host="$(rustc -vV | sed -n 's/^host: //p')" \
+ && mv "${RUSTUP_HOME}/toolchains/${NIGHTLY}-${host}" "${RUSTUP_HOME}/toolchains/nightly-${host}" \
+ && rustc +nightly --version
 # Without the prefix llvm-sys finds /usr and fails with `unable to find library -lLLVM`.
 RUN LLVM_SYS_221_PREFIX=/usr/lib/llvm-22 PATH=/usr/lib/llvm-22/bin:$PATH \
     cargo install --locked bpf-linker --version "${BPF_LINKER_VERSION}" \
