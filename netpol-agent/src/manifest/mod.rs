@@ -7,6 +7,8 @@
 mod cluster;
 pub(crate) mod convert;
 
+pub(crate) use cluster::cluster_policy;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
