@@ -16,6 +16,7 @@
 //!     ...
 //!   namespace: ns-1          # like `kubectl apply -n`, when the manifest names none
 //! - delete: ns-1/deny-all    # a NetworkPolicy, as namespace/name
+//! - delete: ClusterNetworkPolicy/default-deny   # a cluster-scoped policy, as kind/name
 //! - label_pod: {pod: ns-1/busybox, labels: {app: busybox}}       # null removes a label
 //! - label_namespace: {namespace: ns-1, labels: {purpose: dev}}
 //! - expect:
@@ -281,7 +282,12 @@ impl Step {
     }
 }
 
-/// Policy manifests of an `apply`: (namespace, name, YAML) per document.
+/// Cluster-scoped policy kinds steps may apply; they are named `kind/name` in steps.
+const CLUSTER_KINDS: [&str; 3] =
+    ["ClusterNetworkPolicy", "AdminNetworkPolicy", "BaselineAdminNetworkPolicy"];
+
+/// Policy manifests of an `apply`: (namespace, name, YAML) per document; a cluster-scoped
+/// policy has its kind in place of the namespace.
 fn policies(text: &str, default_ns: Option<&str>) -> Result<Vec<(String, String, String)>> {
     let mut out = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(text) {
@@ -289,9 +295,10 @@ fn policies(text: &str, default_ns: Option<&str>) -> Result<Vec<(String, String,
         if v.is_null() {
             continue;
         }
-        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
-        if kind != "NetworkPolicy" {
-            bail!("apply: kind {kind:?}; only NetworkPolicy manifests are applied by steps");
+        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+        let cluster = CLUSTER_KINDS.contains(&kind.as_str());
+        if kind != "NetworkPolicy" && !cluster {
+            bail!("apply: kind {kind:?}; only NetworkPolicy and {CLUSTER_KINDS:?} manifests are applied by steps");
         }
         let meta = v
             .get_mut("metadata")
@@ -303,6 +310,7 @@ fn policies(text: &str, default_ns: Option<&str>) -> Result<Vec<(String, String,
             .context("apply: no metadata.name")?
             .to_owned();
         let ns = match meta.get("namespace").and_then(|n| n.as_str()) {
+            _ if cluster => kind,
             Some(ns) => ns.to_owned(),
             None => {
                 let ns = default_ns.with_context(|| {
@@ -621,12 +629,12 @@ pub fn run(scenario: &Scenario, topology: Topology) -> Result<()> {
         match action {
             Action::Apply(docs) => {
                 for (ns, name, text) in docs {
-                    println!("-- {what}: apply NetworkPolicy {ns}/{name}");
+                    println!("-- {what}: apply {ns}/{name}");
                     run.change(&format!("netpol-{ns}-{name}.yaml"), Some(&text))?;
                 }
             }
             Action::Delete(ns, name) => {
-                println!("-- {what}: delete NetworkPolicy {ns}/{name}");
+                println!("-- {what}: delete {ns}/{name}");
                 run.change(&format!("netpol-{ns}-{name}.yaml"), None)
                     .with_context(|| format!("{what}: no policy {ns}/{name} was applied"))?;
             }
