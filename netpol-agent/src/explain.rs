@@ -326,9 +326,10 @@ fn check(
         (None, None) => return Err(ExplainError::Unscheduled { pod: pod.key() }),
     };
     let ns_labels = state.namespace_labels(&pod.namespace);
-    let cluster = state.cluster_policies.values().filter(|p| {
-        !p.rules(dir).is_empty() && p.subject.matches(&ns_labels, &pod.labels)
-    });
+    let cluster = state
+        .cluster_policies
+        .values()
+        .filter(|p| !p.rules(dir).is_empty() && p.subject.matches(&ns_labels, &pod.labels));
     let policies: Vec<PodRef> = state
         .policies
         .values()
@@ -682,19 +683,39 @@ mod tests {
         use crate::model::build::{cnp, crule};
         use crate::model::ClusterAction;
         let s = cluster()
-            .with(cnp("no-dev", Tier::Admin, 5).egress(crule(ClusterAction::Deny).networks(&["8.8.0.0/16"])))
-            .with(cnp("default", Tier::Baseline, 1).ingress(crule(ClusterAction::Deny).networks(&["0.0.0.0/0"])).egress(crule(ClusterAction::Deny).networks(&["0.0.0.0/0"])));
+            .with(
+                cnp("no-dev", Tier::Admin, 5)
+                    .egress(crule(ClusterAction::Deny).networks(&["8.8.0.0/16"])),
+            )
+            .with(
+                cnp("default", Tier::Baseline, 1)
+                    .ingress(crule(ClusterAction::Deny).networks(&["0.0.0.0/0"]))
+                    .egress(crule(ClusterAction::Deny).networks(&["0.0.0.0/0"])),
+            );
         let r = explain(&s, &query("prod/web", "8.8.8.8", "53/udp")).unwrap();
         assert!(!r.allow);
-        assert_eq!(r.directions[0].reason, "denied by Admin tier ClusterNetworkPolicy/no-dev egress rule 0");
+        assert_eq!(
+            r.directions[0].reason,
+            "denied by Admin tier ClusterNetworkPolicy/no-dev egress rule 0"
+        );
         assert_eq!(render_json(&r)["directions"][0]["tier"], "Admin");
-        assert_eq!(render_json(&r)["directions"][0]["rule"]["policy"], "ClusterNetworkPolicy/no-dev");
+        assert_eq!(
+            render_json(&r)["directions"][0]["rule"]["policy"],
+            "ClusterNetworkPolicy/no-dev"
+        );
         // web-out (NetworkPolicy) isolates web's egress: the Baseline tier is never reached.
         let r = explain(&s, &query("prod/web", "prod/db", "5432")).unwrap();
-        assert!(r.directions[0].reason.contains("NetworkPolicy prod/web-out"), "{}", r.directions[0].reason);
+        assert!(
+            r.directions[0].reason.contains("NetworkPolicy prod/web-out"),
+            "{}",
+            r.directions[0].reason
+        );
         // db's egress is not isolated by a NetworkPolicy: the Baseline Deny decides.
         let r = explain(&s, &query("prod/db", "1.1.1.1", "443")).unwrap();
-        assert_eq!(r.directions[0].reason, "denied by Baseline tier ClusterNetworkPolicy/default egress rule 0");
+        assert_eq!(
+            r.directions[0].reason,
+            "denied by Baseline tier ClusterNetworkPolicy/default egress rule 0"
+        );
         assert!(render_text(&r).contains("isolated by: ClusterNetworkPolicy/default"));
     }
 

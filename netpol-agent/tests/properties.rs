@@ -13,9 +13,9 @@ use netpol_agent::compile::{compile, Change, CompileOptions, Compiler, RuleOrigi
 use netpol_agent::layout::{evaluate, Layout};
 use netpol_agent::model::{
     Cidr, ClusterAction, ClusterKind, ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule,
-    ClusterState, ContainerPort, NamespacedPods, Tier, Direction, IpBlock, LabelSelector, Labels, Namespace,
-    NetworkPolicy, Operator, Peer, Pod, PolicyPort, PolicyType, PortRef, Protocol, Requirement,
-    Rule, NAMESPACE_NAME_LABEL,
+    ClusterState, ContainerPort, Direction, IpBlock, LabelSelector, Labels, Namespace,
+    NamespacedPods, NetworkPolicy, Operator, Peer, Pod, PolicyPort, PolicyType, PortRef, Protocol,
+    Requirement, Rule, Tier, NAMESPACE_NAME_LABEL,
 };
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -284,7 +284,10 @@ fn cluster_policy_strategy(i: usize) -> impl Strategy<Value = ClusterPolicy> {
 }
 
 fn cluster_strategy() -> impl Strategy<Value = ClusterState> {
-    (cluster_np_strategy(), (0usize..4).prop_flat_map(|n| (0..n).map(cluster_policy_strategy).collect::<Vec<_>>()))
+    (
+        cluster_np_strategy(),
+        (0usize..4).prop_flat_map(|n| (0..n).map(cluster_policy_strategy).collect::<Vec<_>>()),
+    )
         .prop_map(|(mut s, cps)| {
             for p in cps {
                 s.cluster_policies.insert(p.key(), p);
@@ -632,15 +635,31 @@ fn check_cluster(
             // No rule decided: a NetworkPolicy default deny, or no rule of any tier matched.
             prop_assert!(!got.allow || !reference_np(s, o, pod, conn).0, "no rule: {}", ctx);
         } else if let Some(RuleOrigin::Policy { tier, policy, direction, index }) =
-            maps.rules.get(&got.rule_id).filter(|o| !matches!(o, RuleOrigin::Policy { tier: Tier::NetworkPolicy, .. } | RuleOrigin::NodeToPod))
+            maps.rules.get(&got.rule_id).filter(|o| {
+                !matches!(
+                    o,
+                    RuleOrigin::Policy { tier: Tier::NetworkPolicy, .. } | RuleOrigin::NodeToPod
+                )
+            })
         {
             // A cluster rule decided: it matches the flow and its action is the verdict.
             prop_assert_eq!(*direction, dir);
             let p = &s.cluster_policies[policy];
             prop_assert_eq!(p.tier, *tier);
             let rule = &p.rules(dir)[*index as usize];
-            prop_assert!(ref_cluster_rule_matches(s, rule, pod, conn), "rule {} does not match {}", policy, ctx);
-            prop_assert_eq!(rule.action == ClusterAction::Deny, !got.allow, "action of {}: {}", policy, ctx);
+            prop_assert!(
+                ref_cluster_rule_matches(s, rule, pod, conn),
+                "rule {} does not match {}",
+                policy,
+                ctx
+            );
+            prop_assert_eq!(
+                rule.action == ClusterAction::Deny,
+                !got.allow,
+                "action of {}: {}",
+                policy,
+                ctx
+            );
         } else if got.allow && policed {
             // The reported rule must itself allow the flow.
             match maps.rules.get(&got.rule_id) {

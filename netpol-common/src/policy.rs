@@ -122,15 +122,9 @@ pub fn decide(admin: TierLookup, np: TierLookup, baseline: TierLookup) -> Decisi
     }
     match np {
         TierLookup::Hit(v) => {
-            return Decision {
-                allow: v.action != ACTION_DENY,
-                rule_id: v.rule_id,
-                policed: true,
-            }
+            return Decision { allow: v.action != ACTION_DENY, rule_id: v.rule_id, policed: true }
         }
-        TierLookup::Miss => {
-            return Decision { allow: false, rule_id: RULE_NONE, policed: true }
-        }
+        TierLookup::Miss => return Decision { allow: false, rule_id: RULE_NONE, policed: true },
         TierLookup::NoSet => {}
     }
     match baseline {

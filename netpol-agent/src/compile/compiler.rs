@@ -8,11 +8,11 @@ use super::index::{
     di, ns_labels, ns_selectors_match, peers_match_pod, resolve, Index, PeerMemo, PolicyInfo,
 };
 use super::rule_ids::{self, RuleOrigin};
-use super::{CompileOptions, Compiled, CompiledEndpoint, PeerSet, PortSet};
 use super::tiers::{self, PodsMemo, TierCtx, TierMemo};
+use super::{CompileOptions, Compiled, CompiledEndpoint, PeerSet, PortSet};
 use crate::model::{
-    ClusterPolicy, ClusterState, Direction, Labels, Namespace, NetworkPolicy, Pod, PodRef, PolicyRef,
-    Tier,
+    ClusterPolicy, ClusterState, Direction, Labels, Namespace, NetworkPolicy, Pod, PodRef,
+    PolicyRef, Tier,
 };
 
 /// One change to the cluster state.
@@ -289,7 +289,10 @@ impl Compiler {
             .values()
             .flatten()
             .filter(|k| {
-                self.state.pods.get(*k).is_some_and(|p| tiers::subject_selects(&self.state, policy, p))
+                self.state
+                    .pods
+                    .get(*k)
+                    .is_some_and(|p| tiers::subject_selects(&self.state, policy, p))
             })
             .cloned()
             .collect()
@@ -346,7 +349,8 @@ impl Compiler {
                         options: &self.options,
                     };
                     let mut results = compile_pod(&ctx, pod, &mut memo);
-                    let tctx = TierCtx { state: &self.state, index: &self.index, ids: &self.rule_ids };
+                    let tctx =
+                        TierCtx { state: &self.state, index: &self.index, ids: &self.rule_ids };
                     results.extend(tiers::compile_pod(&tctx, pod, &mut tier_memo, &mut pods_memo));
                     let mut ep = CompiledEndpoint {
                         ips: pod.ips.clone(),

@@ -55,7 +55,11 @@ pub fn assign(state: &ClusterState) -> (BTreeMap<RuleOrigin, u32>, BTreeMap<u32,
     by_origin.insert(RuleOrigin::NodeToPod, HOST_RULE_ID);
     by_id.insert(HOST_RULE_ID, RuleOrigin::NodeToPod);
     let np = state.policies.iter().map(|(k, p)| {
-        (Tier::NetworkPolicy, k, [p.rules(Direction::Ingress).len(), p.rules(Direction::Egress).len()])
+        (
+            Tier::NetworkPolicy,
+            k,
+            [p.rules(Direction::Ingress).len(), p.rules(Direction::Egress).len()],
+        )
     });
     let cluster = state.cluster_policies.iter().map(|(k, p)| {
         (p.tier, k, [p.rules(Direction::Ingress).len(), p.rules(Direction::Egress).len()])

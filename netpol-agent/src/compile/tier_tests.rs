@@ -43,7 +43,14 @@ fn base() -> ClusterState {
     )
 }
 
-fn decide_for(s: &ClusterState, pod: &str, dir: Direction, remote: &str, proto: u8, port: u16) -> Decision {
+fn decide_for(
+    s: &ClusterState,
+    pod: &str,
+    dir: Direction,
+    remote: &str,
+    proto: u8,
+    port: u16,
+) -> Decision {
     let (ns, name) = pod.split_once('/').unwrap();
     let c = compile(s, &CompileOptions::new("node-a"));
     let maps = Layout::new().update(&c).unwrap();
@@ -51,7 +58,14 @@ fn decide_for(s: &ClusterState, pod: &str, dir: Direction, remote: &str, proto: 
     evaluate(&maps, &ep.value, dir, remote.parse().unwrap(), proto, port)
 }
 
-fn allowed(s: &ClusterState, pod: &str, dir: Direction, remote: &str, proto: u8, port: u16) -> bool {
+fn allowed(
+    s: &ClusterState,
+    pod: &str,
+    dir: Direction,
+    remote: &str,
+    proto: u8,
+    port: u16,
+) -> bool {
     decide_for(s, pod, dir, remote, proto, port).allow
 }
 
@@ -89,15 +103,41 @@ fn precedence_table() {
         ("no policy: default allow", base(), true),
         ("Admin Deny beats NP allow", with_np(base(), np_db_allow_all()).with(admin(Deny)), false),
         ("Admin Accept beats NP deny", with_np(base(), np_db_deny_all()).with(admin(Accept)), true),
-        ("Admin Pass defers to NP allow", with_np(base(), np_db_allow_all()).with(admin(Pass)), true),
-        ("Admin Pass defers to NP deny", with_np(base(), np_db_deny_all()).with(admin(Pass)), false),
+        (
+            "Admin Pass defers to NP allow",
+            with_np(base(), np_db_allow_all()).with(admin(Pass)),
+            true,
+        ),
+        (
+            "Admin Pass defers to NP deny",
+            with_np(base(), np_db_deny_all()).with(admin(Pass)),
+            false,
+        ),
         ("Admin Pass, no NP: Baseline Deny", base().with(admin(Pass)).with(baseline(Deny)), false),
-        ("Admin no match, no NP: Baseline Deny", base().with(cnp("a", Tier::Admin, 1).ingress(crule(Deny).pods(ns("kube-system"), any()))).with(baseline(Deny)), false),
+        (
+            "Admin no match, no NP: Baseline Deny",
+            base()
+                .with(cnp("a", Tier::Admin, 1).ingress(crule(Deny).pods(ns("kube-system"), any())))
+                .with(baseline(Deny)),
+            false,
+        ),
         ("no NP isolation: Baseline Deny decides", base().with(baseline(Deny)), false),
         ("no NP isolation: Baseline Accept", base().with(baseline(Accept)), true),
-        ("NP allow beats Baseline Deny", with_np(base(), np_db_allow_all()).with(baseline(Deny)), true),
-        ("NP deny beats Baseline Accept", with_np(base(), np_db_deny_all()).with(baseline(Accept)), false),
-        ("Admin Deny beats Baseline Accept", base().with(admin(Deny)).with(baseline(Accept)), false),
+        (
+            "NP allow beats Baseline Deny",
+            with_np(base(), np_db_allow_all()).with(baseline(Deny)),
+            true,
+        ),
+        (
+            "NP deny beats Baseline Accept",
+            with_np(base(), np_db_deny_all()).with(baseline(Accept)),
+            false,
+        ),
+        (
+            "Admin Deny beats Baseline Accept",
+            base().with(admin(Deny)).with(baseline(Accept)),
+            false,
+        ),
         ("Admin Accept beats Baseline Deny", base().with(admin(Accept)).with(baseline(Deny)), true),
         ("Baseline Pass: default allow", base().with(baseline(Pass)), true),
     ];
@@ -112,11 +152,17 @@ fn precedence_table() {
 #[test]
 fn priorities_between_policies_and_rule_order_within_one() {
     let deny_dev = cnp("deny-dev", Tier::Admin, 10).ingress(crule(Deny).pods(ns("dev"), any()));
-    let accept_cli = |prio| cnp("accept-cli", Tier::Admin, prio).ingress(crule(Accept).pods(any(), sel(&[("app", "cli")])));
+    let accept_cli = |prio| {
+        cnp("accept-cli", Tier::Admin, prio)
+            .ingress(crule(Accept).pods(any(), sel(&[("app", "cli")])))
+    };
     let s = base().with(deny_dev.clone()).with(accept_cli(5));
     assert!(allowed(&s, "prod/web", I, CLI, TCP, 80), "priority 5 Accept before priority 10 Deny");
     let s = base().with(deny_dev).with(accept_cli(20));
-    assert!(!allowed(&s, "prod/web", I, CLI, TCP, 80), "priority 10 Deny before priority 20 Accept");
+    assert!(
+        !allowed(&s, "prod/web", I, CLI, TCP, 80),
+        "priority 10 Deny before priority 20 Accept"
+    );
 
     // Within one policy the first matching rule decides.
     let ordered = |first: ClusterRule, second: ClusterRule| {
@@ -128,7 +174,10 @@ fn priorities_between_policies_and_rule_order_within_one() {
     assert!(allowed(&s, "prod/web", I, CLI, TCP, 80));
     assert!(!allowed(&s, "prod/web", I, CLI, TCP, 81));
     let s = ordered(deny_all, accept80);
-    assert!(!allowed(&s, "prod/web", I, CLI, TCP, 80), "an earlier broader Deny shadows a later port Accept");
+    assert!(
+        !allowed(&s, "prod/web", I, CLI, TCP, 80),
+        "an earlier broader Deny shadows a later port Accept"
+    );
 }
 
 #[test]
@@ -145,12 +194,18 @@ fn overlapping_cidrs_with_different_priorities() {
     // A longer address prefix with a specific port must not shadow a higher-priority broad Deny.
     let s = base()
         .with(cnp("broad", Tier::Admin, 1).egress(crule(Deny).networks(&["10.0.0.0/8"])))
-        .with(cnp("narrow", Tier::Admin, 2).egress(crule(Accept).networks(&["10.0.0.2/32"]).port(port(Protocol::Tcp, 5432))));
+        .with(
+            cnp("narrow", Tier::Admin, 2)
+                .egress(crule(Accept).networks(&["10.0.0.2/32"]).port(port(Protocol::Tcp, 5432))),
+        );
     assert!(!allowed(&s, "dev/cli", E, DB, TCP, 5432));
     // The reverse priorities: the narrow Accept wins for its port only.
     let s = base()
         .with(cnp("broad", Tier::Admin, 2).egress(crule(Deny).networks(&["10.0.0.0/8"])))
-        .with(cnp("narrow", Tier::Admin, 1).egress(crule(Accept).networks(&["10.0.0.2/32"]).port(port(Protocol::Tcp, 5432))));
+        .with(
+            cnp("narrow", Tier::Admin, 1)
+                .egress(crule(Accept).networks(&["10.0.0.2/32"]).port(port(Protocol::Tcp, 5432))),
+        );
     assert!(allowed(&s, "dev/cli", E, DB, TCP, 5432));
     assert!(!allowed(&s, "dev/cli", E, DB, TCP, 5433), "other ports fall to the /8 Deny");
     assert!(!allowed(&s, "dev/cli", E, DB, UDP, 5432));
@@ -160,7 +215,10 @@ fn overlapping_cidrs_with_different_priorities() {
             .egress(crule(Pass).networks(&["10.0.0.0/8"]).port(range(Protocol::Tcp, 1000, 2000)))
             .egress(crule(Deny).networks(&["10.0.0.0/8"]).port(port(Protocol::Tcp, 1500))),
     );
-    assert!(allowed(&s, "dev/cli", E, DB, TCP, 1500), "Pass (earlier, range) shadows Deny (later, single port)");
+    assert!(
+        allowed(&s, "dev/cli", E, DB, TCP, 1500),
+        "Pass (earlier, range) shadows Deny (later, single port)"
+    );
     let s = base().with(
         cnp("r", Tier::Admin, 1)
             .egress(crule(Deny).networks(&["10.0.0.0/8"]).port(port(Protocol::Tcp, 1500)))
@@ -177,13 +235,16 @@ fn overlapping_cidrs_with_different_priorities() {
 #[test]
 fn named_ports() {
     // Ingress: the protected pod's own container ports.
-    let s = base().with(cnp("n", Tier::Admin, 1).ingress(crule(Deny).pods(any(), any()).named("http")));
+    let s =
+        base().with(cnp("n", Tier::Admin, 1).ingress(crule(Deny).pods(any(), any()).named("http")));
     assert!(!allowed(&s, "prod/web", I, CLI, TCP, 8080));
     assert!(allowed(&s, "prod/web", I, CLI, TCP, 80));
     assert!(allowed(&s, "prod/db", I, CLI, TCP, 8080), "db has no port named http");
     // Egress: each destination pod's ports, with the container port's protocol.
     let s = base()
-        .with(cnp("dns", Tier::Admin, 1).egress(crule(Accept).pods(ns("kube-system"), sel(&[("k8s-app", "kube-dns")])).named("dns")))
+        .with(cnp("dns", Tier::Admin, 1).egress(
+            crule(Accept).pods(ns("kube-system"), sel(&[("k8s-app", "kube-dns")])).named("dns"),
+        ))
         .with(cnp("default-deny", Tier::Baseline, 1).egress(crule(Deny).networks(&["0.0.0.0/0"])));
     assert!(allowed(&s, "dev/cli", E, DNS, UDP, 53));
     assert!(!allowed(&s, "dev/cli", E, DNS, TCP, 53), "dns is UDP; dns-tcp is not listed");
@@ -220,16 +281,33 @@ fn subjects_and_rule_origins() {
 
     // Legacy kinds: AdminNetworkPolicy and BaselineAdminNetworkPolicy of the same name coexist.
     let s = base()
-        .with(cnp("x", Tier::Admin, 1).kind(ClusterKind::AdminNetworkPolicy).ingress(crule(Pass).pods(ns("dev"), any())))
-        .with(cnp("default", Tier::Baseline, 0).kind(ClusterKind::BaselineAdminNetworkPolicy).ingress(crule(Deny).pods(ns("dev"), any())));
+        .with(
+            cnp("x", Tier::Admin, 1)
+                .kind(ClusterKind::AdminNetworkPolicy)
+                .ingress(crule(Pass).pods(ns("dev"), any())),
+        )
+        .with(
+            cnp("default", Tier::Baseline, 0)
+                .kind(ClusterKind::BaselineAdminNetworkPolicy)
+                .ingress(crule(Deny).pods(ns("dev"), any())),
+        );
     let d = decide_for(&s, "prod/web", I, CLI, TCP, 1);
     let c = compile(&s, &CompileOptions::new("node-a"));
     assert!(!d.allow);
-    assert!(matches!(&c.rules[&d.rule_id], RuleOrigin::Policy { tier: Tier::Baseline, policy, .. } if policy.to_string() == "BaselineAdminNetworkPolicy/default"));
+    assert!(
+        matches!(&c.rules[&d.rule_id], RuleOrigin::Policy { tier: Tier::Baseline, policy, .. } if policy.to_string() == "BaselineAdminNetworkPolicy/default")
+    );
     // Subject by namespace expression; host-network pods are never subjects.
     let mut s = base().with(
         cnp("not-system", Tier::Baseline, 1)
-            .subject(sel(&[]).expr(crate::model::NAMESPACE_NAME_LABEL, Operator::NotIn, &["kube-system"]), any())
+            .subject(
+                sel(&[]).expr(
+                    crate::model::NAMESPACE_NAME_LABEL,
+                    Operator::NotIn,
+                    &["kube-system"],
+                ),
+                any(),
+            )
             .egress(crule(Deny).networks(&["0.0.0.0/0"])),
     );
     let hn = pod("hn", "prod").ip("192.168.0.9").host_network().build();
@@ -244,14 +322,24 @@ mod conformance {
     use super::*;
 
     fn houses() -> ClusterState {
-        let house = |h: &str| namespace(&format!("network-policy-conformance-{h}"), &[("conformance-house", h)]);
+        let house = |h: &str| {
+            namespace(&format!("network-policy-conformance-{h}"), &[("conformance-house", h)])
+        };
         state(
             vec![house("gryffindor"), house("slytherin"), house("hufflepuff"), house("ravenclaw")],
             vec![
-                pod("harry-potter-0", "network-policy-conformance-gryffindor").label("conformance-house", "gryffindor").ip("10.1.0.1"),
-                pod("draco-malfoy-0", "network-policy-conformance-slytherin").label("conformance-house", "slytherin").ip("10.1.1.1"),
-                pod("cedric-diggory-0", "network-policy-conformance-hufflepuff").label("conformance-house", "hufflepuff").ip("10.1.2.1"),
-                pod("luna-lovegood-0", "network-policy-conformance-ravenclaw").label("conformance-house", "ravenclaw").ip("10.1.3.1"),
+                pod("harry-potter-0", "network-policy-conformance-gryffindor")
+                    .label("conformance-house", "gryffindor")
+                    .ip("10.1.0.1"),
+                pod("draco-malfoy-0", "network-policy-conformance-slytherin")
+                    .label("conformance-house", "slytherin")
+                    .ip("10.1.1.1"),
+                pod("cedric-diggory-0", "network-policy-conformance-hufflepuff")
+                    .label("conformance-house", "hufflepuff")
+                    .ip("10.1.2.1"),
+                pod("luna-lovegood-0", "network-policy-conformance-ravenclaw")
+                    .label("conformance-house", "ravenclaw")
+                    .ip("10.1.3.1"),
             ],
             vec![],
         )
@@ -269,15 +357,24 @@ mod conformance {
         let (gn, gp) = house("gryffindor");
         let (sn, sp) = house("slytherin");
         houses()
-            .with(cnp("priority-50-example", Tier::Admin, 50).subject(gn.clone(), gp.clone())
-                .ingress(crule(Deny).pods(sn.clone(), sp.clone()))
-                .egress(crule(Deny).pods(sn.clone(), sp.clone())))
-            .with(cnp("old-priority-60-new-priority-40-example", Tier::Admin, pass_priority).subject(gn.clone(), gp.clone())
-                .ingress(crule(Pass).pods(sn.clone(), sp.clone()))
-                .egress(crule(Pass).pods(sn.clone(), sp.clone())))
-            .with(cnp("default", Tier::Baseline, 10).subject(gn, gp)
-                .ingress(crule(Accept).pods(sn.clone(), sp.clone()))
-                .egress(crule(Accept).pods(sn, sp)))
+            .with(
+                cnp("priority-50-example", Tier::Admin, 50)
+                    .subject(gn.clone(), gp.clone())
+                    .ingress(crule(Deny).pods(sn.clone(), sp.clone()))
+                    .egress(crule(Deny).pods(sn.clone(), sp.clone())),
+            )
+            .with(
+                cnp("old-priority-60-new-priority-40-example", Tier::Admin, pass_priority)
+                    .subject(gn.clone(), gp.clone())
+                    .ingress(crule(Pass).pods(sn.clone(), sp.clone()))
+                    .egress(crule(Pass).pods(sn.clone(), sp.clone())),
+            )
+            .with(
+                cnp("default", Tier::Baseline, 10)
+                    .subject(gn, gp)
+                    .ingress(crule(Accept).pods(sn.clone(), sp.clone()))
+                    .egress(crule(Accept).pods(sn, sp)),
+            )
     }
 
     #[test]
@@ -295,7 +392,10 @@ mod conformance {
         assert!(allowed(&s, HARRY, E, DRACO_IP, TCP, 8080));
         let d = decide_for(&s, HARRY, I, DRACO_IP, TCP, 80);
         let c = compile(&s, &CompileOptions::new("node-a"));
-        assert!(matches!(&c.rules[&d.rule_id], RuleOrigin::Policy { tier: Tier::Baseline, .. }), "the baseline Accept decides");
+        assert!(
+            matches!(&c.rules[&d.rule_id], RuleOrigin::Policy { tier: Tier::Baseline, .. }),
+            "the baseline Accept decides"
+        );
     }
 
     /// `conformance/base/api_integration/standard-anp-np-banp.yaml`, reduced: an admin CNP on
@@ -304,17 +404,26 @@ mod conformance {
         let (gn, gp) = house("gryffindor");
         let (sn, sp) = house("slytherin");
         let mut s = houses()
-            .with(cnp("pass-example", Tier::Admin, 16).subject(gn.clone(), gp.clone())
-                .ingress(crule(admin_action).pods(sn.clone(), sp.clone()))
-                .egress(crule(admin_action).pods(sn.clone(), sp.clone())))
-            .with(cnp("default", Tier::Baseline, 10).subject(gn, gp)
-                .ingress(crule(Deny).pods(sn.clone(), sp.clone()))
-                .egress(crule(Deny).pods(sn.clone(), sp.clone())));
+            .with(
+                cnp("pass-example", Tier::Admin, 16)
+                    .subject(gn.clone(), gp.clone())
+                    .ingress(crule(admin_action).pods(sn.clone(), sp.clone()))
+                    .egress(crule(admin_action).pods(sn.clone(), sp.clone())),
+            )
+            .with(
+                cnp("default", Tier::Baseline, 10)
+                    .subject(gn, gp)
+                    .ingress(crule(Deny).pods(sn.clone(), sp.clone()))
+                    .egress(crule(Deny).pods(sn.clone(), sp.clone())),
+            );
         if with_np {
-            let np = policy("allow-gress-from-to-slytherin-to-gryffindor", "network-policy-conformance-gryffindor")
-                .types(&[PolicyType::Ingress, PolicyType::Egress])
-                .ingress(rule().peer(pods(Some(sn.clone()), Some(sp.clone()))))
-                .egress(rule().peer(pods(Some(sn), Some(sp))));
+            let np = policy(
+                "allow-gress-from-to-slytherin-to-gryffindor",
+                "network-policy-conformance-gryffindor",
+            )
+            .types(&[PolicyType::Ingress, PolicyType::Egress])
+            .ingress(rule().peer(pods(Some(sn.clone()), Some(sp.clone()))))
+            .egress(rule().peer(pods(Some(sn), Some(sp))));
             s.policies.insert(np.0.key(), np.0);
         }
         s
@@ -348,7 +457,8 @@ mod conformance {
         let (gn, gp) = house("gryffindor");
         let (sn, sp) = house("slytherin");
         let s = houses().with(
-            cnp("egress-cidr", Tier::Admin, 70).subject(gn, gp)
+            cnp("egress-cidr", Tier::Admin, 70)
+                .subject(gn, gp)
                 .egress(crule(Accept).pods(sn, sp))
                 .egress(crule(Deny).networks(&["0.0.0.0/0"])),
         );
@@ -369,13 +479,28 @@ mod conformance {
 #[test]
 fn incremental_matches_full_compile() {
     let o = CompileOptions::new("node-a");
-    let start = base().with(cnp("dns", Tier::Admin, 1).egress(crule(Accept).pods(ns("kube-system"), sel(&[("k8s-app", "kube-dns")])).named("dns")));
+    let start = base().with(cnp("dns", Tier::Admin, 1).egress(
+        crule(Accept).pods(ns("kube-system"), sel(&[("k8s-app", "kube-dns")])).named("dns"),
+    ));
     let mut c = Compiler::new(start.clone(), o.clone());
     let changes = vec![
-        Change::UpsertClusterPolicy(cnp("deny", Tier::Baseline, 3).egress(crule(Deny).networks(&["0.0.0.0/0"])).build()),
-        Change::UpsertPod(pod("dns2", "kube-system").label("k8s-app", "kube-dns").ip("10.0.2.54").port(Some("dns"), 5353, Protocol::Udp).build()),
+        Change::UpsertClusterPolicy(
+            cnp("deny", Tier::Baseline, 3).egress(crule(Deny).networks(&["0.0.0.0/0"])).build(),
+        ),
+        Change::UpsertPod(
+            pod("dns2", "kube-system")
+                .label("k8s-app", "kube-dns")
+                .ip("10.0.2.54")
+                .port(Some("dns"), 5353, Protocol::Udp)
+                .build(),
+        ),
         Change::UpsertNamespace(namespace("kube-system", &[("x", "y")])),
-        Change::UpsertClusterPolicy(cnp("dns", Tier::Admin, 1).subject(sel(&[("env", "dev")]), any()).egress(crule(Deny).pods(any(), any())).build()),
+        Change::UpsertClusterPolicy(
+            cnp("dns", Tier::Admin, 1)
+                .subject(sel(&[("env", "dev")]), any())
+                .egress(crule(Deny).pods(any(), any()))
+                .build(),
+        ),
         Change::UpsertPod(pod("cli", "dev").label("app", "other").ip(CLI).build()),
         Change::DeletePod(PodRef::new("kube-system", "dns")),
         Change::DeleteClusterPolicy(cluster_ref(ClusterKind::ClusterNetworkPolicy, "deny")),

@@ -65,9 +65,11 @@ pub fn peers_match_pod(state: &ClusterState, policy: &ClusterPolicy, pod: &Pod) 
 /// Whether a namespace selector of `policy` (subject or peers) matches `labels`.
 pub fn ns_selectors_match(policy: &ClusterPolicy, labels: &crate::model::Labels) -> bool {
     policy.subject.namespace_selector.matches(labels)
-        || Direction::ALL.iter().flat_map(|d| policy.rules(*d)).flat_map(|r| &r.peers).any(|p| {
-            matches!(p, ClusterPeer::Pods(np) if np.namespace_selector.matches(labels))
-        })
+        || Direction::ALL
+            .iter()
+            .flat_map(|d| policy.rules(*d))
+            .flat_map(|r| &r.peers)
+            .any(|p| matches!(p, ClusterPeer::Pods(np) if np.namespace_selector.matches(labels)))
 }
 
 fn pods_ips(
@@ -77,12 +79,7 @@ fn pods_ips(
     memo: &mut PodsMemo,
 ) -> Arc<Vec<u128>> {
     Arc::clone(memo.entry(np.clone()).or_insert_with(|| {
-        Arc::new(index.peer_ips(
-            state,
-            "",
-            Some(&np.namespace_selector),
-            Some(&np.pod_selector),
-        ))
+        Arc::new(index.peer_ips(state, "", Some(&np.namespace_selector), Some(&np.pod_selector)))
     }))
 }
 
@@ -175,9 +172,11 @@ pub fn compile_pod(
                 continue;
             }
             let own_named = dir == Direction::Ingress
-                && pols.iter().flat_map(|p| p.rules(dir)).flat_map(|r| &r.ports).any(|p| {
-                    matches!(p, ClusterPort::Named(_))
-                });
+                && pols
+                    .iter()
+                    .flat_map(|p| p.rules(dir))
+                    .flat_map(|r| &r.ports)
+                    .any(|p| matches!(p, ClusterPort::Named(_)));
             let memo_key = (
                 dir,
                 tier,

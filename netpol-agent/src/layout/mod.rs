@@ -13,9 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use netpol_common::ep::{Endpoint, EP_FLAG_AUDIT};
-use netpol_common::policy::{
-    PeerData, PeerValue, PortData, PortValue, PEER_SET_BITS,
-};
+use netpol_common::policy::{PeerData, PeerValue, PortData, PortValue, PEER_SET_BITS};
 
 pub use ids::IdAllocator;
 pub use lookup::{evaluate, lookup};

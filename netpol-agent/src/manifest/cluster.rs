@@ -192,9 +192,20 @@ fn peer(p: &Subject, dir: Direction, field: &str) -> Result<ClusterPeer, Failure
     Ok(ClusterPeer::Networks(cidrs))
 }
 
-fn range(proto: Protocol, start: Option<i64>, end: Option<i64>, f: &str) -> Result<PolicyPort, Failure> {
-    let s = port_number(start.ok_or_else(|| invalid(format!("{f}.start"), ModelError::Missing))?, &format!("{f}.start"))?;
-    let e = port_number(end.ok_or_else(|| invalid(format!("{f}.end"), ModelError::Missing))?, &format!("{f}.end"))?;
+fn range(
+    proto: Protocol,
+    start: Option<i64>,
+    end: Option<i64>,
+    f: &str,
+) -> Result<PolicyPort, Failure> {
+    let s = port_number(
+        start.ok_or_else(|| invalid(format!("{f}.start"), ModelError::Missing))?,
+        &format!("{f}.start"),
+    )?;
+    let e = port_number(
+        end.ok_or_else(|| invalid(format!("{f}.end"), ModelError::Missing))?,
+        &format!("{f}.end"),
+    )?;
     if e < s {
         return Err(invalid(
             format!("{f}.end"),
@@ -213,9 +224,13 @@ fn named(n: &str, f: &str) -> Result<ClusterPort, Failure> {
 }
 
 fn protocol_v2(p: &ProtocolV2, f: &str) -> Result<ClusterPort, Failure> {
-    let set = [p.tcp.is_some(), p.udp.is_some(), p.sctp.is_some(), p.destination_named_port.is_some()];
+    let set =
+        [p.tcp.is_some(), p.udp.is_some(), p.sctp.is_some(), p.destination_named_port.is_some()];
     if set.iter().filter(|s| **s).count() != 1 {
-        return Err(invalid(f, ModelError::ExactlyOne { fields: "tcp, udp, sctp, destinationNamedPort" }));
+        return Err(invalid(
+            f,
+            ModelError::ExactlyOne { fields: "tcp, udp, sctp, destinationNamedPort" },
+        ));
     }
     if let Some(n) = &p.destination_named_port {
         return named(n, &format!("{f}.destinationNamedPort"));
@@ -316,7 +331,10 @@ fn rule(kind: ClusterKind, r: &RawRule, dir: Direction, f: &str) -> Result<Clust
 }
 
 /// Converts a ClusterNetworkPolicy, AdminNetworkPolicy or BaselineAdminNetworkPolicy.
-pub fn cluster_policy(kind: ClusterKind, value: serde_json::Value) -> Result<ClusterPolicy, Failure> {
+pub fn cluster_policy(
+    kind: ClusterKind,
+    value: serde_json::Value,
+) -> Result<ClusterPolicy, Failure> {
     let o: Object = serde_json::from_value(value).map_err(Failure::Decode)?;
     let name = name_of(&o.metadata)?;
     let Some(spec) = o.spec else {
@@ -331,7 +349,10 @@ pub fn cluster_policy(kind: ClusterKind, value: serde_json::Value) -> Result<Clu
             Some(v) => {
                 return Err(invalid(
                     "spec.tier",
-                    ModelError::UnknownValue { value: v.to_string(), expected: "Admin or Baseline" },
+                    ModelError::UnknownValue {
+                        value: v.to_string(),
+                        expected: "Admin or Baseline",
+                    },
                 ))
             }
             None => return Err(invalid("spec.tier", ModelError::Missing)),

@@ -8,9 +8,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{
-    Cidr, ClusterKind, ClusterPolicy, ContainerPort, IpBlock, LabelSelector, Labels, ModelError, Namespace, NetworkPolicy,
-    Operator, Peer, Pod, PolicyPort, PolicyType, PortRef, Protocol, Requirement, Rule, AUDIT_KEY,
-    NAMESPACE_NAME_LABEL,
+    Cidr, ClusterKind, ClusterPolicy, ContainerPort, IpBlock, LabelSelector, Labels, ModelError,
+    Namespace, NetworkPolicy, Operator, Peer, Pod, PolicyPort, PolicyType, PortRef, Protocol,
+    Requirement, Rule, AUDIT_KEY, NAMESPACE_NAME_LABEL,
 };
 
 /// A converted object.

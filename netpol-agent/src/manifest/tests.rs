@@ -274,9 +274,15 @@ fn cluster_kinds() {
     let r = &cnp.ingress[0];
     assert_eq!((r.name.as_str(), r.action), ("monitoring", ClusterAction::Accept));
     assert_eq!(r.ports.len(), 4);
-    assert!(matches!(&r.ports[0], ClusterPort::Numeric(p) if p.port == Some(PortRef::Number(9100)) && p.protocol == Protocol::Tcp));
-    assert!(matches!(&r.ports[1], ClusterPort::Numeric(p) if p.end_port == Some(2000) && p.protocol == Protocol::Udp));
-    assert!(matches!(&r.ports[2], ClusterPort::Numeric(p) if p.port.is_none() && p.protocol == Protocol::Sctp));
+    assert!(
+        matches!(&r.ports[0], ClusterPort::Numeric(p) if p.port == Some(PortRef::Number(9100)) && p.protocol == Protocol::Tcp)
+    );
+    assert!(
+        matches!(&r.ports[1], ClusterPort::Numeric(p) if p.end_port == Some(2000) && p.protocol == Protocol::Udp)
+    );
+    assert!(
+        matches!(&r.ports[2], ClusterPort::Numeric(p) if p.port.is_none() && p.protocol == Protocol::Sctp)
+    );
     assert_eq!(r.ports[3], ClusterPort::Named("metrics".into()));
     assert_eq!(cnp.ingress[1].action, ClusterAction::Pass);
     assert!(matches!(&cnp.egress[0].peers[0], ClusterPeer::Networks(n) if n.len() == 2));
@@ -284,8 +290,11 @@ fn cluster_kinds() {
     assert_eq!((anp.tier, anp.priority), (Tier::Admin, 3));
     assert!(anp.subject.namespace_selector.match_labels.is_empty());
     assert_eq!(anp.egress[0].action, ClusterAction::Accept);
-    assert!(matches!(&anp.egress[0].ports[1], ClusterPort::Numeric(p) if p.protocol == Protocol::Tcp && p.end_port == Some(54)));
-    let banp = &s.cluster_policies[&cluster_ref(ClusterKind::BaselineAdminNetworkPolicy, "default")];
+    assert!(
+        matches!(&anp.egress[0].ports[1], ClusterPort::Numeric(p) if p.protocol == Protocol::Tcp && p.end_port == Some(54))
+    );
+    let banp =
+        &s.cluster_policies[&cluster_ref(ClusterKind::BaselineAdminNetworkPolicy, "default")];
     assert_eq!(banp.tier, Tier::Baseline);
     assert_eq!(banp.ingress[0].action, ClusterAction::Deny);
 }
@@ -296,7 +305,9 @@ fn cluster_kinds() {
 fn cluster_bad_input() {
     let head = |kind: &str, name: &str| {
         let v = if kind == "ClusterNetworkPolicy" { "v1alpha2" } else { "v1alpha1" };
-        format!("apiVersion: policy.networking.k8s.io/{v}\nkind: {kind}\nmetadata: {{name: {name}}}\n")
+        format!(
+            "apiVersion: policy.networking.k8s.io/{v}\nkind: {kind}\nmetadata: {{name: {name}}}\n"
+        )
     };
     let cnp = "ClusterNetworkPolicy";
     let anp = "AdminNetworkPolicy";
@@ -325,7 +336,8 @@ fn cluster_bad_input() {
         (format!("{}spec:\n  tier: Baseline\n  priority: 1\n{ok_subject}  ingress: [{{action: Deny, from: [{{namespaces: {{matchExpressions: [{{key: a, operator: Has}}]}}}}]}}]\n", head(cnp, "sel")), "spec.ingress[0].from[0].namespaces.matchExpressions[0].operator", "operator"),
         (format!("{}spec:\n  tier: Baseline\n  priority: 1\n{ok_subject}  ingress: [{{action: Deny, from: [{{networks: [10.0.0.0/8]}}]}}]\n", head(cnp, "in")), "spec.ingress[0].from[0]", "exactly one of namespaces, pods"),
     ];
-    let good = format!("---\n{}spec:\n  tier: Admin\n  priority: 5\n{ok_subject}", head(cnp, "good"));
+    let good =
+        format!("---\n{}spec:\n  tier: Admin\n  priority: 5\n{ok_subject}", head(cnp, "good"));
     for (doc, field, message) in cases {
         let (s, errors) = load_str("bad.yaml", &format!("{doc}{good}"));
         assert_eq!(errors.len(), 1, "{doc}: {errors:?}");

@@ -228,7 +228,11 @@ impl ClusterPolicyBuilder {
         self
     }
     /// Sets `spec.subject`.
-    pub fn subject(mut self, namespace_selector: LabelSelector, pod_selector: LabelSelector) -> Self {
+    pub fn subject(
+        mut self,
+        namespace_selector: LabelSelector,
+        pod_selector: LabelSelector,
+    ) -> Self {
         self.0.subject = NamespacedPods { namespace_selector, pod_selector };
         self
     }

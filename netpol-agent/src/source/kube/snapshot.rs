@@ -154,10 +154,15 @@ impl Converter {
         gather(outcomes, &mut errors, |p| {
             state.policies.insert(p.key(), p);
         });
-        for ((kind, cache), objects) in ClusterKind::ALL.into_iter().zip(&mut self.cluster).zip(cluster) {
-            let outcomes = cache.update(kind.as_str(), objects, |_| false, |v| {
-                crate::manifest::cluster_policy(kind, v)
-            });
+        for ((kind, cache), objects) in
+            ClusterKind::ALL.into_iter().zip(&mut self.cluster).zip(cluster)
+        {
+            let outcomes = cache.update(
+                kind.as_str(),
+                objects,
+                |_| false,
+                |v| crate::manifest::cluster_policy(kind, v),
+            );
             gather(outcomes, &mut errors, |p| {
                 state.cluster_policies.insert(p.key(), p);
             });

@@ -116,7 +116,8 @@ impl Fake {
         }
         let path = req.uri().path().to_string();
         let known = KINDS.iter().position(|(_, p, _)| *p == path);
-        let installed = |i: usize| !KINDS[i].0.optional() || self.kinds.get(&i).is_some_and(|k| k.installed);
+        let installed =
+            |i: usize| !KINDS[i].0.optional() || self.kinds.get(&i).is_some_and(|k| k.installed);
         let Some(i) = known.filter(|i| installed(*i)) else {
             // What kube-apiserver answers for a group/version nobody registered, such as the
             // network-policy-api kinds without their CRDs: a plain-text 404.
