@@ -11,6 +11,7 @@
 //! - stage 2: the entry at a port prefix gets the best rank among all entries whose (shorter or
 //!   equal) prefix contains it — "Deny every port" at priority 1 must shadow "Accept TCP/80" at
 //!   priority 5 although TCP/80 is the longer match.
+//!
 //! A set exists for a tier and direction iff some policy of that tier selects the pod and has
 //! rules in that direction ("CNPs with no ingress rules do not affect ingress traffic"); a lookup
 //! that matches no rule is a miss and the next tier decides.
