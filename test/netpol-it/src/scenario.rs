@@ -728,6 +728,33 @@ mod tests {
     }
 
     #[test]
+    fn cluster_scoped_policies_are_named_by_kind() {
+        let s = parse(&format!(
+            "{BASE}steps:\n- apply: |\n    kind: ClusterNetworkPolicy\n    metadata: {{name: deny}}\n- delete: ClusterNetworkPolicy/deny\n"
+        ))
+        .unwrap();
+        match s.action(&s.steps[0]).unwrap() {
+            Action::Apply(docs) => {
+                assert_eq!(
+                    (docs[0].0.as_str(), docs[0].1.as_str()),
+                    ("ClusterNetworkPolicy", "deny")
+                );
+                assert!(!docs[0].2.contains("namespace"), "{}", docs[0].2);
+            }
+            _ => panic!("expected an apply"),
+        }
+        assert!(matches!(
+            s.action(&s.steps[1]).unwrap(),
+            Action::Delete("ClusterNetworkPolicy", "deny")
+        ));
+        let e = parse(&format!(
+            "{BASE}steps:\n- apply: |\n    kind: Deployment\n    metadata: {{name: x}}\n"
+        ))
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("kind \"Deployment\""), "{e:#}");
+    }
+
+    #[test]
     fn shipped_scenarios_are_valid() {
         for f in shipped().unwrap() {
             Scenario::load(&f).unwrap();
