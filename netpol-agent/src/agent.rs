@@ -139,6 +139,18 @@ pub fn changes(old: &ClusterState, new: &ClusterState) -> Vec<Change> {
             .cloned()
             .map(Change::DeletePolicy),
     );
+    for (k, p) in &new.cluster_policies {
+        if old.cluster_policies.get(k) != Some(p) {
+            out.push(Change::UpsertClusterPolicy(p.clone()));
+        }
+    }
+    out.extend(
+        old.cluster_policies
+            .keys()
+            .filter(|k| !new.cluster_policies.contains_key(*k))
+            .cloned()
+            .map(Change::DeleteClusterPolicy),
+    );
     for (k, n) in &new.namespaces {
         if old.namespaces.get(k) != Some(n) {
             out.push(Change::UpsertNamespace(n.clone()));

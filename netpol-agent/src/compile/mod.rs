@@ -14,13 +14,14 @@ mod index;
 mod peers;
 mod ports;
 mod rule_ids;
+mod tiers;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 pub use compiler::{Change, Compiler};
 pub use peers::{PeerSet, Prefix};
-pub use ports::{PortKey, PortSet};
+pub use ports::{PortKey, PortRule, PortSet};
 pub use rule_ids::{RuleOrigin, HOST_RULE_ID};
 
 use crate::model::{ClusterState, Direction, PodRef, Tier};
@@ -82,3 +83,5 @@ pub fn compile(state: &ClusterState, options: &CompileOptions) -> Compiled {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tier_tests;

@@ -40,30 +40,50 @@ impl PortKey {
     }
 }
 
-/// A port set: the stage-2 entries behind one peer entry, each naming the rule that allows it.
+/// The value of a stage-2 entry: the deciding rule and its action (`ACTION_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRule {
+    /// Rule id ([`super::RuleOrigin`]).
+    pub rule_id: u32,
+    /// `ACTION_ALLOW`, `ACTION_DENY` or `ACTION_PASS`; always allow in the NetworkPolicy tier.
+    pub action: u8,
+}
+
+impl PortRule {
+    /// An allow entry of `rule_id`.
+    pub const fn allow(rule_id: u32) -> Self {
+        PortRule { rule_id, action: netpol_common::policy::ACTION_ALLOW }
+    }
+}
+
+/// A port set: the stage-2 entries behind one peer entry, each naming the rule that decides it.
 /// Content-addressed: identical sets are stored once. An empty set is meaningful (an address
-/// that some rule lists but whose ports are all excepted away or unresolved: deny).
+/// that some rule lists but whose ports are all excepted away or unresolved: no rule matches).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PortSet {
-    /// Prefix → rule id. The NetworkPolicy tier only allows, so the action is always allow.
-    pub entries: BTreeMap<PortKey, u32>,
+    /// Prefix → deciding rule.
+    pub entries: BTreeMap<PortKey, PortRule>,
 }
 
 impl PortSet {
-    /// Adds `key` for `rule_id`, keeping the lowest rule id when several rules list the same
-    /// prefix (deterministic attribution).
+    /// Adds an allow entry `key` for `rule_id`, keeping the lowest rule id when several rules
+    /// list the same prefix (deterministic attribution; NetworkPolicy rules only allow).
     pub fn insert(&mut self, key: PortKey, rule_id: u32) {
-        self.entries.entry(key).and_modify(|r| *r = (*r).min(rule_id)).or_insert(rule_id);
+        self.entries
+            .entry(key)
+            .and_modify(|r| r.rule_id = r.rule_id.min(rule_id))
+            .or_insert(PortRule::allow(rule_id));
     }
 
     /// Content hash (stable across runs and machines).
     pub fn content_hash(&self) -> u64 {
-        let mut buf = Vec::with_capacity(self.entries.len() * 11);
+        let mut buf = Vec::with_capacity(self.entries.len() * 12);
         for (k, r) in &self.entries {
             buf.extend_from_slice(&k.bits.to_le_bytes());
             buf.push(k.proto);
             buf.extend_from_slice(&k.port.to_le_bytes());
-            buf.extend_from_slice(&r.to_le_bytes());
+            buf.extend_from_slice(&r.rule_id.to_le_bytes());
+            buf.push(r.action);
         }
         xxhash_rust::xxh3::xxh3_64(&buf)
     }
@@ -189,6 +209,6 @@ mod tests {
         s.insert(PortKey::ANY, 9);
         s.insert(PortKey::ANY, 4);
         s.insert(PortKey::ANY, 6);
-        assert_eq!(s.entries[&PortKey::ANY], 4);
+        assert_eq!(s.entries[&PortKey::ANY], PortRule::allow(4));
     }
 }

@@ -4,7 +4,10 @@
 //! Errors are per object: an invalid object is reported (naming the file, the object and the
 //! field) and skipped; every other object still loads. Nothing here panics on any input.
 
+mod cluster;
 pub(crate) mod convert;
+
+pub(crate) use cluster::cluster_policy;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -217,7 +220,11 @@ impl Loader {
             "Pod" => convert::pod(value).map(convert::Object::Pod),
             "Namespace" => convert::namespace(value).map(convert::Object::Namespace),
             "NetworkPolicy" => convert::policy(value).map(convert::Object::Policy),
-            _ => return, // other kinds (Deployments, Services, ...) are not policy inputs
+            k => match crate::model::ClusterKind::parse(k) {
+                Some(ck) => cluster::cluster_policy(ck, value).map(convert::Object::Cluster),
+                // Other kinds (Deployments, Services, ...) are not policy inputs.
+                None => return,
+            },
         };
         let obj = match converted {
             Ok(o) => o,
@@ -256,6 +263,9 @@ impl Loader {
             }
             convert::Object::Policy(p) => {
                 self.state.policies.insert(p.key(), p);
+            }
+            convert::Object::Cluster(p) => {
+                self.state.cluster_policies.insert(p.key(), p);
             }
         }
     }

@@ -3,6 +3,7 @@
 //! API sources). Everything is ordered (`BTreeMap`) so the compiler's output is deterministic.
 
 pub mod build;
+mod cluster;
 mod net;
 mod selector;
 
@@ -11,6 +12,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
+pub use cluster::{
+    cluster_ref, is_cluster_ref, ClusterAction, ClusterKind, ClusterPeer, ClusterPolicy,
+    ClusterPort, ClusterRule, NamespacedPods,
+};
 pub(crate) use net::mask;
 pub use net::{key_of, Cidr, IpBlock};
 pub use netpol_common::ep::Tier;
@@ -113,6 +118,47 @@ pub enum ModelError {
     /// set".
     #[error("ipBlock may not be combined with podSelector or namespaceSelector")]
     PeerKinds,
+    /// A cluster policy field that must set exactly one of several fields sets none or several.
+    #[error("exactly one of {fields} must be set")]
+    ExactlyOne {
+        /// The alternatives.
+        fields: &'static str,
+    },
+    /// A value outside its enumeration (tier, action).
+    #[error("unknown value {value:?} (expected {expected})")]
+    UnknownValue {
+        /// The offending text.
+        value: String,
+        /// The allowed values.
+        expected: &'static str,
+    },
+    /// `spec.priority` outside 0..=1000.
+    #[error("priority {value} is out of range 0-1000")]
+    PriorityOutOfRange {
+        /// The offending number.
+        value: i64,
+    },
+    /// A port range whose end is before its start.
+    #[error("range end {end} is before start {start}")]
+    RangeBackwards {
+        /// `start`.
+        start: i64,
+        /// `end`.
+        end: i64,
+    },
+    /// A field netpol does not enforce; the whole object is rejected rather than enforced
+    /// partially (a partially enforced Deny would fail open).
+    #[error("{what} is not supported")]
+    Unsupported {
+        /// What.
+        what: &'static str,
+    },
+    /// A rule combines named ports with `networks` or `nodes` peers, which have no named ports.
+    #[error("named ports cannot be combined with networks or nodes peers")]
+    NamedPortWithNetworks,
+    /// A BaselineAdminNetworkPolicy not named `default` (the API allows only the singleton).
+    #[error("only one BaselineAdminNetworkPolicy, named \"default\", may exist")]
+    BaselineName,
 }
 
 /// Traffic direction relative to a pod.
@@ -393,6 +439,8 @@ pub struct ClusterState {
     pub pods: BTreeMap<PodRef, Pod>,
     /// NetworkPolicies by `namespace/name`.
     pub policies: BTreeMap<PolicyRef, NetworkPolicy>,
+    /// Cluster-scoped policies (Admin and Baseline tiers) by [`ClusterPolicy::key`].
+    pub cluster_policies: BTreeMap<PolicyRef, ClusterPolicy>,
 }
 
 impl ClusterState {

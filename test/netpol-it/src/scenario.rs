@@ -16,6 +16,7 @@
 //!     ...
 //!   namespace: ns-1          # like `kubectl apply -n`, when the manifest names none
 //! - delete: ns-1/deny-all    # a NetworkPolicy, as namespace/name
+//! - delete: ClusterNetworkPolicy/default-deny   # a cluster-scoped policy, as kind/name
 //! - label_pod: {pod: ns-1/busybox, labels: {app: busybox}}       # null removes a label
 //! - label_namespace: {namespace: ns-1, labels: {purpose: dev}}
 //! - expect:
@@ -302,7 +303,12 @@ impl Step {
     }
 }
 
-/// Policy manifests of an `apply`: (namespace, name, YAML) per document.
+/// Cluster-scoped policy kinds steps may apply; they are named `kind/name` in steps.
+const CLUSTER_KINDS: [&str; 3] =
+    ["ClusterNetworkPolicy", "AdminNetworkPolicy", "BaselineAdminNetworkPolicy"];
+
+/// Policy manifests of an `apply`: (namespace, name, YAML) per document; a cluster-scoped
+/// policy has its kind in place of the namespace.
 fn policies(text: &str, default_ns: Option<&str>) -> Result<Vec<(String, String, String)>> {
     let mut out = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(text) {
@@ -310,9 +316,10 @@ fn policies(text: &str, default_ns: Option<&str>) -> Result<Vec<(String, String,
         if v.is_null() {
             continue;
         }
-        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
-        if kind != "NetworkPolicy" {
-            bail!("apply: kind {kind:?}; only NetworkPolicy manifests are applied by steps");
+        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+        let cluster = CLUSTER_KINDS.contains(&kind.as_str());
+        if kind != "NetworkPolicy" && !cluster {
+            bail!("apply: kind {kind:?}; only NetworkPolicy and {CLUSTER_KINDS:?} manifests are applied by steps");
         }
         let meta = v
             .get_mut("metadata")
@@ -324,6 +331,7 @@ fn policies(text: &str, default_ns: Option<&str>) -> Result<Vec<(String, String,
             .context("apply: no metadata.name")?
             .to_owned();
         let ns = match meta.get("namespace").and_then(|n| n.as_str()) {
+            _ if cluster => kind,
             Some(ns) => ns.to_owned(),
             None => {
                 let ns = default_ns.with_context(|| {
@@ -691,12 +699,12 @@ impl<'s> Node<'s> {
         match action {
             Action::Apply(docs) => {
                 for (ns, name, text) in docs {
-                    println!("-- {what}: apply NetworkPolicy {ns}/{name}");
+                    println!("-- {what}: apply {ns}/{name}");
                     self.change(&format!("netpol-{ns}-{name}.yaml"), Some(&text))?;
                 }
             }
             Action::Delete(ns, name) => {
-                println!("-- {what}: delete NetworkPolicy {ns}/{name}");
+                println!("-- {what}: delete {ns}/{name}");
                 self.change(&format!("netpol-{ns}-{name}.yaml"), None)
                     .with_context(|| format!("{what}: no policy {ns}/{name} was applied"))?;
             }
@@ -884,6 +892,33 @@ mod tests {
         assert!(matches!(s.action(&s.steps[0]).unwrap(), Action::FullMatrix));
         let e = parse(&format!("{BASE}steps:\n- full_matrix: true\n  delete: a/x\n")).unwrap_err();
         assert!(format!("{e:#}").contains("exactly one of"), "{e:#}");
+    }
+
+    #[test]
+    fn cluster_scoped_policies_are_named_by_kind() {
+        let s = parse(&format!(
+            "{BASE}steps:\n- apply: |\n    kind: ClusterNetworkPolicy\n    metadata: {{name: deny}}\n- delete: ClusterNetworkPolicy/deny\n"
+        ))
+        .unwrap();
+        match s.action(&s.steps[0]).unwrap() {
+            Action::Apply(docs) => {
+                assert_eq!(
+                    (docs[0].0.as_str(), docs[0].1.as_str()),
+                    ("ClusterNetworkPolicy", "deny")
+                );
+                assert!(!docs[0].2.contains("namespace"), "{}", docs[0].2);
+            }
+            _ => panic!("expected an apply"),
+        }
+        assert!(matches!(
+            s.action(&s.steps[1]).unwrap(),
+            Action::Delete("ClusterNetworkPolicy", "deny")
+        ));
+        let e = parse(&format!(
+            "{BASE}steps:\n- apply: |\n    kind: Deployment\n    metadata: {{name: x}}\n"
+        ))
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("kind \"Deployment\""), "{e:#}");
     }
 
     #[test]

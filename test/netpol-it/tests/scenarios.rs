@@ -25,6 +25,7 @@ fn every_scenario_file_has_a_test() {
         [
             "000-vote-app.yaml",
             "001-namespace-isolation.yaml",
+            "002-global-default-deny.yaml",
             "003-guestbook.yaml",
             "004-http-echo.yaml",
             "010-protocols.yaml"
@@ -40,6 +41,11 @@ fn vote_app_000() {
 #[test]
 fn namespace_isolation_001() {
     check("001-namespace-isolation.yaml");
+}
+
+#[test]
+fn global_default_deny_002() {
+    check("002-global-default-deny.yaml");
 }
 
 #[test]

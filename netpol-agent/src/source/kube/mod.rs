@@ -1,5 +1,11 @@
-//! Kubernetes API source: reflectors over Pods, Namespaces and NetworkPolicies, turned into
-//! level-triggered [`SourceEvent`]s.
+//! Kubernetes API source: reflectors over Pods, Namespaces, NetworkPolicies and the
+//! network-policy-api kinds (ClusterNetworkPolicy v1alpha2, AdminNetworkPolicy and
+//! BaselineAdminNetworkPolicy v1alpha1, as dynamic objects), turned into level-triggered
+//! [`SourceEvent`]s.
+//!
+//! The network-policy-api CRDs need not exist: a kind whose list answers `404 Not Found` counts
+//! as synced and empty ("no such policies", logged once), so it never blocks the first snapshot
+//! or readiness; the watcher keeps retrying with backoff and picks the CRD up once installed.
 //!
 //! - The watchers (`any_semantic` lists from the watch cache, default page size, bookmarks on)
 //!   run with `.default_backoff()`; their objects are trimmed ([`trim`]) before they reach the
@@ -29,7 +35,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
-use kube::api::Api;
+use kube::api::{Api, ApiResource, DynamicObject};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -118,7 +124,16 @@ pub enum Kind {
     Namespace = 1,
     /// `networking.k8s.io/v1/NetworkPolicy`.
     NetworkPolicy = 2,
+    /// `policy.networking.k8s.io/v1alpha2/ClusterNetworkPolicy` (optional CRD).
+    ClusterNetworkPolicy = 3,
+    /// `policy.networking.k8s.io/v1alpha1/AdminNetworkPolicy` (optional CRD).
+    AdminNetworkPolicy = 4,
+    /// `policy.networking.k8s.io/v1alpha1/BaselineAdminNetworkPolicy` (optional CRD).
+    BaselineAdminNetworkPolicy = 5,
 }
+
+/// Number of watched kinds.
+const KINDS: usize = 6;
 
 impl Kind {
     fn name(self) -> &'static str {
@@ -126,6 +141,31 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+            Kind::AdminNetworkPolicy => "AdminNetworkPolicy",
+            Kind::BaselineAdminNetworkPolicy => "BaselineAdminNetworkPolicy",
+        }
+    }
+
+    /// Whether the kind comes from a CRD that may not be installed.
+    fn optional(self) -> bool {
+        (self as usize) >= Kind::ClusterNetworkPolicy as usize
+    }
+
+    /// The API resource of an optional kind.
+    fn api_resource(self) -> ApiResource {
+        let (version, plural) = match self {
+            Kind::ClusterNetworkPolicy => ("v1alpha2", "clusternetworkpolicies"),
+            Kind::AdminNetworkPolicy => ("v1alpha1", "adminnetworkpolicies"),
+            _ => ("v1alpha1", "baselineadminnetworkpolicies"),
+        };
+        let group = "policy.networking.k8s.io";
+        ApiResource {
+            group: group.into(),
+            version: version.into(),
+            api_version: format!("{group}/{version}"),
+            kind: self.name().into(),
+            plural: plural.into(),
         }
     }
 }
@@ -189,16 +229,39 @@ where
     (reader, updates)
 }
 
-/// The reflector stores of the three kinds.
+/// [`reflect`] for a network-policy-api kind, as dynamic objects.
+fn reflect_dynamic(client: kube::Client, kind: Kind) -> (Store<DynamicObject>, Updates) {
+    let ar = kind.api_resource();
+    let writer = reflector::store::Writer::new(ar.clone());
+    let reader = writer.as_reader();
+    let updates = watcher(Api::<DynamicObject>::all_with(client, &ar), watch_config())
+        .default_backoff()
+        .modify(trim::cluster_policy)
+        .reflect(writer)
+        .map(move |r| (kind, Some(r.map(|e| Step::of(&e)))))
+        .chain(futures::stream::once(async move { (kind, None) }))
+        .boxed();
+    (reader, updates)
+}
+
+/// The reflector stores of the watched kinds.
 struct Stores {
     pods: Store<core::Pod>,
     namespaces: Store<core::Namespace>,
     policies: Store<net::NetworkPolicy>,
+    /// ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy.
+    cluster: [Store<DynamicObject>; 3],
 }
 
 impl Stores {
     fn build(&self, converter: &mut Converter) -> (crate::model::ClusterState, Vec<String>) {
-        converter.build(&self.pods.state(), &self.namespaces.state(), &self.policies.state())
+        let [a, b, c] = self.cluster.each_ref().map(Store::state);
+        converter.build_all(
+            &self.pods.state(),
+            &self.namespaces.state(),
+            &self.policies.state(),
+            [&a, &b, &c],
+        )
     }
 }
 
@@ -207,9 +270,20 @@ fn watch_all(client: kube::Client) -> (Stores, impl Stream<Item = Update> + Unpi
     let (pods, pod_updates) = reflect(Api::all(client.clone()), Kind::Pod, trim::pod);
     let (namespaces, ns_updates) =
         reflect(Api::all(client.clone()), Kind::Namespace, trim::namespace);
-    let (policies, policy_updates) = reflect(Api::all(client), Kind::NetworkPolicy, trim::policy);
-    let updates = futures::stream::select_all([pod_updates, ns_updates, policy_updates]);
-    (Stores { pods, namespaces, policies }, updates)
+    let (policies, policy_updates) =
+        reflect(Api::all(client.clone()), Kind::NetworkPolicy, trim::policy);
+    let (cnp, cnp_updates) = reflect_dynamic(client.clone(), Kind::ClusterNetworkPolicy);
+    let (anp, anp_updates) = reflect_dynamic(client.clone(), Kind::AdminNetworkPolicy);
+    let (banp, banp_updates) = reflect_dynamic(client, Kind::BaselineAdminNetworkPolicy);
+    let updates = futures::stream::select_all([
+        pod_updates,
+        ns_updates,
+        policy_updates,
+        cnp_updates,
+        anp_updates,
+        banp_updates,
+    ]);
+    (Stores { pods, namespaces, policies, cluster: [cnp, anp, banp] }, updates)
 }
 
 /// An error with its sources, `a: b: c`, skipping sources already quoted by their parent.
@@ -227,6 +301,17 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// `404 Not Found` from a list or watch: for the optional kinds, the CRD is not installed.
+fn is_not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
+}
+
 /// `410 Gone` from a watch: the resource version expired and the watcher relists. Routine.
 fn is_gone(e: &watcher::Error) -> bool {
     matches!(e, watcher::Error::WatchError(status) if status.code == 410)
@@ -242,7 +327,7 @@ pub async fn run(
     let mut tracker = Tracker::default();
     let mut converter = Converter::default();
     let mut last: Option<(crate::model::ClusterState, Vec<String>)> = None;
-    info!("watching Pods, Namespaces and NetworkPolicies");
+    info!("watching Pods, Namespaces, NetworkPolicies and the network-policy-api kinds");
     loop {
         let deadline = tracker.deadline();
         let event = tokio::select! {
@@ -302,10 +387,12 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// The source's state machine, apart from the stores: initial sync, outage and debounce.
 #[derive(Debug, Default)]
 struct Tracker {
-    /// Kinds whose initial list completed.
-    synced: [bool; 3],
+    /// Kinds whose initial list completed (or whose CRD is not installed).
+    synced: [bool; KINDS],
     /// Kinds that failed and did not deliver since.
-    failing: [bool; 3],
+    failing: [bool; KINDS],
+    /// Optional kinds whose CRD answered 404 (logged once per absence).
+    absent: [bool; KINDS],
     /// `Degraded` was sent for the current outage.
     degraded: bool,
     /// A snapshot is due at this time (once all kinds synced).
@@ -342,6 +429,9 @@ impl Tracker {
         match result {
             Ok(Step::Listing) => None,
             Ok(step) => {
+                if std::mem::take(&mut self.absent[i]) {
+                    info!(%kind, "CRD installed; enforcing its policies");
+                }
                 if step == Step::Listed && !self.synced[i] {
                     self.synced[i] = true;
                     info!(%kind, "initial list synced");
@@ -355,6 +445,18 @@ impl Tracker {
                     }
                 }
                 self.schedule(due);
+                None
+            }
+            Err(e) if kind.optional() && is_not_found(&e) => {
+                // No CRD: no such policies. The store stays as it is (empty unless the CRD was
+                // deleted after a list, which also deletes its objects as the API reports them).
+                if !std::mem::replace(&mut self.absent[i], true) {
+                    info!(%kind, "CRD not installed; treating it as no such policies");
+                }
+                if !self.synced[i] {
+                    self.synced[i] = true;
+                    self.schedule(due);
+                }
                 None
             }
             Err(e) if is_gone(&e) => {
@@ -382,7 +484,14 @@ mod tracker_tests {
     use super::*;
 
     impl Kind {
-        const ALL: [Kind; 3] = [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy];
+        const ALL: [Kind; 6] = [
+            Kind::Pod,
+            Kind::Namespace,
+            Kind::NetworkPolicy,
+            Kind::ClusterNetworkPolicy,
+            Kind::AdminNetworkPolicy,
+            Kind::BaselineAdminNetworkPolicy,
+        ];
     }
 
     fn status(code: u16) -> watcher::Error {
@@ -396,6 +505,15 @@ mod tracker_tests {
         for kind in [Kind::Pod, Kind::Namespace] {
             assert!(t.observe(kind, Ok(Step::Listed), now).is_none());
         }
+        // The CRDs are not installed: synced and empty, not an outage.
+        for kind in &Kind::ALL[3..] {
+            assert!(t.observe(*kind, Err(status(404)), now).is_none());
+            assert!(t.observe(*kind, Err(status(404)), now).is_none(), "logged and scheduled once");
+        }
+        assert!(!t.degraded);
+        // A 404 of a built-in kind is an outage.
+        let mut u = Tracker::default();
+        assert!(u.observe(Kind::Pod, Err(status(404)), now).is_some());
         assert_eq!(t.deadline(), None);
         t.observe(Kind::NetworkPolicy, Ok(Step::Listing), now);
         assert_eq!(t.deadline(), None);

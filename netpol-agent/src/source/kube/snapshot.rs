@@ -14,7 +14,7 @@ use kube::ResourceExt;
 use serde::Serialize;
 
 use crate::manifest::convert::{self, Failure};
-use crate::model::{ClusterState, Namespace, NetworkPolicy, Pod};
+use crate::model::{ClusterKind, ClusterPolicy, ClusterState, Namespace, NetworkPolicy, Pod};
 
 /// Pod phases whose containers have all terminated: such pods are not endpoints.
 const TERMINAL_PHASES: [&str; 2] = ["Succeeded", "Failed"];
@@ -113,7 +113,11 @@ pub struct Converter {
     pods: Cache<Pod>,
     namespaces: Cache<Namespace>,
     policies: Cache<NetworkPolicy>,
+    cluster: [Cache<ClusterPolicy>; 3],
 }
+
+/// Cluster policies by kind, in [`ClusterKind::ALL`] order.
+pub type ClusterObjects<'a> = [&'a [Arc<kube::api::DynamicObject>]; 3];
 
 impl Converter {
     /// The cluster state of the given objects and, sorted, the errors of those that could not
@@ -123,6 +127,17 @@ impl Converter {
         pods: &[Arc<core::Pod>],
         namespaces: &[Arc<core::Namespace>],
         policies: &[Arc<net::NetworkPolicy>],
+    ) -> (ClusterState, Vec<String>) {
+        self.build_all(pods, namespaces, policies, [&[], &[], &[]])
+    }
+
+    /// [`Converter::build`] with the cluster policies of the three network-policy-api kinds.
+    pub fn build_all(
+        &mut self,
+        pods: &[Arc<core::Pod>],
+        namespaces: &[Arc<core::Namespace>],
+        policies: &[Arc<net::NetworkPolicy>],
+        cluster: ClusterObjects,
     ) -> (ClusterState, Vec<String>) {
         let mut state = ClusterState::default();
         let mut errors = Vec::new();
@@ -139,6 +154,19 @@ impl Converter {
         gather(outcomes, &mut errors, |p| {
             state.policies.insert(p.key(), p);
         });
+        for ((kind, cache), objects) in
+            ClusterKind::ALL.into_iter().zip(&mut self.cluster).zip(cluster)
+        {
+            let outcomes = cache.update(
+                kind.as_str(),
+                objects,
+                |_| false,
+                |v| crate::manifest::cluster_policy(kind, v),
+            );
+            gather(outcomes, &mut errors, |p| {
+                state.cluster_policies.insert(p.key(), p);
+            });
+        }
         errors.sort();
         (state, errors)
     }

@@ -84,6 +84,15 @@ pub fn policy(p: &mut net::NetworkPolicy) {
     meta(&mut p.metadata);
 }
 
+/// Trims metadata of a cluster policy (ClusterNetworkPolicy and the v1alpha1 kinds); the spec
+/// is kept, the status dropped.
+pub fn cluster_policy(p: &mut kube::api::DynamicObject) {
+    meta(&mut p.metadata);
+    if let Some(o) = p.data.as_object_mut() {
+        o.remove("status");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
