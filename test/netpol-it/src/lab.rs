@@ -63,7 +63,7 @@ impl Lab {
         reap_stale()?;
         let pid = std::process::id();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}{}", pid % 100_000, n % 100);
+        let id = lab_id(pid, n);
         // Pick a free /24: an existing blackhole means another lab (or run) owns it.
         let mut subnet = ((pid.wrapping_mul(7) + n * 13) % 200 + 20) as u8;
         for _ in 0..200 {
@@ -205,15 +205,11 @@ fn reap_stale() -> Result<()> {
         let Some(id) = rest.split('-').next() else {
             continue;
         };
-        // id = pid % 100000 followed by two digits of a counter; the owner is gone if no process
-        // with a matching pid exists.
-        if id.len() < 3 {
+        let Some(pid) = owner(id) else {
             continue;
-        }
-        let pid = &id[..id.len() - 2];
-        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
-            && pid.parse::<u32>().ok() != Some(std::process::id() % 100_000);
-        let mine = pid.parse::<u32>().ok() == Some(std::process::id() % 100_000);
+        };
+        let mine = pid == std::process::id();
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
         if !alive && !mine {
             let _ = ip(&format!("netns del {name}"));
             let _ = ip(&format!("link del {NAME_PREFIX}{id}br"));
@@ -224,9 +220,39 @@ fn reap_stale() -> Result<()> {
     Ok(())
 }
 
+/// The id of a process's `n`th lab: its pid and a two-digit counter, in hex (a full pid fits:
+/// interface names have at most 15 bytes, `npt` + id + `h` + pod index).
+fn lab_id(pid: u32, n: u32) -> String {
+    format!("{pid:x}{:02x}", n % 256)
+}
+
+/// The pid that owns lab id `id` (see [`lab_id`]).
+fn owner(id: &str) -> Option<u32> {
+    let pid = id.get(..id.len().checked_sub(2)?)?;
+    u32::from_str_radix(pid, 16).ok().filter(|p| *p > 0)
+}
+
 /// Interface index of a host-side interface.
 pub fn ifindex(name: &str) -> Result<u32> {
     let s = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
         .with_context(|| format!("reading the ifindex of {name}"))?;
     s.trim().parse().with_context(|| format!("parsing the ifindex of {name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{lab_id, owner};
+
+    #[test]
+    fn the_owner_of_a_lab_id_is_its_pid() {
+        // Full pids (pid_max can be 4194304), any counter, names short enough for interfaces.
+        for pid in [1, 42, 20_764, 99_999, 100_000, 4_194_304] {
+            for n in [0, 1, 9, 10, 99, 255, 256] {
+                let id = lab_id(pid, n);
+                assert_eq!(owner(&id), Some(pid), "{id}");
+                assert!(format!("npt{id}h254").len() <= 15, "{id}");
+            }
+        }
+        assert_eq!(owner("7"), None);
+    }
 }
