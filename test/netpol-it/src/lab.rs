@@ -111,7 +111,7 @@ impl Lab {
         Pod {
             name: name.to_owned(),
             netns: format!("{NAME_PREFIX}-{}-{idx}", self.id),
-            host_if: format!("{NAME_PREFIX}{}h{idx}", self.id),
+            host_if: format!("{NAME_PREFIX}{}h{idx:02x}", self.id),
             ip: Ipv4Addr::new(LAB_PREFIX[0], LAB_PREFIX[1], self.subnet, idx as u8),
             ip6: (self.topology == Topology::Bridged)
                 .then(|| Ipv6Addr::new(0xfd13, 0x213, 0, self.subnet as u16, 0, 0, 0, idx as u16)),
@@ -220,16 +220,18 @@ fn reap_stale() -> Result<()> {
     Ok(())
 }
 
-/// The id of a process's `n`th lab: its pid and a two-digit counter, in hex (a full pid fits:
-/// interface names have at most 15 bytes, `npt` + id + `h` + pod index).
+/// The id of a process's `n`th lab: its full pid and a two-digit counter, always two: owners
+/// are found by cutting the counter off (a one-digit counter once made a run read another live
+/// run's pid and reap its pods). Interface names (15 bytes at most) are `npt` + id + `h` + the
+/// pod index in two hex digits.
 fn lab_id(pid: u32, n: u32) -> String {
-    format!("{pid:x}{:02x}", n % 256)
+    format!("{pid}{:02}", n % 100)
 }
 
 /// The pid that owns lab id `id` (see [`lab_id`]).
 fn owner(id: &str) -> Option<u32> {
     let pid = id.get(..id.len().checked_sub(2)?)?;
-    u32::from_str_radix(pid, 16).ok().filter(|p| *p > 0)
+    pid.parse().ok().filter(|p| *p > 0)
 }
 
 /// Interface index of a host-side interface.
@@ -250,7 +252,7 @@ mod tests {
             for n in [0, 1, 9, 10, 99, 255, 256] {
                 let id = lab_id(pid, n);
                 assert_eq!(owner(&id), Some(pid), "{id}");
-                assert!(format!("npt{id}h254").len() <= 15, "{id}");
+                assert!(format!("npt{id}h{:02x}", 254).len() <= 15, "{id}");
             }
         }
         assert_eq!(owner("7"), None);
