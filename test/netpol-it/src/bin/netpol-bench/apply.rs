@@ -132,6 +132,12 @@ impl Prober {
                 None => a,
             }
         };
+        if std::env::var_os("NETPOL_BENCH_DEBUG").is_some() {
+            let pattern: String = (a..b.min(a + 120))
+                .map(|i| if rec.received.contains(&i) { '+' } else { '.' })
+                .collect();
+            eprintln!("allowed={allowed} a={a} b={b} flip={flip} {pattern}");
+        }
         (flip < b).then(|| rec.sent[flip as usize] - t)
     }
 }
