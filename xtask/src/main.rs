@@ -42,11 +42,20 @@ enum Command {
     Lint,
     /// Run a benchmark; prints a table and writes JSON under bench/results/.
     Bench {
-        /// Which benchmark: `datapath` (BPF_PROG_TEST_RUN cost per packet vs an empty program)
-        /// or `compile` (the pure compiler on 10,000 pods / 2,000 policies / 500 namespaces).
+        /// Which benchmark: `datapath` (BPF_PROG_TEST_RUN cost per packet of the compiled maps vs
+        /// an empty program), `compile` (the pure compiler on 10,000 pods / 2,000 policies / 500
+        /// namespaces), `apply` (manifest change to first packet with the new verdict, real
+        /// agent in the lab) or `veth` (throughput and latency between lab pods: no program,
+        /// netpol, Felix-style iptables+ipset).
         name: String,
+        /// Tiny sizes: checks the benchmark's code path; the figures mean nothing.
+        #[arg(long)]
+        quick: bool,
     },
 }
+
+/// What `cargo xtask bench` runs.
+const BENCHMARKS: [&str; 4] = ["datapath", "compile", "apply", "veth"];
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -66,18 +75,25 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test::run(&args)
         }
-        Command::Bench { name } => {
+        Command::Bench { name, quick } => {
             setup::run()?;
             anyhow::ensure!(
-                ["datapath", "compile"].contains(&name.as_str()),
-                "unknown benchmark {name:?}; available: datapath, compile"
+                BENCHMARKS.contains(&name.as_str()),
+                "unknown benchmark {name:?}; available: {}",
+                BENCHMARKS.join(", ")
             );
             exec::cargo(&["build", "--release", "-p", "netpol-it", "--bin", "netpol-bench"])?;
-            let out = exec::workspace_root().join(format!("bench/results/{name}.json"));
-            exec::run_status(
-                exec::target_dir().join("release/netpol-bench"),
-                &[std::ffi::OsStr::new(&name), out.as_os_str()],
-            )
+            // A quick run's figures mean nothing: never over the published results.
+            let out = if quick {
+                exec::target_dir().join(format!("bench-quick/{name}.json"))
+            } else {
+                exec::workspace_root().join(format!("bench/results/{name}.json"))
+            };
+            let mut args = vec![std::ffi::OsStr::new(&name), out.as_os_str()];
+            if quick {
+                args.push(std::ffi::OsStr::new("--quick"));
+            }
+            exec::run_status(exec::target_dir().join("release/netpol-bench"), &args)
         }
         Command::Lint => {
             exec::cargo(&["fmt", "--all", "--check"])?;

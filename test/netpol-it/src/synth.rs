@@ -109,3 +109,46 @@ pub fn edited_policy(state: &ClusterState, i: u32) -> Option<NetworkPolicy> {
     }
     Some(p)
 }
+
+/// The local pod of [`one_endpoint`]: `bench/server`, on node [`ONE_ENDPOINT_NODE`].
+pub const SERVER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 0, 9);
+/// The node of [`one_endpoint`]'s server pod.
+pub const ONE_ENDPOINT_NODE: &str = "bench-node";
+/// The first port of [`one_endpoint`]'s rules: rule `i` allows TCP port `FIRST_RULE_PORT + i`.
+pub const FIRST_RULE_PORT: u16 = 10_000;
+
+/// Address of peer pod `j` of [`one_endpoint`] (10.64.0.0 upwards).
+pub fn peer_ip(j: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(0x0a40_0000 + j)
+}
+
+/// One local pod selected by `rules` policies of one ingress rule each, and `peers` remote pods.
+///
+/// The peers fall into `g = min(rules, peers)` groups (peer `j` in group `j % g`); rule `i`
+/// allows group `i % g` on TCP port [`FIRST_RULE_PORT`]` + i`. So every rule has peers, every
+/// peer is allowed by `rules / g` rules, and peer 0 may reach port [`FIRST_RULE_PORT`].
+pub fn one_endpoint(rules: u32, peers: u32) -> ClusterState {
+    assert!(rules >= 1 && peers >= 1 && rules <= 50_000, "sizes out of range");
+    let groups = rules.min(peers);
+    let server = pod("server", "bench")
+        .label("app", "server")
+        .ip(&SERVER_IP.to_string())
+        .node(Some(ONE_ENDPOINT_NODE));
+    let mut pods_ = vec![server];
+    pods_.extend((0..peers).map(|j| {
+        pod(&format!("peer{j}"), "bench")
+            .label("grp", &format!("g{}", j % groups))
+            .ip(&peer_ip(j).to_string())
+            .node(Some("elsewhere"))
+    }));
+    let pols = (0..rules)
+        .map(|i| {
+            policy(&format!("r{i}"), "bench").select(sel(&[("app", "server")])).ingress(
+                rule()
+                    .peer(pods(None, Some(sel(&[("grp", format!("g{}", i % groups).as_str())]))))
+                    .port(port(Protocol::Tcp, FIRST_RULE_PORT + i as u16)),
+            )
+        })
+        .collect();
+    state(vec![namespace("bench", &[])], pods_, pols)
+}

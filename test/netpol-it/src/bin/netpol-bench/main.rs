@@ -1,0 +1,94 @@
+//! `cargo xtask bench <name>`: `datapath`, `compile`, `apply` and `veth`.
+//!
+//! `netpol-bench <name> [OUT.json] [--quick]`: runs one benchmark, prints its table and writes
+//! its JSON to OUT (default `bench/results/<name>.json`). `--quick` runs tiny sizes, for the
+//! smoke test that checks each benchmark's code path (its figures mean nothing).
+mod apply;
+mod cleanup;
+mod compile;
+mod datapath;
+mod felix;
+mod veth;
+
+use anyhow::{Context as _, Result};
+
+/// Full benchmark, or tiny sizes for a smoke test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Size {
+    Full,
+    Quick,
+}
+
+/// The median (sorts `v`); 0 for an empty slice.
+pub fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The `p`-th percentile (0..=100, nearest rank; sorts `v`).
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    v[rank.min(v.len()) - 1]
+}
+
+/// What the figures were measured on.
+pub fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    serde_json::json!({
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": cpu,
+    })
+}
+
+fn main() -> Result<()> {
+    cleanup::install()?;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let size = match args.iter().position(|a| a == "--quick") {
+        Some(i) => {
+            args.remove(i);
+            Size::Quick
+        }
+        None => Size::Full,
+    };
+    let name = args.first().cloned().unwrap_or_default();
+    let out = args.get(1).cloned().unwrap_or_else(|| format!("bench/results/{name}.json"));
+    let doc = match name.as_str() {
+        "datapath" => datapath::run(size)?,
+        "compile" => compile::run(size)?,
+        "apply" => apply::run(size)?,
+        "veth" => veth::run(size)?,
+        // Not a benchmark: a steady load to profile with `perf record -a` meanwhile.
+        "spin" => datapath::spin(10)?,
+        other => {
+            anyhow::bail!("unknown benchmark {other:?}; available: datapath, compile, apply, veth")
+        }
+    };
+    if let Some(dir) = std::path::Path::new(&out).parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)
+        .with_context(|| format!("writing {out}"))?;
+    println!("results written to {out}");
+    Ok(())
+}

@@ -1,0 +1,409 @@
+//! `veth`: TCP throughput and request/response latency between two lab pods (routed topology,
+//! forwarded by the host), three variants interleaved in every repetition:
+//! - floor: no program, no rules;
+//! - netpol: the real agent enforcing N policies that select the server;
+//! - iptables: the same N policies rendered Felix-style (see [`crate::felix`]).
+//!
+//! The policy set: N policies select the server (`app=server`), each with one ingress rule;
+//! policies 0..N-1 allow an ipBlock (a /28 outside the lab) on one port, and the last one allows
+//! the client pod (`role=client`) on the benchmark ports. The client's policy is the last in
+//! the iptables chain order: a new connection walks every policy chain (the worst case of
+//! the iptables rendering; netpol's lookup does not depend on the position).
+//!
+//! Measured per variant: iperf3 throughput (Gbit/s), TCP_RR (one 32-byte request and reply on
+//! an open connection; p50 round trip) and TCP_CRR (connect, request, reply, close; p50).
+//! Each variant also checks that its enforcement is real: a port no policy allows must be
+//! unreachable under netpol and iptables, and reachable under the floor.
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use netpol_it::{
+    agent::RunningAgent,
+    lab::{Lab, Pod},
+    manifests::{namespace, pod, ManifestDir},
+    netns::in_netns,
+};
+use serde_json::json;
+
+use crate::{
+    cleanup::on_signal,
+    felix::{Rendering, Workload},
+    median, percentile, Size,
+};
+
+const NODE: &str = "bench-node";
+const IPERF_PORT: u16 = 5201;
+const RR_PORT: u16 = 7001;
+const CLOSED_PORT: u16 = 7002;
+const MSG: usize = 32;
+const TARGET_RR_OVERHEAD: f64 = 0.02;
+
+struct Plan {
+    policies: &'static [u32],
+    reps: usize,
+    iperf_secs: u32,
+    rr: usize,
+    crr: usize,
+}
+
+const FULL: Plan =
+    Plan { policies: &[10, 100, 1_000], reps: 3, iperf_secs: 3, rr: 20_000, crr: 1_000 };
+const QUICK: Plan = Plan { policies: &[3], reps: 1, iperf_secs: 1, rr: 200, crr: 20 };
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    Floor,
+    Netpol,
+    Iptables,
+}
+
+impl Variant {
+    const ALL: [Variant; 3] = [Variant::Floor, Variant::Netpol, Variant::Iptables];
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Floor => "floor (no program)",
+            Variant::Netpol => "netpol",
+            Variant::Iptables => "iptables+ipset (Felix-style)",
+        }
+    }
+}
+
+/// The filler policy `i`'s ipBlock: a /28 in 10.64.0.0/12, outside the lab.
+fn filler_cidr(i: u32) -> String {
+    let a = Ipv4Addr::from(0x0a40_0000 + i * 16);
+    format!("{a}/28")
+}
+
+fn filler_port(i: u32) -> u16 {
+    8000 + (i % 1000) as u16
+}
+
+fn policy_yaml(i: u32, n: u32) -> String {
+    let head = format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: p{i:04}\n  namespace: lab\nspec:\n  podSelector:\n    matchLabels: {{app: server}}\n  ingress:\n  - from:\n");
+    if i + 1 == n {
+        format!("{head}    - podSelector:\n        matchLabels: {{role: client}}\n    ports:\n    - port: {IPERF_PORT}\n    - port: {RR_PORT}\n")
+    } else {
+        format!(
+            "{head}    - ipBlock: {{cidr: {}}}\n    ports:\n    - port: {}\n",
+            filler_cidr(i),
+            filler_port(i)
+        )
+    }
+}
+
+/// A blocking TCP echo server for fixed-size messages, stopped on drop.
+struct EchoServer {
+    stop: Arc<AtomicBool>,
+    addr: SocketAddr,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    fn start(netns: &str, ip: Ipv4Addr, port: u16) -> Result<EchoServer> {
+        let listener = in_netns(netns, || TcpListener::bind((ip, port)))?
+            .with_context(|| format!("listening on {ip}:{port}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(mut s) = conn else { continue };
+                std::thread::spawn(move || {
+                    let _ = s.set_nodelay(true);
+                    let mut buf = [0u8; MSG];
+                    while s.read_exact(&mut buf).is_ok() {
+                        if s.write_all(&buf).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(EchoServer { stop, addr: SocketAddr::from((ip, port)), thread: Some(thread) })
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the blocking accept (from the host namespace: routed to the pod).
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A child process killed on drop.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    gbps: f64,
+    rr_us: f64,
+    rr_p99_us: f64,
+    crr_us: f64,
+}
+
+fn iperf(client: &Pod, server: &Pod, secs: u32) -> Result<f64> {
+    let port = IPERF_PORT.to_string();
+    let _srv = KillOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", &server.netns, "iperf3", "-s", "-1", "-p", &port])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 -s")?,
+    );
+    let mut last = String::new();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        let out = Command::new("ip")
+            .args(["netns", "exec", &client.netns, "iperf3", "-c", &server.ip.to_string()])
+            .args(["-p", &port, "-t", &secs.to_string(), "-J"])
+            .output()
+            .context("running iperf3 -c")?;
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(bps) = doc["end"]["sum_received"]["bits_per_second"].as_f64() {
+            return Ok(bps / 1e9);
+        }
+        last = doc["error"].as_str().unwrap_or("no JSON").to_owned();
+    }
+    anyhow::bail!("iperf3 gave no result: {last}")
+}
+
+/// Round trips of `MSG` bytes on one connection: (p50, p99) in µs.
+fn rr(client: &Pod, to: SocketAddr, n: usize) -> Result<(f64, f64)> {
+    let mut v = in_netns(&client.netns, || -> Result<Vec<f64>> {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut buf = [7u8; MSG];
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            s.write_all(&buf)?;
+            s.read_exact(&mut buf)?;
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(v)
+    })??;
+    Ok((median(&mut v), percentile(&mut v, 99.0)))
+}
+
+/// Connect, one round trip, close: p50 in µs.
+fn crr(client: &Pod, to: SocketAddr, n: usize) -> Result<f64> {
+    let mut v = in_netns(&client.netns, || -> Result<Vec<f64>> {
+        let mut v = Vec::with_capacity(n);
+        let mut buf = [7u8; MSG];
+        for _ in 0..n {
+            let t = Instant::now();
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(&buf)?;
+            s.read_exact(&mut buf)?;
+            drop(s);
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(v)
+    })??;
+    Ok(median(&mut v))
+}
+
+/// Whether a TCP connection to `to` from the client opens within 300 ms.
+fn reachable(client: &Pod, to: SocketAddr) -> Result<bool> {
+    in_netns(&client.netns, || TcpStream::connect_timeout(&to, Duration::from_millis(300)).is_ok())
+}
+
+fn measure(plan: &Plan, client: &Pod, server: &Pod, enforced: bool) -> Result<Sample> {
+    let to = SocketAddr::from((server.ip, RR_PORT));
+    let closed = SocketAddr::from((server.ip, CLOSED_PORT));
+    anyhow::ensure!(reachable(client, to)?, "the client cannot reach the allowed port");
+    anyhow::ensure!(
+        reachable(client, closed)? != enforced,
+        "port {CLOSED_PORT} (no policy allows it) is {} although enforcement is {}",
+        if enforced { "reachable" } else { "unreachable" },
+        if enforced { "on" } else { "off" }
+    );
+    let gbps = iperf(client, server, plan.iperf_secs)?;
+    let (rr_us, rr_p99_us) = rr(client, to, plan.rr)?;
+    let crr_us = crr(client, to, plan.crr)?;
+    Ok(Sample { gbps, rr_us, rr_p99_us, crr_us })
+}
+
+fn pct(v: f64, base: f64) -> String {
+    format!("{:+.1} %", (v / base - 1.0) * 100.0)
+}
+
+pub fn run(size: Size) -> Result<serde_json::Value> {
+    let plan = match size {
+        Size::Full => &FULL,
+        Size::Quick => &QUICK,
+    };
+    let mut lab = Lab::new()?;
+    let client = lab.add_pod("client")?;
+    let server = lab.add_pod("server")?;
+    // Ctrl-C: remove the pods (and with them their veths) as the lab's drop would.
+    let pods: Vec<Pod> = lab.pods().to_vec();
+    let _lab_signal = on_signal(move || {
+        for p in &pods {
+            let _ = Command::new("ip").args(["link", "del", &p.host_if]).output();
+            let _ = Command::new("ip").args(["netns", "del", &p.netns]).output();
+        }
+    });
+    let _echo = EchoServer::start(&server.netns, server.ip, RR_PORT)?;
+    let _closed = EchoServer::start(&server.netns, server.ip, CLOSED_PORT)?;
+
+    println!("netpol veth benchmark: two lab pods, routed through the host");
+    println!(
+        "iperf3 -t {} (Gbit/s), TCP_RR {} round trips of {MSG} B (p50 µs), TCP_CRR {} connections (p50 µs)",
+        plan.iperf_secs, plan.rr, plan.crr
+    );
+    println!(
+        "median of {} interleaved repetitions; % = vs the floor of the same policy count\n",
+        plan.reps
+    );
+    println!(
+        "{:>8}  {:<28} {:>16} {:>18} {:>18} {:>18}",
+        "policies", "variant", "throughput", "TCP_RR p50", "TCP_RR p99", "TCP_CRR p50"
+    );
+    let mut rows = Vec::new();
+    let mut verdicts = Vec::new();
+    for &n in plan.policies {
+        let dir = ManifestDir::new(&format!("bench-veth-{n}"))?;
+        dir.write("ns.yaml", &namespace("lab", &[]))?;
+        dir.write("client.yaml", &pod(&client, "lab", NODE, &[("role", "client")], &[]))?;
+        dir.write("server.yaml", &pod(&server, "lab", NODE, &[("app", "server")], &[]))?;
+        for i in 0..n {
+            dir.write(&format!("p{i:04}.yaml"), &policy_yaml(i, n))?;
+        }
+        let workloads = [
+            Workload { iface: client.host_if.clone(), ingress: vec![] },
+            Workload {
+                iface: server.host_if.clone(),
+                ingress: (0..n)
+                    .map(|i| {
+                        if i + 1 == n {
+                            (vec![format!("{}/32", client.ip)], vec![IPERF_PORT, RR_PORT])
+                        } else {
+                            (vec![filler_cidr(i)], vec![filler_port(i)])
+                        }
+                    })
+                    .collect(),
+            },
+        ];
+        let mut samples: [Vec<Sample>; 3] = Default::default();
+        for rep in 0..plan.reps {
+            for k in 0..3 {
+                let v = Variant::ALL[(k + rep) % 3];
+                let s = match v {
+                    Variant::Floor => measure(plan, &client, &server, false),
+                    Variant::Netpol => {
+                        let agent = RunningAgent::start(&dir, NODE, &format!("bench-veth-{n}"));
+                        agent.wait_ready();
+                        measure(plan, &client, &server, true)
+                    }
+                    Variant::Iptables => {
+                        let r = Rendering::install(&workloads)?;
+                        anyhow::ensure!(r.policy_chains() == n as usize, "rendering incomplete");
+                        measure(plan, &client, &server, true)
+                    }
+                }
+                .with_context(|| format!("{n} policies, {}", v.name()))?;
+                samples[v as usize].push(s);
+            }
+        }
+        let med =
+            |v: &[Sample], f: fn(&Sample) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
+        let m: Vec<Sample> = samples
+            .iter()
+            .map(|s| Sample {
+                gbps: med(s, |x| x.gbps),
+                rr_us: med(s, |x| x.rr_us),
+                rr_p99_us: med(s, |x| x.rr_p99_us),
+                crr_us: med(s, |x| x.crr_us),
+            })
+            .collect();
+        let floor = m[0];
+        for v in Variant::ALL {
+            let s = m[v as usize];
+            let rel = |x: f64, b: f64| if v == Variant::Floor { String::new() } else { pct(x, b) };
+            println!(
+                "{n:>8}  {:<28} {:>6.2} {:>9} {:>7.1} {:>10} {:>7.1} {:>10} {:>7.1} {:>10}",
+                v.name(),
+                s.gbps,
+                rel(s.gbps, floor.gbps),
+                s.rr_us,
+                rel(s.rr_us, floor.rr_us),
+                s.rr_p99_us,
+                rel(s.rr_p99_us, floor.rr_p99_us),
+                s.crr_us,
+                rel(s.crr_us, floor.crr_us),
+            );
+            rows.push(json!({
+                "policies": n, "variant": format!("{v:?}").to_lowercase(),
+                "gbps": s.gbps, "rr_p50_us": s.rr_us, "rr_p99_us": s.rr_p99_us, "crr_p50_us": s.crr_us,
+                "gbps_vs_floor": s.gbps / floor.gbps, "rr_p50_vs_floor": s.rr_us / floor.rr_us,
+                "crr_p50_vs_floor": s.crr_us / floor.crr_us,
+                "samples": samples[v as usize].iter().map(|x| json!({"gbps": x.gbps, "rr_p50_us": x.rr_us, "rr_p99_us": x.rr_p99_us, "crr_p50_us": x.crr_us})).collect::<Vec<_>>(),
+            }));
+        }
+        let (np, ipt) = (m[Variant::Netpol as usize], m[Variant::Iptables as usize]);
+        let overhead = np.rr_us / floor.rr_us - 1.0;
+        verdicts.push(json!({
+            "policies": n, "rr_overhead": overhead, "rr_overhead_met": overhead <= TARGET_RR_OVERHEAD,
+            "ahead_of_iptables": {
+                "gbps": np.gbps >= ipt.gbps, "rr": np.rr_us <= ipt.rr_us, "crr": np.crr_us <= ipt.crr_us,
+            },
+        }));
+        println!();
+    }
+    println!("target                                        verdict");
+    for v in &verdicts {
+        let n = v["policies"].as_u64().unwrap_or(0);
+        let o = v["rr_overhead"].as_f64().unwrap_or(0.0);
+        println!(
+            "TCP_RR p50 overhead ≤ 2 % ({n:>4} policies): {:+5.1} %   {}",
+            o * 100.0,
+            if o <= TARGET_RR_OVERHEAD { "met" } else { "MISSED" }
+        );
+    }
+    if let Some(v) = verdicts.last() {
+        let a = &v["ahead_of_iptables"];
+        let yes = |k: &str| if a[k].as_bool().unwrap_or(false) { "ahead" } else { "BEHIND" };
+        println!(
+            "vs iptables at {} policies: throughput {}, TCP_RR {}, TCP_CRR {}",
+            v["policies"],
+            yes("gbps"),
+            yes("rr"),
+            yes("crr")
+        );
+    }
+    Ok(json!({
+        "benchmark": "veth",
+        "method": "two routed lab pods; iperf3, TCP_RR and TCP_CRR from the client namespace; variants interleaved per repetition, medians",
+        "reps": plan.reps, "iperf_secs": plan.iperf_secs, "rr": plan.rr, "crr": plan.crr, "message_bytes": MSG,
+        "rows": rows,
+        "targets": { "rr_overhead": TARGET_RR_OVERHEAD, "by_policies": verdicts },
+        "machine": crate::machine(),
+    }))
+}

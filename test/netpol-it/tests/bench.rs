@@ -1,0 +1,58 @@
+//! Smoke test of `cargo xtask bench`: every benchmark's code path runs at tiny sizes (the real
+//! programs, the real agent, the lab, the iptables rendering) and produces its table and JSON.
+//! No figure is checked against a bound: benchmarks never make timed assertions.
+use std::process::Command;
+
+fn quick(name: &str, fields: &[&str]) -> serde_json::Value {
+    let out = std::env::temp_dir().join(format!("netpol-bench-{}-{name}.json", std::process::id()));
+    let run = Command::new(env!("CARGO_BIN_EXE_netpol-bench"))
+        .args([name, out.to_str().expect("utf-8 path"), "--quick"])
+        .output()
+        .expect("starting netpol-bench");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "netpol-bench {name} --quick failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("target"), "{name}: no targets in the table:\n{stdout}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("JSON written")).expect("JSON");
+    let _ = std::fs::remove_file(&out);
+    assert_eq!(doc["benchmark"], name);
+    assert!(doc["machine"]["cpus"].as_u64().unwrap_or(0) > 0, "{name}: machine missing");
+    assert!(doc["targets"].is_object(), "{name}: no target verdicts");
+    let rows = doc["rows"].as_array().cloned().unwrap_or_default();
+    for f in fields {
+        assert!(
+            !rows.is_empty() && rows.iter().all(|r| r[*f].as_f64().is_some_and(|v| v > 0.0)),
+            "{name}: field {f} missing or not positive in {rows:?}"
+        );
+    }
+    doc
+}
+
+#[test]
+fn datapath_quick() {
+    let doc = quick("datapath", &["floor_ns", "established_ns", "new_denied_ns", "new_allowed_ns"]);
+    assert_eq!(doc["rows"].as_array().map(Vec::len), Some(2), "one row per rule count");
+}
+
+#[test]
+fn compile_quick() {
+    let doc = quick("compile", &[]);
+    assert!(doc["full_compile_one_node_ms"].as_f64().is_some_and(|v| v > 0.0));
+    assert!(doc["targets"]["incremental_met"].is_boolean());
+}
+
+#[test]
+fn apply_quick() {
+    let doc = quick("apply", &["n"]);
+    assert_eq!(doc["latencies_ms"].as_array().map(Vec::len), Some(4), "one latency per change");
+    assert_eq!(doc["missing_flips"], 0, "every change flipped the verdict");
+}
+
+#[test]
+fn veth_quick() {
+    quick("veth", &["gbps", "rr_p50_us", "crr_p50_us"]);
+}
