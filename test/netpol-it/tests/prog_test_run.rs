@@ -190,6 +190,20 @@ fn malformed_and_non_ip_frames() {
     let mut cut = sctp[..14 + 20 + 12].to_vec();
     cut[14 + 2..14 + 4].copy_from_slice(&32u16.to_be_bytes());
     expect_raw(&mut f, &cut, DROP, DenyMalformed);
+    // More VLAN tags than the parser walks (two): refused, not passed as non-IP (found by
+    // tests/fuzz_packets.rs: a triple-tagged IPv4 frame passed unpoliced).
+    let mut stacked = good[..12].to_vec();
+    for tag in [7u16, 8, 9] {
+        stacked.extend_from_slice(&0x8100u16.to_be_bytes());
+        stacked.extend_from_slice(&tag.to_be_bytes());
+    }
+    stacked.extend_from_slice(&good[12..]);
+    expect_raw(&mut f, &stacked, DROP, DenyMalformed);
+    let qinq = Frame::new(v4(ALLOWED), v4(POD), syn(2, 80)).vlan(5).bytes();
+    let mut qinq = [&qinq[..12], &[0x88, 0xa8, 0, 6][..], &qinq[12..]].concat();
+    expect_raw(&mut f, &qinq, PASS, AllowPolicy);
+    qinq[12 + 4 + 4..12 + 4 + 4 + 2].copy_from_slice(&0x8100u16.to_be_bytes());
+    expect_raw(&mut f, &qinq, DROP, DenyMalformed);
     // ARP is never policed.
     expect_raw(&mut f, &arp(), PASS, AllowNonIp);
     // The intact frame still passes: the drops above came from the corruption.
