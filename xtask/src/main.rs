@@ -24,6 +24,9 @@ enum Command {
     Test(test::TestArgs),
     /// Set up, build, and run the demo on a local lab node.
     Demo,
+    /// The long reliability runs: 1,000,000 fuzzed frames (fresh seed), restarts under traffic,
+    /// conntrack pressure, 10 minutes of pod and policy churn.
+    Soak,
     /// rustfmt check and clippy (host crates, then the eBPF crate for its BPF target).
     Lint,
     /// Run a benchmark; prints a table and writes JSON under bench/results/.
@@ -49,6 +52,10 @@ fn main() -> anyhow::Result<()> {
         Command::Test(args) => {
             setup::run()?;
             test::run(&args)
+        }
+        Command::Soak => {
+            setup::run()?;
+            test::soak()
         }
         Command::Bench { name } => {
             setup::run()?;
