@@ -385,3 +385,25 @@ fn pinned_maps_carry_btf_field_names_for_bpftool() {
     let cnt = dump("np_cnt");
     assert!(cnt.contains("\"reason\"") && cnt.contains("\"packets\""), "{cnt}");
 }
+
+#[test]
+fn forgetting_an_interface_deletes_its_counters_and_keeps_the_totals() {
+    let mut f = fixture("forget");
+    expect(&mut f, TO, Frame::new(v4(ALLOWED), v4(POD), syn(1, 80)), PASS, IN, AllowPolicy);
+    expect(&mut f, TO, Frame::new(v4(STRANGER), v4(POD), syn(2, 80)), DROP, IN, DenyPolicy);
+    let total = |c: &netpol_agent::dataplane::CounterSnapshot| -> u64 {
+        c.by_reason.values().map(|v| v.packets).sum()
+    };
+    let before = f.dp.counters().unwrap();
+    assert_eq!(f.dp.forget_counters(TEST_IFINDEX).unwrap(), 2);
+    let after = f.dp.counters().unwrap();
+    assert_eq!(total(&after), total(&before), "node totals unchanged");
+    assert_eq!(after.packets(0, IN, DenyPolicy), 1, "folded into interface 0");
+    assert_eq!(after.packets(TEST_IFINDEX, IN, DenyPolicy), 0, "its own entries are gone");
+    let cnt = netpol_it::cmd::run(
+        "bpftool",
+        &["map", "dump", "pinned", &f.pin_dir().join("np_cnt").to_string_lossy()],
+    )
+    .unwrap();
+    assert!(cnt.trim() == "[]" || cnt.contains("Found 0 elements"), "{cnt}");
+}
