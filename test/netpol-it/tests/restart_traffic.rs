@@ -245,6 +245,7 @@ fn kill_9_and_restart_lose_no_packet_and_never_open_a_denied_port() {
     };
 
     thread::sleep(Duration::from_secs(2));
+    let programs_before = attached_programs(&server.host_if);
     let pid = first.pid();
     first.kill();
     println!("agent {pid} killed with SIGKILL");
@@ -261,6 +262,9 @@ fn kill_9_and_restart_lose_no_packet_and_never_open_a_denied_port() {
     let mut last = AgentProcess::start(&dir, NODE, &pins, &[]);
     last.wait_ready();
     thread::sleep(Duration::from_secs(2));
+    // The last agent loaded its own programs and swapped them into the pinned links: one
+    // program per direction, not the first agent's.
+    let programs_after = attached_programs(&server.host_if);
     stop.store(true, Ordering::Relaxed);
 
     let mut t = Traffic::default();
@@ -294,6 +298,23 @@ fn kill_9_and_restart_lose_no_packet_and_never_open_a_denied_port() {
     assert_eq!(t.denied_successes, 0, "a denied connection succeeded: {t:?}");
     assert_eq!(t.stranger_udp_received, 0, "denied UDP datagrams arrived: {t:?}");
     assert!(t.udp_sent > 1000 && t.tcp_sent > 1 << 20, "traffic ran: {t:?}");
+    println!(
+        "programs on the server's interface: {programs_before:?} before, {programs_after:?} after"
+    );
+    assert_eq!((programs_before.0.len(), programs_before.1.len()), (1, 1));
+    assert_eq!((programs_after.0.len(), programs_after.1.len()), (1, 1));
+    assert_ne!(programs_before, programs_after, "the new agent's programs replaced the old ones");
+}
+
+/// Ids of the programs attached with TCX to `iface` (ingress, egress).
+fn attached_programs(iface: &str) -> (Vec<u32>, Vec<u32>) {
+    use aya::programs::{tc::TcAttachType, SchedClassifier};
+    let ids = |at| {
+        SchedClassifier::query_tcx(iface, at)
+            .map(|(_, progs)| progs.iter().map(|p| p.id()).collect())
+            .unwrap_or_default()
+    };
+    (ids(TcAttachType::Ingress), ids(TcAttachType::Egress))
 }
 
 struct RemovePins(std::path::PathBuf);
