@@ -12,13 +12,13 @@ const NODE: &str = "node-a";
 
 fn namespace(i: usize) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace",
-           "metadata": {"name": format!("ns{i}"), "labels": {"env": if i % 2 == 0 {"prod"} else {"dev"}}}})
+           "metadata": {"name": format!("ns{i}"), "labels": {"env": if i.is_multiple_of(2) {"prod"} else {"dev"}}}})
 }
 
 fn pod(ns: usize, i: usize, app: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": format!("pod{i}"), "namespace": format!("ns{ns}"), "labels": {"app": app}},
-           "spec": {"nodeName": if i % 3 == 0 { "node-b" } else { NODE },
+           "spec": {"nodeName": if i.is_multiple_of(3) { "node-b" } else { NODE },
                     "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}]},
            "status": {"podIP": format!("10.7.{ns}.{}", i + 1)}})
 }
@@ -175,7 +175,7 @@ proptest! {
         // Shuffle deterministically, keeping each duplicate after its original.
         let n_valid = valid.len();
         let mut keyed: Vec<(u64, usize, Value)> = mixed.into_iter().enumerate().map(|(i, v)| {
-            let k = if i < n_valid { (order.rotate_left(i as u32 % 64) ^ i as u64) % 1000 } else { 1000 + (i as u64 * 7919 ^ order) % 1000 };
+            let k = if i < n_valid { (order.rotate_left(i as u32 % 64) ^ i as u64) % 1000 } else { 1000 + ((i as u64 * 7919) ^ order) % 1000 };
             (k, i, v)
         }).collect();
         keyed.sort_by_key(|(k, i, _)| (*k, *i));

@@ -522,10 +522,13 @@ impl Reference {
 // Frame generation: mostly well-formed frames of plausible flows (so the policy and conntrack
 // paths are reached), then mutated.
 
+/// A flow as (src, dst, sport, dport, proto), addresses of 4 or 16 bytes.
+type FlowSpec = (Vec<u8>, Vec<u8>, u16, u16, u8);
+
 struct Gen {
     rng: Rng,
-    /// Recent flows (src, dst, sport, dport, proto), for replies, reuse and ICMP errors.
-    recent: Vec<(Vec<u8>, Vec<u8>, u16, u16, u8)>,
+    /// Recent flows, for replies, reuse and ICMP errors.
+    recent: Vec<FlowSpec>,
 }
 
 fn addr4(a: [u8; 4]) -> Vec<u8> {

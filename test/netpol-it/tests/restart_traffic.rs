@@ -267,17 +267,21 @@ fn kill_9_and_restart_lose_no_packet_and_never_open_a_denied_port() {
     let programs_after = attached_programs(&server.host_if);
     stop.store(true, Ordering::Relaxed);
 
-    let mut t = Traffic::default();
-    t.tcp_retransmits = sender.join().unwrap().expect("the TCP stream was never broken");
-    t.tcp_sent = tcp_sent.load(Ordering::Relaxed);
-    t.tcp_received = receiver.join().unwrap().expect("the TCP stream arrived intact");
-    t.udp_sent = udp_sender.join().unwrap();
     let (mut seen, from_stranger) = udp_receiver.join().unwrap();
-    t.stranger_udp_received = from_stranger;
     seen.sort_unstable();
     seen.dedup();
+    let (denied_attempts, denied_successes) = prober.join().unwrap();
+    let mut t = Traffic {
+        tcp_retransmits: sender.join().unwrap().expect("the TCP stream was never broken"),
+        tcp_sent: tcp_sent.load(Ordering::Relaxed),
+        tcp_received: receiver.join().unwrap().expect("the TCP stream arrived intact"),
+        udp_sent: udp_sender.join().unwrap(),
+        stranger_udp_received: from_stranger,
+        denied_attempts,
+        denied_successes,
+        ..Traffic::default()
+    };
     t.udp_missing = (0..t.udp_sent).filter(|s| seen.binary_search(s).is_err()).collect();
-    (t.denied_attempts, t.denied_successes) = prober.join().unwrap();
     println!(
         "restart under traffic (4 agents, 3 SIGKILLs, one during adoption): TCP {} bytes sent, {} received, {} \
          retransmitted segments; UDP {} datagrams sent, {} missing; denied TCP probes {} / {} \
