@@ -306,6 +306,11 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill_now();
-        let _ = std::fs::remove_file(&self.log);
+        if std::thread::panicking() {
+            // The test failed: the agent's log is the first thing to read.
+            eprintln!("agent log kept: {}", self.log.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
