@@ -187,6 +187,8 @@ pub struct AgentProcess {
     pub metrics_addr: SocketAddr,
     /// Its log (stderr).
     pub log: PathBuf,
+    /// Its status file (a killed agent leaves it behind).
+    status: PathBuf,
 }
 
 /// The `netpol-agent` binary next to the test binaries (`target/debug/netpol-agent`), or
@@ -233,7 +235,7 @@ impl AgentProcess {
             .stderr(std::fs::File::create(&log).expect("agent log file"))
             .spawn()
             .expect("starting netpol-agent");
-        AgentProcess { child, pin_dir: pin_dir.to_owned(), metrics_addr, log }
+        AgentProcess { child, pin_dir: pin_dir.to_owned(), metrics_addr, log, status }
     }
 
     /// The process id.
@@ -306,6 +308,7 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill_now();
+        let _ = std::fs::remove_file(&self.status);
         if std::thread::panicking() {
             // The test failed: the agent's log is the first thing to read.
             eprintln!("agent log kept: {}", self.log.display());
