@@ -122,6 +122,9 @@ pub struct Agent {
     synced: bool,
     node_name: String,
     status_file: Option<PathBuf>,
+    /// Capacity of the conntrack map, and its entries after the last GC (for the fill level).
+    ct_max: usize,
+    ct_entries: usize,
 }
 
 /// The changes that turn `old` into `new`, for the incremental compiler.
@@ -206,6 +209,11 @@ impl Agent {
             synced: false,
             node_name: opts.node_name.clone(),
             status_file: opts.status_file.clone(),
+            ct_max: opts
+                .dataplane
+                .ct_max_entries
+                .map_or(netpol_common::maps::CT_MAX, |n| n as usize),
+            ct_entries: 0,
         })
     }
 
@@ -261,6 +269,10 @@ impl Agent {
         metrics.set_map_fill(maps::PEER, self.applied.peers.len(), maps::PEER_MAX);
         metrics.set_map_fill(maps::PORTS, self.applied.ports.len(), maps::PORTS_MAX);
         metrics.set_map_fill(maps::EP, enforced, maps::EP_MAX);
+        // Conntrack pressure: entries left after the last GC pass against the capacity. Near
+        // the capacity the kernel's LRU evicts the least recently used flows (which mid-flow
+        // pickup re-admits if the policy allows them).
+        metrics.set_map_fill(maps::CT, self.ct_entries, self.ct_max);
     }
 
     /// Enforces a new snapshot of the cluster.
@@ -497,6 +509,7 @@ impl Agent {
         // Detach first, then remove the entry: never an attached interface without rules.
         self.dp.detach(b.ifindex)?;
         self.dp.remove_endpoint(b.ifindex)?;
+        self.dp.forget_counters(b.ifindex)?;
         tracing::info!(%pod, interface = %b.name, "no longer enforced");
         Ok(())
     }
@@ -566,7 +579,9 @@ impl Agent {
 
     /// One conntrack garbage-collection pass.
     pub fn gc(&mut self) -> Result<u64> {
-        Ok(self.dp.gc_conntrack(monotonic_ns(), &Timeouts::DEFAULT)?.deleted)
+        let stats = self.dp.gc_conntrack(monotonic_ns(), &Timeouts::DEFAULT)?;
+        self.ct_entries = stats.scanned.saturating_sub(stats.deleted) as usize;
+        Ok(stats.deleted)
     }
 
     /// Stops enforcing changes but leaves the programs attached and the maps pinned: the

@@ -211,6 +211,11 @@ fn parse_frame(ctx: &TcContext, flow: &mut Flow) -> Result<Packet, Malformed> {
             l3 += VlanHdr::LEN;
         }
     }
+    // A deeper tag stack than we walk hides what it carries: refuse it rather than pass it as
+    // non-IP (a pod with VLAN sub-interfaces could otherwise send IP past the policy).
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        return Err(Malformed);
+    }
     match proto {
         ETH_P_IP => parse_ipv4(ctx, l3, flow).map(|()| Packet::Ip),
         ETH_P_IPV6 => parse_ipv6(ctx, l3, flow),

@@ -38,6 +38,9 @@ enum Command {
     /// netpol-agent/tests/data/kustomize, which the deploy_manifests test compares its own
     /// renderer with (needs kubectl >= 1.21; run it after changing deploy/).
     KustomizeGolden,
+    /// The long reliability runs: 1,000,000 fuzzed frames (fresh seed), restarts under traffic,
+    /// conntrack pressure, 10 minutes of pod and policy churn.
+    Soak,
     /// rustfmt check and clippy (host crates, then the eBPF crate for its BPF target).
     Lint,
     /// Run a benchmark; prints a table and writes JSON under bench/results/.
@@ -74,6 +77,10 @@ fn main() -> anyhow::Result<()> {
         Command::Test(args) => {
             setup::run()?;
             test::run(&args)
+        }
+        Command::Soak => {
+            setup::run()?;
+            test::soak()
         }
         Command::Bench { name, quick } => {
             setup::run()?;

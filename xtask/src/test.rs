@@ -39,8 +39,14 @@ pub fn run(args: &TestArgs) -> Result<()> {
         Ok(())
     } else {
         println!("xtask test: privileged datapath and end-to-end tests (real packets between namespaces)");
-        // One at a time: they attach programs and create namespaces and routes on this host.
-        cargo_test(&["test", "-p", "netpol-it", "--", "--test-threads=1"], &mut tally)
+        // The restart and pressure tests run the real agent binary as a child process (to kill
+        // it with SIGKILL).
+        crate::exec::cargo(&["build", "-p", "netpol-agent", "--bin", "netpol-agent"]).and_then(
+            |()| {
+                // One at a time: they attach programs and create namespaces and routes on this host.
+                cargo_test(&["test", "-p", "netpol-it", "--", "--test-threads=1"], &mut tally)
+            },
+        )
     };
     println!("summary: {} passed, {} failed", tally.passed, tally.failed);
     unit?;
@@ -50,6 +56,36 @@ pub fn run(args: &TestArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// `cargo xtask soak`: the long versions of the reliability tests — 1,000,000 fuzzed frames
+/// with a fresh seed, restarts under traffic, conntrack pressure and 10 minutes of churn.
+pub fn soak() -> Result<()> {
+    let missing = preflight::missing(preflight::Needs { build: true, privileged: true });
+    if !missing.is_empty() {
+        return preflight::report(&missing);
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs());
+    // SAFETY (of the environment change): single-threaded at this point.
+    std::env::set_var("NETPOL_FUZZ_FRAMES", "1000000");
+    std::env::set_var("NETPOL_FUZZ_SEED", seed.to_string());
+    std::env::set_var("NETPOL_CHURN_SECS", "600");
+    println!("xtask soak: NETPOL_FUZZ_SEED={seed} (rerun a failure with this seed)");
+    crate::exec::cargo(&["build", "-p", "netpol-agent", "--bin", "netpol-agent"])?;
+    let mut tally = Tally::default();
+    let mut args = vec!["test", "-p", "netpol-it"];
+    for t in SOAK_TESTS {
+        args.extend(["--test", t]);
+    }
+    args.extend(["--", "--test-threads=1", "--nocapture"]);
+    let r = cargo_test(&args, &mut tally);
+    println!("summary: {} passed, {} failed", tally.passed, tally.failed);
+    r
+}
+
+/// The test binaries whose size `cargo xtask soak` turns up.
+const SOAK_TESTS: &[&str] = &["fuzz_packets", "restart_traffic", "conntrack_pressure", "churn"];
 
 /// Runs cargo, echoing its output and adding up its `test result:` lines.
 fn cargo_test(args: &[&str], tally: &mut Tally) -> Result<()> {

@@ -174,6 +174,9 @@ pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     attached: BTreeMap<u32, Attachment>,
+    /// Counters of released interfaces, folded under ifindex 0 when their entries were deleted
+    /// ([`Dataplane::forget_counters`]), so node-level totals never go down.
+    retired: BTreeMap<netpol_common::counters::CounterKey, netpol_common::counters::CounterValue>,
 }
 
 impl Dataplane {
@@ -203,7 +206,12 @@ impl Dataplane {
                 .map_err(|e| DataplaneError::Program { name, source: Box::new(e) })?;
             prog.load().map_err(|e| DataplaneError::Program { name, source: Box::new(e) })?;
         }
-        let mut dp = Self { ebpf, pin_dir: opts.pin_dir.clone(), attached: BTreeMap::new() };
+        let mut dp = Self {
+            ebpf,
+            pin_dir: opts.pin_dir.clone(),
+            attached: BTreeMap::new(),
+            retired: BTreeMap::new(),
+        };
         dp.set_config(Config {
             events_per_sec: opts.events_per_sec,
             events_burst: opts.events_burst,
@@ -439,6 +447,7 @@ impl Dataplane {
             // Dropping the opened link after removing the pin detaches it.
             let _ = std::fs::remove_file(e.path());
             self.remove_endpoint(ifindex)?;
+            self.forget_counters(ifindex)?;
             if !released.contains(&ifindex) {
                 released.push(ifindex);
             }
@@ -526,11 +535,47 @@ impl Dataplane {
 
     /// Sums the per-CPU counters of every (endpoint, direction, reason) and the global stats.
     pub fn counters(&self) -> Result<CounterSnapshot> {
-        counters::read(
+        let mut snap = counters::read(
             self.map(maps::COUNTERS)?,
             self.map(maps::RULE_COUNTERS)?,
             self.map(maps::STATS)?,
-        )
+        )?;
+        for (k, v) in &self.retired {
+            let e = snap.by_reason.entry(*k).or_default();
+            e.packets += v.packets;
+            e.bytes += v.bytes;
+        }
+        Ok(snap)
+    }
+
+    /// Deletes the counter entries of interface `ifindex` (released: detached and without an
+    /// endpoint entry), adding their values to those of interface 0 so node-level totals stay
+    /// monotonic. Without this, every pod that ever ran on the node would keep up to 20
+    /// entries in `np_cnt` until it filled. Returns how many entries were deleted.
+    pub fn forget_counters(&mut self, ifindex: u32) -> Result<usize> {
+        use aya::maps::PerCpuHashMap;
+        use netpol_common::counters::{CounterKey, CounterValue};
+        let name = maps::COUNTERS;
+        let mut m: PerCpuHashMap<&mut MapData, CounterKey, CounterValue> = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap { name })?
+            .try_into()
+            .map_err(map_err(name, "open"))?;
+        let mut gone = Vec::new();
+        for item in m.iter() {
+            let (k, v) = item.map_err(map_err(name, "iterate"))?;
+            if k.ifindex == ifindex {
+                gone.push((k, v.iter().fold((0, 0), |a, c| (a.0 + c.packets, a.1 + c.bytes))));
+            }
+        }
+        for (k, (packets, bytes)) in &gone {
+            m.remove(k).map_err(map_err(name, "delete"))?;
+            let e = self.retired.entry(CounterKey { ifindex: 0, ..*k }).or_default();
+            e.packets += packets;
+            e.bytes += bytes;
+        }
+        Ok(gone.len())
     }
 
     /// Runs a program once per `repeat` on `packet` with BPF_PROG_TEST_RUN (no interface

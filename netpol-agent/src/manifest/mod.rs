@@ -16,6 +16,10 @@ use serde::Deserialize;
 
 use crate::model::{ClusterState, ModelError};
 
+/// Largest manifest file read. etcd refuses objects over 1.5 MiB, so this leaves room for files
+/// of many objects while bounding what one file can make the agent hold in memory.
+pub const MAX_FILE_BYTES: u64 = 8 << 20;
+
 /// Errors of loading manifests.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -27,6 +31,14 @@ pub enum ManifestError {
         /// The I/O error.
         #[source]
         source: std::io::Error,
+    },
+    /// A file is larger than [`MAX_FILE_BYTES`]; it is not read.
+    #[error("{}: larger than the limit of {limit} bytes for a manifest file; not loaded", file.display())]
+    TooLarge {
+        /// The file.
+        file: PathBuf,
+        /// [`MAX_FILE_BYTES`].
+        limit: u64,
     },
     /// A YAML document does not parse.
     #[error("{}: document {document}: {source}", file.display())]
@@ -135,12 +147,24 @@ pub fn load_dir(dir: &Path) -> (ClusterState, Vec<ManifestError>) {
 pub fn load_files(files: &[PathBuf]) -> (ClusterState, Vec<ManifestError>) {
     let mut loader = Loader::default();
     for file in files {
-        match std::fs::read_to_string(file) {
-            Ok(text) => loader.add_text(file, &text),
+        match read_bounded(file) {
+            Ok(Some(text)) => loader.add_text(file, &text),
+            Ok(None) => loader
+                .errors
+                .push(ManifestError::TooLarge { file: file.clone(), limit: MAX_FILE_BYTES }),
             Err(source) => loader.errors.push(ManifestError::Read { file: file.clone(), source }),
         }
     }
     loader.finish()
+}
+
+/// The file's text, or `None` if it is larger than [`MAX_FILE_BYTES`]. Reads at most one byte
+/// past the limit, so a file growing while it is read cannot make the agent read more.
+fn read_bounded(file: &Path) -> std::io::Result<Option<String>> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::fs::File::open(file)?.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
+    Ok((text.len() as u64 <= MAX_FILE_BYTES).then_some(text))
 }
 
 /// Loads manifests from a string; `file` names it in errors, and a `.json` extension selects

@@ -2,8 +2,9 @@
 //! written out at scrape time by a [`Collector`].
 //!
 //! The values are the kernel's own cumulative counters, never deltas: a key that is absent from
-//! the counter map has counted nothing yet (the datapath only creates keys, user space never
-//! deletes them), so filling the known label combinations with zero is exact.
+//! the counter map has counted nothing yet (the datapath only creates keys; user space deletes
+//! only those of released interfaces, after folding them into interface 0 — see
+//! `Dataplane::forget_counters`), so filling the known label combinations with zero is exact.
 
 use std::{
     collections::BTreeMap,

@@ -191,3 +191,145 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// The real `netpol-agent run` binary as a child process, so a test can `kill -9` it: the
+/// crash an in-process agent cannot simulate. Killed (SIGKILL) on drop; pins are left for the
+/// caller (a restart adopts them), and removed by [`AgentProcess::remove_pins`].
+pub struct AgentProcess {
+    child: std::process::Child,
+    /// Where its maps are pinned.
+    pub pin_dir: PathBuf,
+    /// Its metrics and health endpoints (loopback).
+    pub metrics_addr: SocketAddr,
+    /// Its log (stderr).
+    pub log: PathBuf,
+    /// Its status file (a killed agent leaves it behind).
+    status: PathBuf,
+}
+
+/// The `netpol-agent` binary next to the test binaries (`target/debug/netpol-agent`), or
+/// `NETPOL_AGENT_BIN`. `cargo xtask test` builds it first; a missing binary fails loudly.
+pub fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("NETPOL_AGENT_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/debug/deps/<test> → target/debug/netpol-agent
+    let bin = exe.parent().and_then(|d| d.parent()).expect("target dir").join("netpol-agent");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p netpol-agent` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+impl AgentProcess {
+    /// Starts `netpol-agent run` for `node` on the manifests in `dir`, pinning in `pin_dir`,
+    /// with `extra` arguments (e.g. `--conntrack-size`).
+    pub fn start(dir: &ManifestDir, node: &str, pin_dir: &std::path::Path, extra: &[&str]) -> Self {
+        let metrics_addr = free_loopback_port();
+        let log = std::env::temp_dir().join(format!(
+            "{}-agent-{}.log",
+            pin_dir.file_name().unwrap_or_default().to_string_lossy(),
+            metrics_addr.port()
+        ));
+        let status = std::env::temp_dir().join(format!(
+            "{}.status.json",
+            pin_dir.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let child = std::process::Command::new(agent_binary())
+            .args(["run", "--node-name", node, "--manifests"])
+            .arg(dir.path())
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .arg("--status-file")
+            .arg(&status)
+            .args(["--metrics-addr", &metrics_addr.to_string(), "--per-pod-metrics"])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("agent log file"))
+            .spawn()
+            .expect("starting netpol-agent");
+        AgentProcess { child, pin_dir: pin_dir.to_owned(), metrics_addr, log, status }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -9`: no shutdown code runs; the pinned maps and links are all that survives.
+    pub fn kill(mut self) {
+        self.kill_now();
+    }
+
+    fn kill_now(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits until `/readyz` answers 200; panics with the agent's log otherwise.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !get(self.metrics_addr, "/readyz").starts_with("HTTP/1.1 200") {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("agent exited ({status}):\n{}", self.log_text());
+            }
+            assert!(Instant::now() < deadline, "agent not ready within 20 s:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The agent's `/metrics` text.
+    pub fn metrics(&self) -> String {
+        get(self.metrics_addr, "/metrics")
+    }
+
+    /// How many snapshots the agent has applied (see [`RunningAgent::applies`]).
+    pub fn applies(&self) -> f64 {
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with("netpol_policy_apply_duration_seconds_count"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until the agent applied more than `before` snapshots.
+    pub fn wait_applied(&self, before: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.applies() <= before {
+            assert!(Instant::now() < deadline, "no new snapshot applied within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The agent's resident set size in KiB (from /proc).
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// What it logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill_now();
+        let _ = std::fs::remove_file(&self.status);
+        if std::thread::panicking() {
+            // The test failed: the agent's log is the first thing to read.
+            eprintln!("agent log kept: {}", self.log.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}

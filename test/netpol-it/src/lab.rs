@@ -49,6 +49,10 @@ pub struct Lab {
     bridge: Option<String>,
     pods: Vec<Pod>,
     blackhole: String,
+    /// Next never-used pod index, and indexes freed by [`Lab::remove_pod`] (reused first, as a
+    /// CNI reuses addresses).
+    next_idx: usize,
+    free: Vec<usize>,
 }
 
 impl Lab {
@@ -69,8 +73,16 @@ impl Lab {
         for _ in 0..200 {
             let net = format!("{}.{}.{subnet}.0/24", LAB_PREFIX[0], LAB_PREFIX[1]);
             if ip(&format!("route add blackhole {net}")).is_ok() {
-                let mut lab =
-                    Lab { id, subnet, topology, bridge: None, pods: Vec::new(), blackhole: net };
+                let mut lab = Lab {
+                    id,
+                    subnet,
+                    topology,
+                    bridge: None,
+                    pods: Vec::new(),
+                    blackhole: net,
+                    next_idx: 2,
+                    free: Vec::new(),
+                };
                 // The IPv6 range too, before any pod gets an address in it.
                 ip(&format!("-6 route add blackhole {}", lab.blackhole6()))?;
                 if topology == Topology::Bridged {
@@ -107,7 +119,7 @@ impl Lab {
     /// The pod [`Lab::add_pod`] would create next (names and addresses), without creating it:
     /// for manifests written before a pod's interface exists.
     pub fn next_pod(&self, name: &str) -> Pod {
-        let idx = self.pods.len() + 2;
+        let idx = self.free.last().copied().unwrap_or(self.next_idx);
         Pod {
             name: name.to_owned(),
             netns: format!("{NAME_PREFIX}-{}-{idx}", self.id),
@@ -119,6 +131,13 @@ impl Lab {
     }
 
     fn create_pod(&mut self, pod: Pod) -> Result<Pod> {
+        let idx = pod.ip.octets()[3] as usize;
+        if self.free.last() == Some(&idx) {
+            self.free.pop();
+        } else {
+            self.next_idx = self.next_idx.max(idx + 1);
+        }
+        anyhow::ensure!(idx < 255, "lab subnet full");
         // Record first so that drop removes a half-built pod too.
         self.pods.push(pod.clone());
         let (ns, hif) = (&pod.netns, &pod.host_if);
@@ -157,6 +176,16 @@ impl Lab {
 
     fn blackhole6(&self) -> String {
         format!("fd13:213:0:{:x}::/64", self.subnet)
+    }
+
+    /// Deletes a pod: its veth pair (the host side goes with it, as when a CNI tears a pod
+    /// down) and its namespace. Its index and addresses are reused by later pods.
+    pub fn remove_pod(&mut self, netns: &str) -> Result<()> {
+        let i = self.pods.iter().position(|p| p.netns == netns).context("no such lab pod")?;
+        let pod = self.pods.remove(i);
+        self.free.push(pod.ip.octets()[3] as usize);
+        ip(&format!("link del {}", pod.host_if))?;
+        ip(&format!("netns del {}", pod.netns)).map(drop)
     }
 
     /// The pods added so far.

@@ -190,6 +190,20 @@ fn malformed_and_non_ip_frames() {
     let mut cut = sctp[..14 + 20 + 12].to_vec();
     cut[14 + 2..14 + 4].copy_from_slice(&32u16.to_be_bytes());
     expect_raw(&mut f, &cut, DROP, DenyMalformed);
+    // More VLAN tags than the parser walks (two): refused, not passed as non-IP (found by
+    // tests/fuzz_packets.rs: a triple-tagged IPv4 frame passed unpoliced).
+    let mut stacked = good[..12].to_vec();
+    for tag in [7u16, 8, 9] {
+        stacked.extend_from_slice(&0x8100u16.to_be_bytes());
+        stacked.extend_from_slice(&tag.to_be_bytes());
+    }
+    stacked.extend_from_slice(&good[12..]);
+    expect_raw(&mut f, &stacked, DROP, DenyMalformed);
+    let qinq = Frame::new(v4(ALLOWED), v4(POD), syn(2, 80)).vlan(5).bytes();
+    let mut qinq = [&qinq[..12], &[0x88, 0xa8, 0, 6][..], &qinq[12..]].concat();
+    expect_raw(&mut f, &qinq, PASS, AllowPolicy);
+    qinq[12 + 4 + 4..12 + 4 + 4 + 2].copy_from_slice(&0x8100u16.to_be_bytes());
+    expect_raw(&mut f, &qinq, DROP, DenyMalformed);
     // ARP is never policed.
     expect_raw(&mut f, &arp(), PASS, AllowNonIp);
     // The intact frame still passes: the drops above came from the corruption.
@@ -370,4 +384,26 @@ fn pinned_maps_carry_btf_field_names_for_bpftool() {
     assert!(ct.contains("\"local_port\": 80") && ct.contains("\"generation\": 1"), "{ct}");
     let cnt = dump("np_cnt");
     assert!(cnt.contains("\"reason\"") && cnt.contains("\"packets\""), "{cnt}");
+}
+
+#[test]
+fn forgetting_an_interface_deletes_its_counters_and_keeps_the_totals() {
+    let mut f = fixture("forget");
+    expect(&mut f, TO, Frame::new(v4(ALLOWED), v4(POD), syn(1, 80)), PASS, IN, AllowPolicy);
+    expect(&mut f, TO, Frame::new(v4(STRANGER), v4(POD), syn(2, 80)), DROP, IN, DenyPolicy);
+    let total = |c: &netpol_agent::dataplane::CounterSnapshot| -> u64 {
+        c.by_reason.values().map(|v| v.packets).sum()
+    };
+    let before = f.dp.counters().unwrap();
+    assert_eq!(f.dp.forget_counters(TEST_IFINDEX).unwrap(), 2);
+    let after = f.dp.counters().unwrap();
+    assert_eq!(total(&after), total(&before), "node totals unchanged");
+    assert_eq!(after.packets(0, IN, DenyPolicy), 1, "folded into interface 0");
+    assert_eq!(after.packets(TEST_IFINDEX, IN, DenyPolicy), 0, "its own entries are gone");
+    let cnt = netpol_it::cmd::run(
+        "bpftool",
+        &["map", "dump", "pinned", &f.pin_dir().join("np_cnt").to_string_lossy()],
+    )
+    .unwrap();
+    assert!(cnt.trim() == "[]" || cnt.contains("Found 0 elements"), "{cnt}");
 }

@@ -675,6 +675,25 @@ async fn client_reports_an_unreadable_kubeconfig() {
     assert!(err.to_string().contains("/nonexistent/netpol/kubeconfig"));
 }
 
+/// A client is built from a kubeconfig (the crypto provider rustls needs is compiled in:
+/// without one, building any client panicked, so `netpol-agent run` could not watch a cluster).
+#[tokio::test]
+async fn client_builds_from_a_kubeconfig() {
+    let path = std::env::temp_dir().join(format!("netpol-kubeconfig-{}", std::process::id()));
+    std::fs::write(
+        &path,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: \"https://127.0.0.1:6443\"}\n\
+         users:\n- name: u\n  user: {token: t}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\n\
+         current-context: x\n",
+    )
+    .unwrap();
+    let opts =
+        KubeSourceOptions { kubeconfig: Some(path.clone()), debounce: Duration::from_millis(100) };
+    let built = client(&opts).await;
+    std::fs::remove_file(&path).unwrap();
+    built.expect("a client from a valid kubeconfig");
+}
+
 #[tokio::test(start_paused = true)]
 async fn stores_hold_trimmed_objects() {
     let mut ns = ns_json("prod", 3);
