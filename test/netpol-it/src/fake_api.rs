@@ -180,8 +180,10 @@ fn serve(
     };
     let mut out = conn;
     let Some(i) = PATHS.iter().position(|(p, _)| *p == path) else {
+        // What a real API server answers for a group it does not serve (a CRD that is not
+        // installed): plain text, not a Status object.
         return out.write_all(
-            b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+            b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 19\r\nConnection: close\r\n\r\n404 page not found\n",
         );
     };
     if param("watch") != Some("true") {
