@@ -387,6 +387,12 @@ fn reason_text(rule: Option<&RuleOrigin>, policed: bool, allow: bool, dir: Direc
         (Some(RuleOrigin::Policy { policy, direction, index, .. }), _, true) => {
             format!("allowed by NetworkPolicy {policy} {direction} rule {index}")
         }
+        (Some(RuleOrigin::Service { service, protocol, port }), _, true) => format!(
+            "Service {service} port {port}/{protocol}: the pod's egress allows every backend: allowed"
+        ),
+        (Some(RuleOrigin::Service { service, protocol, port }), _, false) => format!(
+            "Service {service} port {port}/{protocol}: the pod's egress denies a backend: denied"
+        ),
         (_, true, _) => format!("isolated for {dir} and no rule allows it: denied"),
     }
 }
@@ -517,6 +523,10 @@ pub fn render_json(r: &Report) -> serde_json::Value {
                 Some(RuleOrigin::Policy { tier, policy, direction, index }) => (
                     serde_json::json!({"policy": policy.to_string(), "direction": direction.name(), "index": index}),
                     serde_json::json!(format!("{tier:?}")),
+                ),
+                Some(RuleOrigin::Service { service, protocol, port }) => (
+                    serde_json::json!({"service": service.to_string(), "protocol": protocol.to_string(), "port": port}),
+                    serde_json::json!("Admin"),
                 ),
                 _ => (serde_json::Value::Null, if d.policed { serde_json::json!("NetworkPolicy") } else { serde_json::Value::Null }),
             };

@@ -14,13 +14,14 @@ mod index;
 mod peers;
 mod ports;
 mod rule_ids;
+mod services;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 pub use compiler::{Change, Compiler};
 pub use peers::{PeerSet, Prefix};
-pub use ports::{PortKey, PortSet};
+pub use ports::{PortKey, PortRule, PortSet};
 pub use rule_ids::{RuleOrigin, HOST_RULE_ID};
 
 use crate::model::{ClusterState, Direction, PodRef, Tier};

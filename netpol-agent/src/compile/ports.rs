@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use netpol_common::policy::{
-    for_each_port_prefix, PORT_ANY_PORT_BITS, PORT_ANY_PROTO_BITS, PORT_FULL_BITS,
+    for_each_port_prefix, ACTION_ALLOW, PORT_ANY_PORT_BITS, PORT_ANY_PROTO_BITS, PORT_FULL_BITS,
 };
 
 use crate::model::{ContainerPort, PolicyPort, PortRef};
@@ -40,30 +40,51 @@ impl PortKey {
     }
 }
 
-/// A port set: the stage-2 entries behind one peer entry, each naming the rule that allows it.
+/// What a stage-2 entry decides: the rule and its action (`netpol_common::policy::ACTION_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRule {
+    /// The deciding rule.
+    pub rule_id: u32,
+    /// `ACTION_ALLOW`, `ACTION_DENY` or `ACTION_PASS`.
+    pub action: u8,
+}
+
+impl PortRule {
+    /// An allow entry of `rule_id`.
+    pub const fn allow(rule_id: u32) -> Self {
+        PortRule { rule_id, action: ACTION_ALLOW }
+    }
+}
+
+/// A port set: the stage-2 entries behind one peer entry, each naming the rule that decides it.
 /// Content-addressed: identical sets are stored once. An empty set is meaningful (an address
 /// that some rule lists but whose ports are all excepted away or unresolved: deny).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PortSet {
-    /// Prefix → rule id. The NetworkPolicy tier only allows, so the action is always allow.
-    pub entries: BTreeMap<PortKey, u32>,
+    /// Prefix → rule and action. NetworkPolicy rules only allow; Service entries
+    /// (`compile::services`) allow or deny.
+    pub entries: BTreeMap<PortKey, PortRule>,
 }
 
 impl PortSet {
-    /// Adds `key` for `rule_id`, keeping the lowest rule id when several rules list the same
-    /// prefix (deterministic attribution).
+    /// Adds an allow entry at `key` for `rule_id`, keeping the lowest rule id when several
+    /// rules list the same prefix (deterministic attribution).
     pub fn insert(&mut self, key: PortKey, rule_id: u32) {
-        self.entries.entry(key).and_modify(|r| *r = (*r).min(rule_id)).or_insert(rule_id);
+        self.entries
+            .entry(key)
+            .and_modify(|r| r.rule_id = r.rule_id.min(rule_id))
+            .or_insert(PortRule::allow(rule_id));
     }
 
     /// Content hash (stable across runs and machines).
     pub fn content_hash(&self) -> u64 {
-        let mut buf = Vec::with_capacity(self.entries.len() * 11);
+        let mut buf = Vec::with_capacity(self.entries.len() * 12);
         for (k, r) in &self.entries {
             buf.extend_from_slice(&k.bits.to_le_bytes());
             buf.push(k.proto);
             buf.extend_from_slice(&k.port.to_le_bytes());
-            buf.extend_from_slice(&r.to_le_bytes());
+            buf.extend_from_slice(&r.rule_id.to_le_bytes());
+            buf.push(r.action);
         }
         xxhash_rust::xxh3::xxh3_64(&buf)
     }
@@ -189,6 +210,6 @@ mod tests {
         s.insert(PortKey::ANY, 9);
         s.insert(PortKey::ANY, 4);
         s.insert(PortKey::ANY, 6);
-        assert_eq!(s.entries[&PortKey::ANY], 4);
+        assert_eq!(s.entries[&PortKey::ANY], PortRule::allow(4));
     }
 }

@@ -13,9 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use netpol_common::ep::{Endpoint, EP_FLAG_AUDIT};
-use netpol_common::policy::{
-    PeerData, PeerValue, PortData, PortValue, ACTION_ALLOW, PEER_SET_BITS,
-};
+use netpol_common::policy::{PeerData, PeerValue, PortData, PortValue, PEER_SET_BITS};
 
 pub use ids::IdAllocator;
 pub use lookup::{evaluate, lookup};
@@ -163,10 +161,10 @@ impl Layout {
             let Some(portset_id) = self.port_ids.get(*hash) else {
                 continue;
             };
-            for (k, rule_id) in &set.entries {
+            for (k, rule) in &set.entries {
                 let data =
                     PortData { portset_id, proto: k.proto, port: k.port.to_be_bytes(), _pad: 0 };
-                let value = PortValue { rule_id: *rule_id, action: ACTION_ALLOW, _pad: [0; 3] };
+                let value = PortValue { rule_id: rule.rule_id, action: rule.action, _pad: [0; 3] };
                 maps.ports.insert((k.bits, data), value);
             }
         }

@@ -217,7 +217,9 @@ impl Loader {
             "Pod" => convert::pod(value).map(convert::Object::Pod),
             "Namespace" => convert::namespace(value).map(convert::Object::Namespace),
             "NetworkPolicy" => convert::policy(value).map(convert::Object::Policy),
-            _ => return, // other kinds (Deployments, Services, ...) are not policy inputs
+            "Service" => convert::service(value).map(convert::Object::Service),
+            "EndpointSlice" => convert::endpoint_slice(value).map(convert::Object::EndpointSlice),
+            _ => return, // other kinds (Deployments, Endpoints, ...) are not policy inputs
         };
         let obj = match converted {
             Ok(o) => o,
@@ -256,6 +258,12 @@ impl Loader {
             }
             convert::Object::Policy(p) => {
                 self.state.policies.insert(p.key(), p);
+            }
+            convert::Object::Service(s) => {
+                self.state.services.insert(s.key(), s);
+            }
+            convert::Object::EndpointSlice(s) => {
+                self.state.endpoint_slices.insert(s.key(), s);
             }
         }
     }

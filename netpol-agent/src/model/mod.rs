@@ -5,6 +5,7 @@
 pub mod build;
 mod net;
 mod selector;
+mod service;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -15,6 +16,10 @@ pub(crate) use net::mask;
 pub use net::{key_of, Cidr, IpBlock};
 pub use netpol_common::ep::Tier;
 pub use selector::{LabelSelector, Operator, Requirement};
+pub use service::{
+    AddressType, EndpointPort, EndpointSlice, Service, ServicePort, ServiceRef, SliceEndpoint,
+    SERVICE_NAME_LABEL,
+};
 
 /// Labels of an object.
 pub type Labels = BTreeMap<String, String>;
@@ -109,6 +114,20 @@ pub enum ModelError {
     /// A required field is missing or empty.
     #[error("missing required field")]
     Missing,
+    /// An address of the wrong family (an IPv6 address in an IPv4 EndpointSlice, ...).
+    #[error("address {value} is not {expected}")]
+    AddressFamily {
+        /// The offending address.
+        value: String,
+        /// `IPv4` or `IPv6`.
+        expected: &'static str,
+    },
+    /// A value outside its enumeration (an EndpointSlice `addressType`, ...).
+    #[error("unknown value {value:?}")]
+    UnknownValue {
+        /// The offending text.
+        value: String,
+    },
     /// A peer with `ipBlock` and a selector: "Exactly one of ipBlock or the selectors must be
     /// set".
     #[error("ipBlock may not be combined with podSelector or namespaceSelector")]
@@ -393,6 +412,11 @@ pub struct ClusterState {
     pub pods: BTreeMap<PodRef, Pod>,
     /// NetworkPolicies by `namespace/name`.
     pub policies: BTreeMap<PolicyRef, NetworkPolicy>,
+    /// Services by `namespace/name`: their addresses decide pod egress to them
+    /// (`compile::services`).
+    pub services: BTreeMap<ServiceRef, Service>,
+    /// EndpointSlices by `namespace/name`: the Services' backends.
+    pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
 }
 
 impl ClusterState {

@@ -336,6 +336,7 @@ fn state(pods: Vec<Pod>, namespaces: Vec<Namespace>, policies: Vec<NetworkPolicy
         namespaces: namespaces.into_iter().map(|n| (n.name.clone(), n)).collect(),
         pods: pods.into_iter().map(|p| (p.key(), p)).collect(),
         policies: policies.into_iter().map(|p| (p.key(), p)).collect(),
+        ..ClusterState::default()
     }
 }
 
