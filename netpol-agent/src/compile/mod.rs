@@ -15,6 +15,8 @@ mod peers;
 mod ports;
 mod rule_ids;
 mod services;
+#[cfg(test)]
+mod services_tests;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -283,7 +283,7 @@ fn service_errors_name_the_field() {
         ),
         (
             "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: a}\nspec: {ports: [{port: 80, protocol: ICMP}]}\n",
-            r#"svc.yaml: Service a/s: spec.ports[0].protocol: unknown protocol "ICMP""#,
+            r#"svc.yaml: Service a/s: spec.ports[0].protocol: unknown protocol "ICMP" (expected TCP, UDP or SCTP)"#,
         ),
         (
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e, namespace: a}\naddressType: IPv4\nendpoints: [{addresses: [\"fd00::1\"]}]\n",
@@ -295,7 +295,7 @@ fn service_errors_name_the_field() {
         ),
         (
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e, namespace: a}\naddressType: IPv4\nports: [{port: 0}]\nendpoints: []\n",
-            "svc.yaml: EndpointSlice a/e: ports[0].port: port 0 is out of range",
+            "svc.yaml: EndpointSlice a/e: ports[0].port: port 0 is out of range 1-65535",
         ),
     ];
     for (text, want) in cases {

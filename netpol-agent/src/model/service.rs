@@ -241,7 +241,7 @@ mod tests {
             ["10.0.0.1:8080", "10.0.0.2:9090"],
             "ready only, per-slice target ports, other Services and port names ignored"
         );
-        assert_eq!(addrs(&s.backends(all.iter().copied(), &p, true)), ["[fd00::1]:8080"]);
+        assert_eq!(addrs(&s.backends(all.iter().copied(), &p, true)), ["fd00::1:8080"]);
         // No ready endpoint left: kube-proxy falls back to serving terminating ones.
         let draining = [slices[2].clone()];
         assert_eq!(addrs(&s.backends(draining.iter(), &p, false)), ["10.0.0.4:8080"]);
