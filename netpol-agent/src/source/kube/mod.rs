@@ -1,10 +1,10 @@
-//! Kubernetes API source: reflectors over Pods, Namespaces and NetworkPolicies, turned into
-//! level-triggered [`SourceEvent`]s.
+//! Kubernetes API source: reflectors over Pods, Namespaces, NetworkPolicies, Services and
+//! EndpointSlices, turned into level-triggered [`SourceEvent`]s.
 //!
 //! - The watchers (`any_semantic` lists from the watch cache, default page size, bookmarks on)
 //!   run with `.default_backoff()`; their objects are trimmed ([`trim`]) before they reach the
 //!   stores, since the agent sees every pod of the cluster.
-//! - Nothing is sent before the initial lists of all three kinds completed (`InitDone`). Then
+//! - Nothing is sent before the initial lists of all kinds completed (`InitDone`). Then
 //!   every store change schedules one [`SourceEvent::Snapshot`] after `debounce`, so a burst of
 //!   events gives one snapshot; a snapshot equal to the previous one is not sent (bookmarks and
 //!   changes to trimmed-away fields, such as pod conditions, change nothing).
@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::api::networking::v1 as net;
 use kube::api::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -118,7 +119,14 @@ pub enum Kind {
     Namespace = 1,
     /// `networking.k8s.io/v1/NetworkPolicy`.
     NetworkPolicy = 2,
+    /// `v1/Service`.
+    Service = 3,
+    /// `discovery.k8s.io/v1/EndpointSlice`.
+    EndpointSlice = 4,
 }
+
+/// How many kinds are watched.
+const KINDS: usize = 5;
 
 impl Kind {
     fn name(self) -> &'static str {
@@ -126,6 +134,8 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
         }
     }
 }
@@ -189,16 +199,24 @@ where
     (reader, updates)
 }
 
-/// The reflector stores of the three kinds.
+/// The reflector stores of the watched kinds.
 struct Stores {
     pods: Store<core::Pod>,
     namespaces: Store<core::Namespace>,
     policies: Store<net::NetworkPolicy>,
+    services: Store<core::Service>,
+    slices: Store<discovery::EndpointSlice>,
 }
 
 impl Stores {
     fn build(&self, converter: &mut Converter) -> (crate::model::ClusterState, Vec<String>) {
-        converter.build(&self.pods.state(), &self.namespaces.state(), &self.policies.state())
+        converter.build(
+            &self.pods.state(),
+            &self.namespaces.state(),
+            &self.policies.state(),
+            &self.services.state(),
+            &self.slices.state(),
+        )
     }
 }
 
@@ -207,9 +225,20 @@ fn watch_all(client: kube::Client) -> (Stores, impl Stream<Item = Update> + Unpi
     let (pods, pod_updates) = reflect(Api::all(client.clone()), Kind::Pod, trim::pod);
     let (namespaces, ns_updates) =
         reflect(Api::all(client.clone()), Kind::Namespace, trim::namespace);
-    let (policies, policy_updates) = reflect(Api::all(client), Kind::NetworkPolicy, trim::policy);
-    let updates = futures::stream::select_all([pod_updates, ns_updates, policy_updates]);
-    (Stores { pods, namespaces, policies }, updates)
+    let (policies, policy_updates) =
+        reflect(Api::all(client.clone()), Kind::NetworkPolicy, trim::policy);
+    let (services, service_updates) =
+        reflect(Api::all(client.clone()), Kind::Service, trim::service);
+    let (slices, slice_updates) =
+        reflect(Api::all(client), Kind::EndpointSlice, trim::endpoint_slice);
+    let updates = futures::stream::select_all([
+        pod_updates,
+        ns_updates,
+        policy_updates,
+        service_updates,
+        slice_updates,
+    ]);
+    (Stores { pods, namespaces, policies, services, slices }, updates)
 }
 
 /// An error with its sources, `a: b: c`, skipping sources already quoted by their parent.
@@ -242,7 +271,7 @@ pub async fn run(
     let mut tracker = Tracker::default();
     let mut converter = Converter::default();
     let mut last: Option<(crate::model::ClusterState, Vec<String>)> = None;
-    info!("watching Pods, Namespaces and NetworkPolicies");
+    info!("watching Pods, Namespaces, NetworkPolicies, Services and EndpointSlices");
     loop {
         let deadline = tracker.deadline();
         let event = tokio::select! {
@@ -303,9 +332,9 @@ async fn sleep_until(deadline: Option<Instant>) {
 #[derive(Debug, Default)]
 struct Tracker {
     /// Kinds whose initial list completed.
-    synced: [bool; 3],
+    synced: [bool; KINDS],
     /// Kinds that failed and did not deliver since.
-    failing: [bool; 3],
+    failing: [bool; KINDS],
     /// `Degraded` was sent for the current outage.
     degraded: bool,
     /// A snapshot is due at this time (once all kinds synced).
@@ -382,7 +411,8 @@ mod tracker_tests {
     use super::*;
 
     impl Kind {
-        const ALL: [Kind; 3] = [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy];
+        const ALL: [Kind; KINDS] =
+            [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy, Kind::Service, Kind::EndpointSlice];
     }
 
     fn status(code: u16) -> watcher::Error {
@@ -400,6 +430,9 @@ mod tracker_tests {
         t.observe(Kind::NetworkPolicy, Ok(Step::Listing), now);
         assert_eq!(t.deadline(), None);
         t.observe(Kind::NetworkPolicy, Ok(Step::Listed), now);
+        t.observe(Kind::Service, Ok(Step::Listed), now);
+        assert_eq!(t.deadline(), None, "EndpointSlices not listed yet");
+        t.observe(Kind::EndpointSlice, Ok(Step::Listed), now);
         assert_eq!(t.deadline(), Some(now));
         assert!(!t.take_due());
         assert_eq!(t.deadline(), None);
