@@ -159,6 +159,12 @@ impl Lab {
         format!("fd13:213:0:{:x}::/64", self.subnet)
     }
 
+    /// Address `host` of the lab's /24 (blackholed: an empty lab is a range of addresses that
+    /// never leave the machine, e.g. for Service addresses).
+    pub fn address(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(LAB_PREFIX[0], LAB_PREFIX[1], self.subnet, host)
+    }
+
     /// The pods added so far.
     pub fn pods(&self) -> &[Pod] {
         &self.pods
