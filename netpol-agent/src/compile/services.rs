@@ -63,7 +63,9 @@ pub fn destinations(
             slices.entry((s.namespace.as_str(), svc.as_str())).or_default().push(s);
         }
     }
-    let mut out: BTreeMap<(u128, u8, u16), (u32, BTreeSet<(u128, u16)>)> = BTreeMap::new();
+    // (address, protocol, port) → (rule id, backends)
+    type Backends = (u32, BTreeSet<(u128, u16)>);
+    let mut out: BTreeMap<(u128, u8, u16), Backends> = BTreeMap::new();
     for (key, svc) in &state.services {
         let svc_slices = slices.get(&(key.namespace.as_str(), key.name.as_str()));
         let svc_slices = svc_slices.map(Vec::as_slice).unwrap_or_default();

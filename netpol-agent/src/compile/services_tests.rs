@@ -111,7 +111,8 @@ use crate::model::PolicyType;
 #[test]
 fn service_addresses_follow_their_backends() {
     // (policy, remote, proto, port, allowed)
-    let cases: Vec<(&str, Vec<PolicyBuilder>, &str, u8, u16, bool)> = vec![
+    type Case = (&'static str, Vec<PolicyBuilder>, &'static str, u8, u16, bool);
+    let cases: Vec<Case> = vec![
         (
             "port != targetPort: both backend ports allowed",
             vec![to_web(&[8080, 9090])],
