@@ -165,6 +165,11 @@ impl Lab {
         Ipv4Addr::new(LAB_PREFIX[0], LAB_PREFIX[1], self.subnet, host)
     }
 
+    /// The bridge of the bridged topology.
+    pub fn bridge(&self) -> Option<&str> {
+        self.bridge.as_deref()
+    }
+
     /// The pods added so far.
     pub fn pods(&self) -> &[Pod] {
         &self.pods

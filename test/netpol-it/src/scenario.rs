@@ -811,7 +811,9 @@ pub fn run(scenario: &Scenario, topology: Topology) -> Result<()> {
             format!("{}/{}", svc.namespace, svc.name),
             svc.selector
         );
-        services.insert(format!("svc:{}/{}", svc.namespace, svc.name), (ServiceNat::new(vip)?, 0));
+        let nat = ServiceNat::new(vip)?;
+        nat.route_from(&lab)?;
+        services.insert(format!("svc:{}/{}", svc.namespace, svc.name), (nat, 0));
     }
     let agent = RunningAgent::start(&dir, NODE, &tag);
     let mut run = Run {

@@ -66,6 +66,16 @@ impl ServiceNat {
         Ok(nat)
     }
 
+    /// Lets the host route DNATed packets that arrive on `lab`'s bridge (bridged topology;
+    /// per interface, never the global switch). Routed labs forward on every pod interface
+    /// already.
+    pub fn route_from(&self, lab: &crate::lab::Lab) -> Result<()> {
+        if let Some(br) = lab.bridge() {
+            crate::cmd::sysctl(&format!("net.ipv4.conf.{br}.forwarding"), "1")?;
+        }
+        Ok(())
+    }
+
     /// The Service address.
     pub fn vip(&self) -> Ipv4Addr {
         self.vip

@@ -35,6 +35,7 @@ fn service_address_follows_every_ready_backend() {
         ];
         let vip = vips.address(10);
         let nat = ServiceNat::new(vip).unwrap();
+        nat.route_from(&lab).unwrap();
         let dir = ManifestDir::new(&format!("svc-{topology:?}")).unwrap();
         dir.write("ns.yaml", &namespace("prod", &[])).unwrap();
         dir.write("client.yaml", &pod(&client, "prod", NODE, &[("app", "client")], &[])).unwrap();
