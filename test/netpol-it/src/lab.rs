@@ -63,7 +63,8 @@ impl Lab {
         reap_stale()?;
         let pid = std::process::id();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}{}", pid % 100_000, n % 100);
+        // Two counter digits always: `reap_stale` strips exactly two to find the pid.
+        let id = format!("{}{:02}", pid % 100_000, n % 100);
         // Pick a free /24: an existing blackhole means another lab (or run) owns it.
         let mut subnet = ((pid.wrapping_mul(7) + n * 13) % 200 + 20) as u8;
         for _ in 0..200 {
