@@ -66,6 +66,31 @@ pub struct AgentOptions {
     /// Where the status file for the CLI is written after every applied snapshot (`None`: not
     /// written).
     pub status_file: Option<PathBuf>,
+    /// Attach even where other programs already sit at an interface's TC hooks (another
+    /// policy enforcer). Without it the agent refuses: see [`ForeignPrograms`].
+    pub allow_foreign_programs: bool,
+}
+
+/// Another enforcer's programs on a local pod's interface ([`crate::foreign`]). Found while
+/// enforcing the first snapshot, this stops the agent (it refuses to start); found later, on
+/// an interface that appeared since, the agent leaves that pod unenforced, logs this error and
+/// counts it (`netpol_reconcile_errors_total{kind="foreign_programs"}`,
+/// `netpol_endpoints{state="error"}`), and checks again at every snapshot and every 30 s.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "refusing to attach to {interface} (pod {pod}): other programs are attached to its TC hooks: \
+     {programs}. Another policy enforcer (Cilium, Calico's eBPF dataplane, the AWS network \
+     policy agent, another netpol installation, ...) seems to run on this node, and two \
+     enforcers on one interface overlap. Remove it, or run netpol-agent with \
+     --allow-foreign-programs to attach beside it"
+)]
+pub struct ForeignPrograms {
+    /// The pod.
+    pub pod: PodRef,
+    /// Its host-side interface.
+    pub interface: String,
+    /// The programs, described.
+    pub programs: String,
 }
 
 /// A local pod bound to its interface.
@@ -88,6 +113,12 @@ pub struct Agent {
     applied: KernelMaps,
     bound: BTreeMap<PodRef, Bound>,
     pending: BTreeSet<PodRef>,
+    /// Local pods whose interface carries another enforcer's programs (not attached).
+    refused: BTreeSet<PodRef>,
+    /// Refusals since the metrics last took them.
+    new_refusals: u64,
+    /// What is netpol's own on an interface; `None`: foreign programs are allowed.
+    ownership: Option<crate::foreign::Ownership>,
     synced: bool,
     node_name: String,
     status_file: Option<PathBuf>,
@@ -107,6 +138,18 @@ pub fn changes(old: &ClusterState, new: &ClusterState) -> Vec<Change> {
             .filter(|k| !new.policies.contains_key(*k))
             .cloned()
             .map(Change::DeletePolicy),
+    );
+    for (k, p) in &new.cluster_policies {
+        if old.cluster_policies.get(k) != Some(p) {
+            out.push(Change::UpsertClusterPolicy(p.clone()));
+        }
+    }
+    out.extend(
+        old.cluster_policies
+            .keys()
+            .filter(|k| !new.cluster_policies.contains_key(*k))
+            .cloned()
+            .map(Change::DeleteClusterPolicy),
     );
     for (k, n) in &new.namespaces {
         if old.namespaces.get(k) != Some(n) {
@@ -158,7 +201,15 @@ pub fn changes(old: &ClusterState, new: &ClusterState) -> Vec<Change> {
 impl Agent {
     /// Loads the programs and prepares an agent that enforces nothing until the first snapshot.
     pub async fn new(opts: &AgentOptions) -> Result<Self> {
-        let dp = Dataplane::load(&opts.dataplane).context("loading the eBPF programs")?;
+        let mut dp = Dataplane::load(&opts.dataplane).context("loading the eBPF programs")?;
+        let ownership = if opts.allow_foreign_programs {
+            tracing::warn!(
+                "--allow-foreign-programs: attaching also beside other enforcers' programs"
+            );
+            None
+        } else {
+            Some(dp.ownership().context("reading the ids of netpol's own programs and maps")?)
+        };
         let resolver = Resolver::new().context("opening netlink")?;
         let mut compile = CompileOptions::new(opts.node_name.clone());
         compile.allow_host_to_pods = opts.allow_host_to_pods;
@@ -173,6 +224,9 @@ impl Agent {
             applied: KernelMaps::default(),
             bound: BTreeMap::new(),
             pending: BTreeSet::new(),
+            refused: BTreeSet::new(),
+            new_refusals: 0,
+            ownership,
             synced: false,
             node_name: opts.node_name.clone(),
             status_file: opts.status_file.clone(),
@@ -223,7 +277,10 @@ impl Agent {
             }
         }
         let (enforced, pending) = self.endpoint_counts();
-        metrics.set_endpoints(enforced, pending, 0);
+        metrics.set_endpoints(enforced, pending, self.refused.len());
+        for _ in 0..std::mem::take(&mut self.new_refusals) {
+            metrics.reconcile_error("foreign_programs");
+        }
         use netpol_common::maps;
         metrics.set_map_fill(maps::PEER, self.applied.peers.len(), maps::PEER_MAX);
         metrics.set_map_fill(maps::PORTS, self.applied.ports.len(), maps::PORTS_MAX);
@@ -239,6 +296,10 @@ impl Agent {
             self.compiler.apply(c);
         }
         let maps = self.layout.update(self.compiler.compiled()).context("assigning kernel ids")?;
+        if !self.synced {
+            // Before the first write: an agent that refuses to start leaves nothing behind.
+            self.check_foreign(&maps).await?;
+        }
         let diff = KernelMaps::diff(&self.applied, &maps);
         for ((len, data), v) in &diff.ports.upserts {
             self.dp.upsert_port(*len, *data, *v)?;
@@ -352,6 +413,7 @@ impl Agent {
             }
         }
         self.pending.retain(|p| maps.endpoints.contains_key(p));
+        self.refused.retain(|p| maps.endpoints.contains_key(p));
         for (pod, entry) in &maps.endpoints {
             let mut wanted = entry.value;
             if let Some(b) = self.bound.get_mut(pod) {
@@ -369,6 +431,29 @@ impl Agent {
                 self.unbind(pod, &b)?;
             }
             self.bind(pod, &entry.ips, wanted).await?;
+        }
+        Ok(())
+    }
+
+    /// Fails with [`ForeignPrograms`] if the interface of a local pod in `maps` carries another
+    /// enforcer's programs (unless those are allowed).
+    async fn check_foreign(&self, maps: &KernelMaps) -> Result<()> {
+        let Some(ours) = &self.ownership else { return Ok(()) };
+        for (pod, entry) in &maps.endpoints {
+            for ip in &entry.ips {
+                let Resolution::Found(iface) = self.resolver.resolve(*ip).await? else { continue };
+                let foreign =
+                    crate::foreign::find(self.resolver.handle(), &iface.name, iface.ifindex, ours)
+                        .await?;
+                if !foreign.is_empty() {
+                    return Err(anyhow::Error::new(ForeignPrograms {
+                        pod: pod.clone(),
+                        interface: iface.name,
+                        programs: crate::foreign::describe(&foreign),
+                    }));
+                }
+                break;
+            }
         }
         Ok(())
     }
@@ -391,6 +476,30 @@ impl Agent {
             return Ok(());
         };
         self.pending.remove(pod);
+        if let Some(ours) = &self.ownership {
+            let foreign =
+                crate::foreign::find(self.resolver.handle(), &iface.name, iface.ifindex, ours)
+                    .await?;
+            if !foreign.is_empty() {
+                let refusal = ForeignPrograms {
+                    pod: pod.clone(),
+                    interface: iface.name.clone(),
+                    programs: crate::foreign::describe(&foreign),
+                };
+                // While enforcing the first snapshot: refuse to start.
+                if !self.synced {
+                    return Err(anyhow::Error::new(refusal));
+                }
+                if self.refused.insert(pod.clone()) {
+                    self.new_refusals += 1;
+                    tracing::error!("{refusal}");
+                }
+                return Ok(());
+            }
+        }
+        if self.refused.remove(pod) {
+            tracing::info!(%pod, interface = %iface.name, "the other programs are gone; attaching");
+        }
         // A new generation, also over what a previous agent left in the pinned map, so that
         // conntrack entries decided under other rules are re-checked.
         let previous = self.dp.endpoint(iface.ifindex)?.map_or(0, |e| e.generation);
@@ -451,6 +560,11 @@ impl Agent {
         }
         if lost {
             self.retry_pending().await?;
+        }
+        // Pods refused for other enforcers' programs: maybe those are gone now.
+        if !self.refused.is_empty() {
+            let maps = self.applied.clone();
+            self.sync_endpoints(&maps).await?;
         }
         Ok(())
     }
@@ -590,6 +704,10 @@ pub async fn run_until(
                             // From the earliest object change in this snapshot to maps written.
                             metrics.observe_apply(since.elapsed());
                             health.set_ready();
+                        }
+                        // Another enforcer on this node's pod interfaces: refuse to start.
+                        Err(e) if !agent.synced() && e.chain().any(|c| c.is::<ForeignPrograms>()) => {
+                            break Err(e);
                         }
                         Err(e) => {
                             metrics.reconcile_error("apply");

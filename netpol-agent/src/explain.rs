@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use crate::compile::{compile, CompileOptions, RuleOrigin};
 use crate::layout::{evaluate, KernelMaps, Layout, LayoutError};
-use crate::model::{ClusterState, Direction, Pod, PodRef, Protocol};
+use crate::model::{ClusterState, Direction, Pod, PodRef, Protocol, Tier};
 
 /// Errors of `explain` (bad arguments, unknown objects).
 #[derive(Debug, thiserror::Error)]
@@ -325,6 +325,11 @@ fn check(
         (Some(n), _) | (None, Some(n)) => n.clone(),
         (None, None) => return Err(ExplainError::Unscheduled { pod: pod.key() }),
     };
+    let ns_labels = state.namespace_labels(&pod.namespace);
+    let cluster = state
+        .cluster_policies
+        .values()
+        .filter(|p| !p.rules(dir).is_empty() && p.subject.matches(&ns_labels, &pod.labels));
     let policies: Vec<PodRef> = state
         .policies
         .values()
@@ -332,6 +337,7 @@ fn check(
             p.namespace == pod.namespace && p.pod_selector.matches(&pod.labels) && p.affects(dir)
         })
         .map(|p| p.key())
+        .chain(cluster.map(|p| p.key()))
         .collect();
     let mut report = DirectionReport {
         direction: dir,
@@ -379,13 +385,18 @@ fn check(
 }
 
 fn reason_text(rule: Option<&RuleOrigin>, policed: bool, allow: bool, dir: Direction) -> String {
+    let verdict = if allow { "allowed" } else { "denied" };
     match (rule, policed, allow) {
-        (_, false, _) => format!("no NetworkPolicy selects the pod for {dir}: allowed"),
+        (_, false, _) => format!("no policy of any tier selects the pod for {dir}: allowed"),
         (Some(RuleOrigin::NodeToPod), _, _) => {
             "traffic from the node's own address to its pods is allowed".into()
         }
-        (Some(RuleOrigin::Policy { policy, direction, index, .. }), _, true) => {
-            format!("allowed by NetworkPolicy {policy} {direction} rule {index}")
+        (Some(RuleOrigin::Policy { tier: Tier::NetworkPolicy, policy, direction, index }), ..) => {
+            format!("{verdict} by NetworkPolicy {policy} {direction} rule {index}")
+        }
+        // Cluster policy references print as `Kind/name`.
+        (Some(RuleOrigin::Policy { tier, policy, direction, index }), ..) => {
+            format!("{verdict} by {tier:?} tier {policy} {direction} rule {index}")
         }
         (Some(RuleOrigin::Service { service, protocol, port }), _, true) => format!(
             "Service {service} port {port}/{protocol}: the pod's egress allows every backend: allowed"
@@ -393,7 +404,10 @@ fn reason_text(rule: Option<&RuleOrigin>, policed: bool, allow: bool, dir: Direc
         (Some(RuleOrigin::Service { service, protocol, port }), _, false) => format!(
             "Service {service} port {port}/{protocol}: the pod's egress denies a backend: denied"
         ),
-        (_, true, _) => format!("isolated for {dir} and no rule allows it: denied"),
+        (None, true, true) => {
+            format!("no rule of the Admin or Baseline tier matches for {dir}: allowed")
+        }
+        (None, true, false) => format!("isolated for {dir} and no rule allows it: denied"),
     }
 }
 
@@ -672,6 +686,47 @@ mod tests {
 
         let r = explain(&s, &query("prod/host", "8.8.8.8", "80")).unwrap();
         assert!(r.allow && !r.directions[0].policed);
+    }
+
+    #[test]
+    fn names_the_deciding_tier() {
+        use crate::model::build::{cnp, crule};
+        use crate::model::ClusterAction;
+        let s = cluster()
+            .with(
+                cnp("no-dev", Tier::Admin, 5)
+                    .egress(crule(ClusterAction::Deny).networks(&["8.8.0.0/16"])),
+            )
+            .with(
+                cnp("default", Tier::Baseline, 1)
+                    .ingress(crule(ClusterAction::Deny).networks(&["0.0.0.0/0"]))
+                    .egress(crule(ClusterAction::Deny).networks(&["0.0.0.0/0"])),
+            );
+        let r = explain(&s, &query("prod/web", "8.8.8.8", "53/udp")).unwrap();
+        assert!(!r.allow);
+        assert_eq!(
+            r.directions[0].reason,
+            "denied by Admin tier ClusterNetworkPolicy/no-dev egress rule 0"
+        );
+        assert_eq!(render_json(&r)["directions"][0]["tier"], "Admin");
+        assert_eq!(
+            render_json(&r)["directions"][0]["rule"]["policy"],
+            "ClusterNetworkPolicy/no-dev"
+        );
+        // web-out (NetworkPolicy) isolates web's egress: the Baseline tier is never reached.
+        let r = explain(&s, &query("prod/web", "prod/db", "5432")).unwrap();
+        assert!(
+            r.directions[0].reason.contains("NetworkPolicy prod/web-out"),
+            "{}",
+            r.directions[0].reason
+        );
+        // db's egress is not isolated by a NetworkPolicy: the Baseline Deny decides.
+        let r = explain(&s, &query("prod/db", "1.1.1.1", "443")).unwrap();
+        assert_eq!(
+            r.directions[0].reason,
+            "denied by Baseline tier ClusterNetworkPolicy/default egress rule 0"
+        );
+        assert!(render_text(&r).contains("isolated by: ClusterNetworkPolicy/default"));
     }
 
     #[test]

@@ -74,6 +74,11 @@ impl Resolver {
         Ok(Self { handle })
     }
 
+    /// The netlink handle (for other queries on the same connection, e.g. tc filters).
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     /// Finds the host interface of the pod with address `ip`.
     pub async fn resolve(&self, ip: IpAddr) -> Result<Resolution, IfaceError> {
         let bits = if ip.is_ipv4() { 32 } else { 128 };

@@ -4,10 +4,12 @@
 //! [`layout::KernelMaps`] (desired map contents) → [`dataplane`] (writes the diff to the kernel).
 
 pub mod agent;
+pub mod cli;
 pub mod compile;
 pub mod dataplane;
 pub mod events;
 pub mod explain;
+pub mod foreign;
 pub mod iface;
 pub mod inspect;
 pub mod layout;

@@ -1,7 +1,9 @@
 //! Property tests: the compiled maps, queried the kernel's way, must give the verdict of a
-//! reference evaluator written here directly from the NetworkPolicy API reference (and, for
-//! egress to a Service address, from the rule "allowed iff every backend kube-proxy may pick is
-//! allowed"); and the incremental compiler must produce exactly what a full compile produces.
+//! reference evaluator written here directly from the NetworkPolicy API reference, the
+//! network-policy-api ClusterNetworkPolicy reference (Admin tier → NetworkPolicy → Baseline tier
+//! → allow, lowest priority first, rule order within a policy) and, for egress to a Service
+//! address, the rule "allowed iff every backend kube-proxy may pick is allowed"; and the
+//! incremental compiler must produce exactly what a full compile produces.
 //!
 //! The reference evaluator deliberately shares no code with the compiler (not even label
 //! selector or CIDR matching).
@@ -11,10 +13,11 @@ use std::net::IpAddr;
 use netpol_agent::compile::{compile, Change, CompileOptions, Compiler, RuleOrigin};
 use netpol_agent::layout::{evaluate, Layout};
 use netpol_agent::model::{
-    AddressType, Cidr, ClusterState, ContainerPort, Direction, EndpointPort, EndpointSlice,
-    IpBlock, LabelSelector, Labels, Namespace, NetworkPolicy, Operator, Peer, Pod, PolicyPort,
-    PolicyType, PortRef, Protocol, Requirement, Rule, Service, ServicePort, SliceEndpoint,
-    NAMESPACE_NAME_LABEL,
+    AddressType, Cidr, ClusterAction, ClusterKind, ClusterPeer, ClusterPolicy, ClusterPort,
+    ClusterRule, ClusterState, ContainerPort, Direction, EndpointPort, EndpointSlice, IpBlock,
+    LabelSelector, Labels, Namespace, NamespacedPods, NetworkPolicy, Operator, Peer, Pod,
+    PolicyPort, PolicyType, PortRef, Protocol, Requirement, Rule, Service, ServicePort,
+    SliceEndpoint, Tier, NAMESPACE_NAME_LABEL,
 };
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -332,7 +335,93 @@ fn slices_of(specs: Vec<SliceSpec>, services: &[Service], pods: &[Pod]) -> Vec<E
         .collect()
 }
 
+const NETWORKS: [&str; 5] = ["10.0.0.0/16", "10.0.1.0/24", "0.0.0.0/0", "::/0", "fd00:0:0:1::/64"];
+
+fn cluster_rule_strategy(egress: bool) -> impl Strategy<Value = ClusterRule> {
+    let peer = prop_oneof![
+        (selector_strategy(NS_LABELS), selector_strategy(POD_LABELS)).prop_map(|(n, p)| {
+            ClusterPeer::Pods(NamespacedPods { namespace_selector: n, pod_selector: p })
+        }),
+        proptest::collection::vec(select(&NETWORKS[..]), 1..3).prop_map(|n| {
+            ClusterPeer::Networks(n.iter().map(|c| c.parse::<Cidr>().unwrap()).collect())
+        }),
+    ];
+    (
+        select(&[ClusterAction::Accept, ClusterAction::Deny, ClusterAction::Pass][..]),
+        proptest::collection::vec(peer, 1..3),
+        proptest::collection::vec(port_strategy(), 0..3),
+    )
+        .prop_map(move |(action, mut peers, ports)| {
+            if !egress {
+                peers.retain(|p| matches!(p, ClusterPeer::Pods(_)));
+                if peers.is_empty() {
+                    peers.push(ClusterPeer::Pods(NamespacedPods::default()));
+                }
+            }
+            let networks = peers.iter().any(|p| matches!(p, ClusterPeer::Networks(_)));
+            let ports = ports
+                .into_iter()
+                .filter_map(|p| match p.port {
+                    // Named ports are invalid beside networks peers (CRD validation).
+                    Some(PortRef::Name(n)) => (!networks).then_some(ClusterPort::Named(n)),
+                    _ => Some(ClusterPort::Numeric(p)),
+                })
+                .collect();
+            ClusterRule { name: String::new(), action, peers, ports }
+        })
+}
+
+fn cluster_policy_strategy(i: usize) -> impl Strategy<Value = ClusterPolicy> {
+    (
+        0u8..4,
+        0u32..3, // few priorities: ties are common
+        selector_strategy(NS_LABELS),
+        selector_strategy(POD_LABELS),
+        proptest::collection::vec(cluster_rule_strategy(false), 0..3),
+        proptest::collection::vec(cluster_rule_strategy(true), 0..3),
+    )
+        .prop_map(move |(kind, priority, ns, pods, ingress, egress)| {
+            let (kind, tier, name) = match kind {
+                0 => (ClusterKind::ClusterNetworkPolicy, Tier::Admin, format!("c{i}")),
+                1 => (ClusterKind::ClusterNetworkPolicy, Tier::Baseline, format!("c{i}")),
+                2 => (ClusterKind::AdminNetworkPolicy, Tier::Admin, format!("c{i}")),
+                _ => (ClusterKind::BaselineAdminNetworkPolicy, Tier::Baseline, "default".into()),
+            };
+            let mut p = ClusterPolicy {
+                kind,
+                name,
+                tier,
+                priority,
+                subject: NamespacedPods { namespace_selector: ns, pod_selector: pods },
+                ingress,
+                egress,
+            };
+            if kind == ClusterKind::BaselineAdminNetworkPolicy {
+                p.priority = 0;
+                for r in p.ingress.iter_mut().chain(p.egress.iter_mut()) {
+                    if r.action == ClusterAction::Pass {
+                        r.action = ClusterAction::Deny; // Allow|Deny only
+                    }
+                }
+            }
+            p
+        })
+}
+
 fn cluster_strategy() -> impl Strategy<Value = ClusterState> {
+    (
+        cluster_np_strategy(),
+        (0usize..4).prop_flat_map(|n| (0..n).map(cluster_policy_strategy).collect::<Vec<_>>()),
+    )
+        .prop_map(|(mut s, cps)| {
+            for p in cps {
+                s.cluster_policies.insert(p.key(), p);
+            }
+            s
+        })
+}
+
+fn cluster_np_strategy() -> impl Strategy<Value = ClusterState> {
     let namespaces = proptest::collection::vec(
         (labels_strategy(NS_LABELS), any::<bool>(), proptest::bool::weighted(0.2)),
         3,
@@ -531,8 +620,91 @@ fn ref_rule_allows(
     peer_ok && port_ok
 }
 
-/// (policed, allowed)
+/// Whether cluster rule `rule` matches `c` for local pod `pod`.
+fn ref_cluster_rule_matches(s: &ClusterState, rule: &ClusterRule, pod: &Pod, c: Conn) -> bool {
+    let Conn { dir, remote, proto, port } = c;
+    let peer_ok = rule.peers.iter().any(|p| match p {
+        ClusterPeer::Pods(np) => ref_pod_at(s, remote).is_some_and(|rp| {
+            ref_selector(&np.namespace_selector, &ref_ns_labels(s, &rp.namespace))
+                && ref_selector(&np.pod_selector, &rp.labels)
+        }),
+        ClusterPeer::Networks(cs) => cs.iter().any(|c| ref_in_cidr(c, remote)),
+    });
+    let target = match dir {
+        Direction::Ingress => Some(pod),
+        Direction::Egress => ref_pod_at(s, remote),
+    };
+    let port_ok = rule.ports.is_empty()
+        || rule.ports.iter().any(|p| match p {
+            ClusterPort::Numeric(pp) => ref_port(pp, proto, port, None),
+            ClusterPort::Named(n) => target.is_some_and(|t| {
+                t.container_ports.iter().any(|cp| {
+                    cp.name.as_deref() == Some(n.as_str())
+                        && ref_port(
+                            &PolicyPort {
+                                protocol: cp.protocol,
+                                port: Some(PortRef::Number(cp.port)),
+                                end_port: None,
+                            },
+                            proto,
+                            port,
+                            None,
+                        )
+                })
+            }),
+        });
+    peer_ok && port_ok
+}
+
+/// One cluster tier for `c`: (some policy of the tier selects the pod with rules in this
+/// direction, the first matching rule in precedence order with its policy and index).
+fn ref_tier<'a>(
+    s: &'a ClusterState,
+    tier: Tier,
+    pod: &Pod,
+    c: Conn,
+) -> (bool, Option<(&'a ClusterPolicy, usize, ClusterAction)>) {
+    let mut pols: Vec<&ClusterPolicy> = s
+        .cluster_policies
+        .values()
+        .filter(|p| {
+            p.tier == tier
+                && !p.rules(c.dir).is_empty()
+                && !pod.host_network
+                && ref_selector(&p.subject.namespace_selector, &ref_ns_labels(s, &pod.namespace))
+                && ref_selector(&p.subject.pod_selector, &pod.labels)
+        })
+        .collect();
+    // Equal priorities: any order is allowed by the API; the compiler orders by reference.
+    pols.sort_by_key(|p| (p.priority, p.key()));
+    let hit = pols.iter().find_map(|p| {
+        p.rules(c.dir)
+            .iter()
+            .position(|r| ref_cluster_rule_matches(s, r, pod, c))
+            .map(|i| (*p, i, p.rules(c.dir)[i].action))
+    });
+    (!pols.is_empty(), hit)
+}
+
+/// (policed, allowed) over all tiers.
 fn reference(s: &ClusterState, o: &CompileOptions, pod: &Pod, c: Conn) -> (bool, bool) {
+    let (admin_sel, admin) = ref_tier(s, Tier::Admin, pod, c);
+    match admin {
+        Some((_, _, ClusterAction::Accept)) => return (true, true),
+        Some((_, _, ClusterAction::Deny)) => return (true, false),
+        _ => {}
+    }
+    let (np_policed, np_allowed) = reference_np(s, o, pod, c);
+    if np_policed {
+        return (true, np_allowed);
+    }
+    let (base_sel, base) = ref_tier(s, Tier::Baseline, pod, c);
+    let allowed = !matches!(base, Some((_, _, ClusterAction::Deny)));
+    (admin_sel || base_sel, allowed)
+}
+
+/// (policed, allowed) of the NetworkPolicy tier alone.
+fn reference_np(s: &ClusterState, o: &CompileOptions, pod: &Pod, c: Conn) -> (bool, bool) {
     let Conn { dir, remote, .. } = c;
     let mut policed = false;
     let mut allowed = false;
@@ -702,7 +874,36 @@ fn check_cluster(
         let ctx = format!("pod {} {dir} remote {remote} proto {proto} port {port}", pod.key());
         prop_assert_eq!(got.allow, allowed, "verdict: {}", ctx);
         prop_assert_eq!(got.policed, policed, "policed: {}", ctx);
-        if got.allow && policed {
+        if got.rule_id == netpol_common::policy::RULE_NONE {
+            // No rule decided: a NetworkPolicy default deny, or no rule of any tier matched.
+            prop_assert!(!got.allow || !reference_np(s, o, pod, conn).0, "no rule: {}", ctx);
+        } else if let Some(RuleOrigin::Policy { tier, policy, direction, index }) =
+            maps.rules.get(&got.rule_id).filter(|o| {
+                !matches!(
+                    o,
+                    RuleOrigin::Policy { tier: Tier::NetworkPolicy, .. } | RuleOrigin::NodeToPod
+                )
+            })
+        {
+            // A cluster rule decided: it matches the flow and its action is the verdict.
+            prop_assert_eq!(*direction, dir);
+            let p = &s.cluster_policies[policy];
+            prop_assert_eq!(p.tier, *tier);
+            let rule = &p.rules(dir)[*index as usize];
+            prop_assert!(
+                ref_cluster_rule_matches(s, rule, pod, conn),
+                "rule {} does not match {}",
+                policy,
+                ctx
+            );
+            prop_assert_eq!(
+                rule.action == ClusterAction::Deny,
+                !got.allow,
+                "action of {}: {}",
+                policy,
+                ctx
+            );
+        } else if got.allow && policed {
             // The reported rule must itself allow the flow.
             match maps.rules.get(&got.rule_id) {
                 Some(RuleOrigin::NodeToPod) => {
@@ -753,7 +954,7 @@ proptest! {
 
 fn pick_change(s: &ClusterState, pool: &ClusterState, op: u8) -> Option<Change> {
     let n = op as usize;
-    match op % 10 {
+    match op % 12 {
         6 => pool
             .services
             .values()
@@ -773,6 +974,18 @@ fn pick_change(s: &ClusterState, pool: &ClusterState, op: u8) -> Option<Change> 
             .nth(n % s.endpoint_slices.len().max(1))
             .cloned()
             .map(Change::DeleteEndpointSlice),
+        10 => pool
+            .cluster_policies
+            .values()
+            .nth(n % pool.cluster_policies.len().max(1))
+            .cloned()
+            .map(Change::UpsertClusterPolicy),
+        11 => s
+            .cluster_policies
+            .keys()
+            .nth(n % s.cluster_policies.len().max(1))
+            .cloned()
+            .map(Change::DeleteClusterPolicy),
         0 => pool.pods.values().nth(n % pool.pods.len().max(1)).cloned().map(Change::UpsertPod),
         1 => s.pods.keys().nth(n % s.pods.len().max(1)).cloned().map(Change::DeletePod),
         2 => pool

@@ -13,7 +13,9 @@
 pub const ACTION_ALLOW: u8 = 1;
 /// Traffic is denied; no lower tier is consulted.
 pub const ACTION_DENY: u8 = 2;
-/// Skip the NetworkPolicy tier and let the Baseline tier decide (admin tier only).
+/// Skip the lower rules of this tier and let the next tier decide: after the Admin tier the
+/// NetworkPolicy tier (then Baseline), after the Baseline tier the default allow. Lower rules are
+/// skipped by the compiler's priority resolution, so in the kernel Pass is a decided non-match.
 pub const ACTION_PASS: u8 = 3;
 
 /// Rule id used when no rule decided (default allow or default deny).
@@ -103,37 +105,27 @@ pub struct Decision {
 }
 
 /// Combines the three tier lookups the way both the kernel and `netpol-agent explain` do:
-/// Admin (Allow/Deny decide, Pass skips to Baseline) → NetworkPolicy (isolated: a hit allows, a
-/// miss denies) → Baseline (Allow/Deny decide) → allow.
+/// Admin (Allow/Deny decide; Pass and no match go on) → NetworkPolicy (isolated: a hit allows, a
+/// miss denies) → Baseline (Allow/Deny decide; Pass and no match go on) → allow.
+///
+/// ClusterNetworkPolicy: "Pass ... passes evaluation to the next tier. For example, if an Admin
+/// tier CNP uses Pass action, NetworkPolicy evaluation will happen next."
 #[inline(always)]
 pub fn decide(admin: TierLookup, np: TierLookup, baseline: TierLookup) -> Decision {
     let mut policed = false;
-    let mut skip_np = false;
     match admin {
         TierLookup::Hit(v) if v.action == ACTION_ALLOW || v.action == ACTION_DENY => {
             return Decision { allow: v.action == ACTION_ALLOW, rule_id: v.rule_id, policed: true }
         }
-        TierLookup::Hit(_) => {
-            skip_np = true;
-            policed = true;
-        }
-        TierLookup::Miss => policed = true,
+        TierLookup::Hit(_) | TierLookup::Miss => policed = true,
         TierLookup::NoSet => {}
     }
-    if !skip_np {
-        match np {
-            TierLookup::Hit(v) => {
-                return Decision {
-                    allow: v.action != ACTION_DENY,
-                    rule_id: v.rule_id,
-                    policed: true,
-                }
-            }
-            TierLookup::Miss => {
-                return Decision { allow: false, rule_id: RULE_NONE, policed: true }
-            }
-            TierLookup::NoSet => {}
+    match np {
+        TierLookup::Hit(v) => {
+            return Decision { allow: v.action != ACTION_DENY, rule_id: v.rule_id, policed: true }
         }
+        TierLookup::Miss => return Decision { allow: false, rule_id: RULE_NONE, policed: true },
+        TierLookup::NoSet => {}
     }
     match baseline {
         TierLookup::Hit(v) if v.action == ACTION_DENY => {
@@ -212,8 +204,13 @@ mod tests {
             ((NoSet, hit(ACTION_ALLOW, 7), NoSet), (true, 7, true)),
             ((hit(ACTION_DENY, 1), hit(ACTION_ALLOW, 7), NoSet), (false, 1, true)),
             ((hit(ACTION_ALLOW, 1), Miss, NoSet), (true, 1, true)),
-            ((hit(ACTION_PASS, 1), Miss, NoSet), (true, 0, true)),
-            ((hit(ACTION_PASS, 1), Miss, hit(ACTION_DENY, 9)), (false, 9, true)),
+            // Admin Pass defers to the NetworkPolicy tier: isolated and no match denies.
+            ((hit(ACTION_PASS, 1), Miss, NoSet), (false, 0, true)),
+            ((hit(ACTION_PASS, 1), hit(ACTION_ALLOW, 7), hit(ACTION_DENY, 9)), (true, 7, true)),
+            // ... and without NetworkPolicy isolation to the Baseline tier.
+            ((hit(ACTION_PASS, 1), NoSet, hit(ACTION_DENY, 9)), (false, 9, true)),
+            ((hit(ACTION_PASS, 1), NoSet, NoSet), (true, 0, true)),
+            ((NoSet, NoSet, hit(ACTION_PASS, 9)), (true, 9, true)),
             ((Miss, NoSet, hit(ACTION_DENY, 9)), (false, 9, true)),
             ((Miss, hit(ACTION_ALLOW, 7), hit(ACTION_DENY, 9)), (true, 7, true)),
             ((NoSet, Miss, hit(ACTION_ALLOW, 9)), (false, 0, true)),

@@ -39,6 +39,13 @@ pub fn run_status<S: AsRef<OsStr>>(program: impl AsRef<OsStr>, args: &[S]) -> Re
     Ok(())
 }
 
+/// Runs a lab tool (demo, lab) that tears its namespaces down on Ctrl-C: the terminal sends
+/// SIGINT to both, so xtask ignores it and waits until the tool has cleaned up and exited.
+pub fn run_lab_tool<S: AsRef<OsStr>>(program: impl AsRef<OsStr>, args: &[S]) -> Result<()> {
+    ctrlc::set_handler(|| {}).context("installing the Ctrl-C handler")?;
+    run_status(program, args)
+}
+
 /// Runs a command and returns its stdout; `None` if it could not start or failed.
 pub fn output(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;

@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: everything needed to set up, build, test and demonstrate netpol.
 mod exec;
+mod image;
 mod preflight;
 mod setup;
 mod test;
@@ -24,6 +25,19 @@ enum Command {
     Test(test::TestArgs),
     /// Set up, build, and run the demo on a local lab node.
     Demo,
+    /// A local lab node for scenario files: `lab run [FILES] [--topology routed|bridged|both]`,
+    /// `lab up FILE [--steps]` (keeps the node up until Ctrl-C), `lab list`.
+    Lab {
+        /// Arguments for netpol-lab (`cargo xtask lab -- --help` lists them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build the agent's container image (Dockerfile) with docker or podman.
+    Image(image::ImageArgs),
+    /// Write `kubectl kustomize` of every kustomization in deploy/ to
+    /// netpol-agent/tests/data/kustomize, which the deploy_manifests test compares its own
+    /// renderer with (needs kubectl >= 1.21; run it after changing deploy/).
+    KustomizeGolden,
     /// rustfmt check and clippy (host crates, then the eBPF crate for its BPF target).
     Lint,
     /// Run a benchmark; prints a table and writes JSON under bench/results/.
@@ -37,6 +51,8 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
+        Command::Image(args) => image::run(&args),
+        Command::KustomizeGolden => kustomize_golden(),
         Command::Check => {
             let missing = preflight::missing(preflight::Needs::ALL);
             if missing.is_empty() {
@@ -99,7 +115,44 @@ fn main() -> anyhow::Result<()> {
         Command::Demo => {
             setup::run()?;
             exec::cargo(&["build", "-p", "netpol-it", "--bin", "netpol-demo"])?;
-            exec::run_status(exec::target_dir().join("debug/netpol-demo"), &[] as &[&str])
+            exec::run_lab_tool(exec::target_dir().join("debug/netpol-demo"), &[] as &[&str])
+        }
+        Command::Lab { args } => {
+            setup::run()?;
+            exec::cargo(&["build", "-p", "netpol-it", "--bin", "netpol-lab"])?;
+            exec::run_lab_tool(exec::target_dir().join("debug/netpol-lab"), &args)
         }
     }
+}
+
+/// See [`Command::KustomizeGolden`]. The list matches `KUSTOMIZATIONS` in
+/// netpol-agent/tests/deploy_manifests.rs, which fails if a file is missing.
+fn kustomize_golden() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    anyhow::ensure!(
+        preflight::kubectl_ok(),
+        "kubectl >= 1.21 (with its built-in kustomize) is needed; Debian's kubernetes-client is too old"
+    );
+    let root = exec::workspace_root();
+    let out_dir = root.join("netpol-agent/tests/data/kustomize");
+    std::fs::create_dir_all(&out_dir)?;
+    for k in [".", "overlays/kind", "overlays/aks", "uninstall", "overlays/aks/uninstall"] {
+        let dir = root.join("deploy").join(k);
+        let out = std::process::Command::new("kubectl")
+            .arg("kustomize")
+            .arg(&dir)
+            .output()
+            .context("running kubectl kustomize")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl kustomize {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let name = if k == "." { "deploy".to_owned() } else { k.replace('/', "_") };
+        let file = out_dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, &out.stdout)?;
+        println!("wrote {}", file.display());
+    }
+    Ok(())
 }

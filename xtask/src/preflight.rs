@@ -78,6 +78,22 @@ pub fn bpffs_ok() -> bool {
     })
 }
 
+/// `true` if kubectl with a built-in kustomize that knows `patches` (kubectl >= 1.21) is on
+/// PATH: netpol-agent/tests/deploy_manifests.rs compares its rendering of deploy/ with it.
+pub fn kubectl_ok() -> bool {
+    output("kubectl", &["version", "--client", "-o", "json"]).is_some_and(|v| {
+        let minor = v.split("\"minor\":").nth(1).and_then(|m| {
+            m.trim()
+                .trim_start_matches('"')
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u32>()
+                .ok()
+        });
+        minor.is_some_and(|m| m >= 21)
+    })
+}
+
 /// `true` if running as root.
 pub fn is_root() -> bool {
     output("id", &["-u"]).is_some_and(|u| u.trim() == "0")

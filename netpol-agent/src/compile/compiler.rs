@@ -11,10 +11,11 @@ use super::index::{
 };
 use super::rule_ids::{self, RuleOrigin};
 use super::services::{self, Destination, EgressSets};
+use super::tiers::{self, PodsMemo, TierCtx, TierMemo};
 use super::{CompileOptions, Compiled, CompiledEndpoint, PeerSet, PortSet};
 use crate::model::{
-    ClusterState, Direction, EndpointSlice, Namespace, NetworkPolicy, ObjectRef, Pod, PodRef,
-    PolicyRef, Service, ServiceRef, Tier,
+    ClusterPolicy, ClusterState, Direction, EndpointSlice, Labels, Namespace, NetworkPolicy,
+    ObjectRef, Pod, PodRef, PolicyRef, Service, ServiceRef, Tier,
 };
 
 /// One change to the cluster state.
@@ -40,6 +41,10 @@ pub enum Change {
     UpsertEndpointSlice(EndpointSlice),
     /// An EndpointSlice was deleted.
     DeleteEndpointSlice(ObjectRef),
+    /// A cluster policy (Admin or Baseline tier) was created or updated.
+    UpsertClusterPolicy(ClusterPolicy),
+    /// A cluster policy was deleted ([`ClusterPolicy::key`]).
+    DeleteClusterPolicy(PolicyRef),
 }
 
 /// A local endpoint's egress sets as the policy tiers compiled them (Admin, NetworkPolicy,
@@ -141,16 +146,21 @@ impl Compiler {
                 let old = self.state.pods.get(&pod.key()).cloned();
                 self.pod_dirt(old.as_ref(), &mut dirty_policies, &mut dirty_pods);
                 if let Some(old) = &old {
+                    self.cluster_pod_dirt(old, &mut dirty_pods);
+                }
+                if let Some(old) = &old {
                     self.index.remove_pod(old);
                 }
                 self.index.add_pod(&pod, &self.options.node_name);
                 self.state.pods.insert(pod.key(), pod.clone());
                 self.pod_dirt(Some(&pod), &mut dirty_policies, &mut dirty_pods);
+                self.cluster_pod_dirt(&pod, &mut dirty_pods);
             }
             Change::DeletePod(key) => {
                 if let Some(old) = self.state.pods.get(&key).cloned() {
                     // Evaluated against the state that still has the pod.
                     self.pod_dirt(Some(&old), &mut dirty_policies, &mut dirty_pods);
+                    self.cluster_pod_dirt(&old, &mut dirty_pods);
                     self.state.pods.remove(&key);
                     self.index.remove_pod(&old);
                 }
@@ -158,6 +168,7 @@ impl Compiler {
             Change::UpsertNamespace(ns) => {
                 let old = ns_labels(&self.state, &ns.name).into_owned();
                 self.ns_dirt(&old, &ns.labels, &mut dirty_policies);
+                self.cluster_ns_dirt(&ns.name, &old, &ns.labels, &mut dirty_pods);
                 if self.ns_audit(&ns.name) != ns.audit {
                     dirty_pods.extend(
                         self.index.local_by_ns.get(&ns.name).into_iter().flatten().cloned(),
@@ -174,6 +185,7 @@ impl Compiler {
                 self.state.namespaces.remove(&name);
                 let new = ns_labels(&self.state, &name).into_owned();
                 self.ns_dirt(&old, &new, &mut dirty_policies);
+                self.cluster_ns_dirt(&name, &old, &new, &mut dirty_pods);
             }
             Change::UpsertPolicy(policy) => {
                 let key = policy.key();
@@ -217,16 +229,39 @@ impl Compiler {
             Change::DeleteEndpointSlice(key) => {
                 services_changed = self.state.endpoint_slices.remove(&key).is_some();
             }
+            Change::UpsertClusterPolicy(policy) => {
+                let key = policy.key();
+                if let Some(old) = self.state.cluster_policies.get(&key) {
+                    dirty_pods.extend(self.cluster_selected_local(old));
+                }
+                dirty_pods.extend(self.cluster_selected_local(&policy));
+                self.state.cluster_policies.insert(key, policy);
+                policies_changed = true;
+            }
+            Change::DeleteClusterPolicy(key) => {
+                if let Some(old) = self.state.cluster_policies.remove(&key) {
+                    dirty_pods.extend(self.cluster_selected_local(&old));
+                    policies_changed = true;
+                }
+            }
         }
         if policies_changed || services_changed {
             // Ids are stable hashes; only a hash collision can move another policy's id.
             let (ids, rules) = rule_ids::assign(&self.state);
+            let mut cluster_ids_moved = false;
             for (origin, id) in &ids {
-                if let RuleOrigin::Policy { policy, .. } = origin {
-                    if self.rule_ids.get(origin) != Some(id) {
+                if let RuleOrigin::Policy { policy, tier, .. } = origin {
+                    let old = self.rule_ids.get(origin);
+                    if old != Some(id) && *tier == Tier::NetworkPolicy {
                         dirty_policies.insert(policy.clone());
+                    } else if old.is_some_and(|o| o != id) {
+                        cluster_ids_moved = true;
                     }
                 }
+            }
+            if cluster_ids_moved {
+                // A hash collision moved a cluster rule's id: rare, recompile every endpoint.
+                dirty_pods.extend(self.index.local_by_ns.values().flatten().cloned());
             }
             self.rule_ids = ids;
             self.out.rules = rules;
@@ -292,6 +327,49 @@ impl Compiler {
         }
     }
 
+    /// Local pods that cluster policies whose peers contain `pod` select (their tier sets hold
+    /// the pod's addresses and, for egress named ports, its container ports).
+    fn cluster_pod_dirt(&self, pod: &Pod, pods: &mut BTreeSet<PodRef>) {
+        if !pod.in_scope() {
+            return;
+        }
+        for policy in self.state.cluster_policies.values() {
+            if tiers::peers_match_pod(&self.state, policy, pod) {
+                pods.extend(self.cluster_selected_local(policy));
+            }
+        }
+    }
+
+    /// Local pods whose tier sets a namespace relabelling can change: those of the namespace
+    /// (subject selection) and those selected by policies whose selectors match either labels.
+    fn cluster_ns_dirt(&self, name: &str, old: &Labels, new: &Labels, pods: &mut BTreeSet<PodRef>) {
+        if self.state.cluster_policies.is_empty() {
+            return;
+        }
+        pods.extend(self.index.local_by_ns.get(name).into_iter().flatten().cloned());
+        for policy in self.state.cluster_policies.values() {
+            if tiers::ns_selectors_match(policy, old) || tiers::ns_selectors_match(policy, new) {
+                pods.extend(self.cluster_selected_local(policy));
+            }
+        }
+    }
+
+    /// Local in-scope pods `policy`'s subject selects.
+    fn cluster_selected_local(&self, policy: &ClusterPolicy) -> Vec<PodRef> {
+        self.index
+            .local_by_ns
+            .values()
+            .flatten()
+            .filter(|k| {
+                self.state
+                    .pods
+                    .get(*k)
+                    .is_some_and(|p| tiers::subject_selects(&self.state, policy, p))
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Whether namespace `name` is in audit mode.
     fn ns_audit(&self, name: &str) -> bool {
         self.state.namespaces.get(name).is_some_and(|n| n.audit)
@@ -328,6 +406,8 @@ impl Compiler {
     /// Recompiles the given endpoints (removing those that no longer exist or are not local).
     fn recompile_endpoints(&mut self, pods: Vec<PodRef>) {
         let mut memo = Memo::new();
+        let mut tier_memo = TierMemo::new();
+        let mut pods_memo = PodsMemo::new();
         for key in pods {
             let new = match self.state.pods.get(&key) {
                 Some(pod)
@@ -340,7 +420,10 @@ impl Compiler {
                         infos: &self.infos,
                         options: &self.options,
                     };
-                    let results = compile_pod(&ctx, pod, &mut memo);
+                    let mut results = compile_pod(&ctx, pod, &mut memo);
+                    let tctx =
+                        TierCtx { state: &self.state, index: &self.index, ids: &self.rule_ids };
+                    results.extend(tiers::compile_pod(&tctx, pod, &mut tier_memo, &mut pods_memo));
                     let mut ep = CompiledEndpoint {
                         ips: pod.ips.clone(),
                         sets: BTreeMap::new(),

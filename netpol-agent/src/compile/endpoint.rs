@@ -93,7 +93,7 @@ pub fn compile_pod(
 /// The key-space prefixes of an ipBlock: its range and holes. An IPv6 block that spans the
 /// IPv4-mapped range gets that range as an extra hole: Kubernetes never matches IPv4 addresses
 /// against IPv6 blocks (`::/0` does not allow IPv4).
-fn block_prefixes(cidr: &Cidr, except: &[Cidr]) -> (peers::Prefix, Vec<peers::Prefix>) {
+pub(super) fn block_prefixes(cidr: &Cidr, except: &[Cidr]) -> (peers::Prefix, Vec<peers::Prefix>) {
     let mut holes: Vec<_> = except.iter().map(Cidr::key).collect();
     if cidr.covers_v4_mapped() {
         holes.push(Cidr::v4_mapped_range());

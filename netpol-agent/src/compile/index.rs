@@ -104,7 +104,7 @@ impl Index {
     }
 
     /// Addresses of the in-scope pods a pods peer of a policy in `policy_ns` selects.
-    fn peer_ips(
+    pub(super) fn peer_ips(
         &self,
         state: &ClusterState,
         policy_ns: &str,

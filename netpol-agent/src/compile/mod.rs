@@ -17,6 +17,7 @@ mod rule_ids;
 mod services;
 #[cfg(test)]
 mod services_tests;
+mod tiers;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -85,3 +86,5 @@ pub fn compile(state: &ClusterState, options: &CompileOptions) -> Compiled {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tier_tests;

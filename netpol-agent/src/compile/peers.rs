@@ -59,6 +59,23 @@ pub fn build(
     entries: &[Vec<(PortKey, u32)>],
     port_sets: &mut BTreeMap<u64, PortSet>,
 ) -> PeerSet {
+    build_with(items, entries, port_sets, |found| {
+        let mut ports = PortSet::default();
+        for &(k, rule) in found {
+            ports.insert(k, rule);
+        }
+        ports
+    })
+}
+
+/// [`build`] with entries of any kind: `finish` turns the entries of every item that covers a
+/// key into that key's port set (the Admin and Baseline tiers resolve priorities there).
+pub fn build_with<E: Copy>(
+    items: &[Item],
+    entries: &[Vec<(PortKey, E)>],
+    port_sets: &mut BTreeMap<u64, PortSet>,
+    finish: impl Fn(&[(PortKey, E)]) -> PortSet,
+) -> PeerSet {
     let mut keys: BTreeSet<Prefix> = BTreeSet::new();
     let mut by_range: HashMap<Prefix, Vec<usize>> = HashMap::new();
     let mut lengths: BTreeSet<u32> = BTreeSet::new();
@@ -70,7 +87,7 @@ pub fn build(
     }
     let mut set = PeerSet::default();
     for &key in &keys {
-        let mut ports = PortSet::default();
+        let mut found: Vec<(PortKey, E)> = Vec::new();
         for &len in lengths.range(..=key.1) {
             let Some(candidates) = by_range.get(&(mask(key.0, len), len)) else {
                 continue;
@@ -80,11 +97,12 @@ pub fn build(
                 if item.holes.iter().any(|&h| contains(h, key)) {
                     continue;
                 }
-                for &(k, rule) in entries.get(item.entries).map(Vec::as_slice).unwrap_or_default() {
-                    ports.insert(k, rule);
-                }
+                found.extend_from_slice(
+                    entries.get(item.entries).map(Vec::as_slice).unwrap_or_default(),
+                );
             }
         }
+        let ports = finish(&found);
         let hash = ports.content_hash();
         port_sets.entry(hash).or_insert(ports);
         set.entries.insert(key, hash);

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use netpol_common::policy::{
-    for_each_port_prefix, ACTION_ALLOW, PORT_ANY_PORT_BITS, PORT_ANY_PROTO_BITS, PORT_FULL_BITS,
+    for_each_port_prefix, PORT_ANY_PORT_BITS, PORT_ANY_PROTO_BITS, PORT_FULL_BITS,
 };
 
 use crate::model::{ContainerPort, PolicyPort, PortRef};
@@ -40,35 +40,34 @@ impl PortKey {
     }
 }
 
-/// What a stage-2 entry decides: the rule and its action (`netpol_common::policy::ACTION_*`).
+/// The value of a stage-2 entry: the deciding rule and its action (`ACTION_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortRule {
-    /// The deciding rule.
+    /// Rule id ([`super::RuleOrigin`]).
     pub rule_id: u32,
-    /// `ACTION_ALLOW`, `ACTION_DENY` or `ACTION_PASS`.
+    /// `ACTION_ALLOW`, `ACTION_DENY` or `ACTION_PASS`; always allow in the NetworkPolicy tier.
     pub action: u8,
 }
 
 impl PortRule {
     /// An allow entry of `rule_id`.
     pub const fn allow(rule_id: u32) -> Self {
-        PortRule { rule_id, action: ACTION_ALLOW }
+        PortRule { rule_id, action: netpol_common::policy::ACTION_ALLOW }
     }
 }
 
 /// A port set: the stage-2 entries behind one peer entry, each naming the rule that decides it.
 /// Content-addressed: identical sets are stored once. An empty set is meaningful (an address
-/// that some rule lists but whose ports are all excepted away or unresolved: deny).
+/// that some rule lists but whose ports are all excepted away or unresolved: no rule matches).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PortSet {
-    /// Prefix → rule and action. NetworkPolicy rules only allow; Service entries
-    /// (`compile::services`) allow or deny.
+    /// Prefix → deciding rule.
     pub entries: BTreeMap<PortKey, PortRule>,
 }
 
 impl PortSet {
-    /// Adds an allow entry at `key` for `rule_id`, keeping the lowest rule id when several
-    /// rules list the same prefix (deterministic attribution).
+    /// Adds an allow entry `key` for `rule_id`, keeping the lowest rule id when several rules
+    /// list the same prefix (deterministic attribution; NetworkPolicy rules only allow).
     pub fn insert(&mut self, key: PortKey, rule_id: u32) {
         self.entries
             .entry(key)

@@ -19,7 +19,8 @@ pub const HOST_RULE_ID: u32 = 1;
 pub enum RuleOrigin {
     /// Rule `index` of the `direction` rules of `policy` in `tier`.
     Policy {
-        /// Tier (only [`Tier::NetworkPolicy`] for now).
+        /// Tier: NetworkPolicy, or Admin/Baseline for cluster policies (whose reference carries
+        /// the kind in its namespace part, [`crate::model::ClusterPolicy::key`]).
         tier: Tier,
         /// The policy.
         policy: PolicyRef,
@@ -78,11 +79,21 @@ pub fn assign(state: &ClusterState) -> (BTreeMap<RuleOrigin, u32>, BTreeMap<u32,
     let mut taken: HashSet<u32> = HashSet::from([RULE_NONE, HOST_RULE_ID]);
     by_origin.insert(RuleOrigin::NodeToPod, HOST_RULE_ID);
     by_id.insert(HOST_RULE_ID, RuleOrigin::NodeToPod);
-    for (key, policy) in &state.policies {
+    let np = state.policies.iter().map(|(k, p)| {
+        (
+            Tier::NetworkPolicy,
+            k,
+            [p.rules(Direction::Ingress).len(), p.rules(Direction::Egress).len()],
+        )
+    });
+    let cluster = state.cluster_policies.iter().map(|(k, p)| {
+        (p.tier, k, [p.rules(Direction::Ingress).len(), p.rules(Direction::Egress).len()])
+    });
+    for (tier, key, counts) in np.chain(cluster) {
         for direction in Direction::ALL {
-            for index in 0..policy.rules(direction).len() {
+            for index in 0..counts[direction as usize] {
                 let origin = RuleOrigin::Policy {
-                    tier: Tier::NetworkPolicy,
+                    tier,
                     policy: key.clone(),
                     direction,
                     index: index as u32,

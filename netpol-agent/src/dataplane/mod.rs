@@ -322,6 +322,52 @@ impl Dataplane {
         Ok(LinkHold::Pinned { link })
     }
 
+    /// What counts as netpol's own on an interface: this process's `from_pod`/`to_pod`, and
+    /// programs using the maps pinned in this agent's pin directory ([`crate::foreign`]).
+    pub fn ownership(&mut self) -> Result<crate::foreign::Ownership> {
+        let mut own = crate::foreign::Ownership::default();
+        for name in [maps::PROG_FROM_POD, maps::PROG_TO_POD] {
+            let info = self
+                .classifier(name)?
+                .info()
+                .map_err(|e| DataplaneError::Program { name, source: Box::new(e) })?;
+            own.program_ids.insert(info.id());
+        }
+        for name in maps::ALL {
+            let Ok(m) = MapData::from_pin(self.pin_dir.join(name)) else { continue };
+            if let Ok(info) = m.info() {
+                own.map_ids.insert(info.id());
+            }
+        }
+        Ok(own)
+    }
+
+    /// Attaches one program of the object to `interface`, held by this process only (not
+    /// pinned, not tracked as an endpoint): for tests and benchmarks that need some other
+    /// program on an interface, such as `bench_floor` standing in for another enforcer's.
+    /// `netlink` selects a legacy clsact filter instead of TCX. Detached when `self` drops.
+    pub fn attach_unmanaged(
+        &mut self,
+        program: &'static str,
+        interface: &str,
+        at: TcAttachType,
+        netlink: bool,
+    ) -> Result<()> {
+        let err = |e: ProgramError| DataplaneError::Attach {
+            program,
+            interface: interface.to_owned(),
+            source: Box::new(e),
+        };
+        let options = if netlink {
+            let _ = tc::qdisc_add_clsact(interface);
+            TcAttachOptions::Netlink(tc::NlOptions::default())
+        } else {
+            TcAttachOptions::TcxOrder(LinkOrder::default())
+        };
+        self.classifier(program)?.attach_with_options(interface, at, options).map_err(err)?;
+        Ok(())
+    }
+
     /// Detaches both programs from the interface with index `ifindex`, if attached.
     pub fn detach(&mut self, ifindex: u32) -> Result<()> {
         let Some(a) = self.attached.remove(&ifindex) else {

@@ -161,10 +161,10 @@ impl Layout {
             let Some(portset_id) = self.port_ids.get(*hash) else {
                 continue;
             };
-            for (k, rule) in &set.entries {
+            for (k, r) in &set.entries {
                 let data =
                     PortData { portset_id, proto: k.proto, port: k.port.to_be_bytes(), _pad: 0 };
-                let value = PortValue { rule_id: rule.rule_id, action: rule.action, _pad: [0; 3] };
+                let value = PortValue { rule_id: r.rule_id, action: r.action, _pad: [0; 3] };
                 maps.ports.insert((k.bits, data), value);
             }
         }

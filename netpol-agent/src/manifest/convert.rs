@@ -9,10 +9,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{
-    AddressType, Cidr, ContainerPort, EndpointPort, EndpointSlice, IpBlock, LabelSelector, Labels,
-    ModelError, Namespace, NetworkPolicy, Operator, Peer, Pod, PolicyPort, PolicyType, PortRef,
-    Protocol, Requirement, Rule, Service, ServicePort, SliceEndpoint, AUDIT_KEY,
-    NAMESPACE_NAME_LABEL, SERVICE_NAME_LABEL,
+    AddressType, Cidr, ClusterKind, ClusterPolicy, ContainerPort, EndpointPort, EndpointSlice,
+    IpBlock, LabelSelector, Labels, ModelError, Namespace, NetworkPolicy, Operator, Peer, Pod,
+    PolicyPort, PolicyType, PortRef, Protocol, Requirement, Rule, Service, ServicePort,
+    SliceEndpoint, AUDIT_KEY, NAMESPACE_NAME_LABEL, SERVICE_NAME_LABEL,
 };
 
 /// A converted object.
@@ -22,6 +22,7 @@ pub enum Object {
     Policy(NetworkPolicy),
     Service(Service),
     EndpointSlice(EndpointSlice),
+    Cluster(ClusterPolicy),
 }
 
 /// Why an object was not converted.
@@ -32,7 +33,7 @@ pub enum Failure {
     Invalid { field: String, source: ModelError },
 }
 
-fn invalid(field: impl Into<String>, source: ModelError) -> Failure {
+pub(super) fn invalid(field: impl Into<String>, source: ModelError) -> Failure {
     Failure::Invalid { field: field.into(), source }
 }
 
@@ -41,14 +42,14 @@ pub fn object_name(kind: &str, v: &serde_json::Value) -> String {
     let meta = v.get("metadata");
     let get = |k: &str| meta.and_then(|m| m.get(k)).and_then(|x| x.as_str());
     let name = get("name").unwrap_or("<unnamed>");
-    if kind == "Namespace" {
+    if kind == "Namespace" || ClusterKind::parse(kind).is_some() {
         name.to_string()
     } else {
         format!("{}/{name}", get("namespace").unwrap_or("default"))
     }
 }
 
-fn name_of(m: &meta::ObjectMeta) -> Result<String, Failure> {
+pub(super) fn name_of(m: &meta::ObjectMeta) -> Result<String, Failure> {
     match m.name.as_deref() {
         Some(n) if !n.is_empty() => Ok(n.to_string()),
         _ => Err(invalid("metadata.name", ModelError::Missing)),
@@ -59,14 +60,14 @@ fn namespace_of(m: &meta::ObjectMeta) -> String {
     m.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".to_string())
 }
 
-fn port_number(value: i64, field: &str) -> Result<u16, Failure> {
+pub(super) fn port_number(value: i64, field: &str) -> Result<u16, Failure> {
     u16::try_from(value)
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| invalid(field, ModelError::PortOutOfRange { value }))
 }
 
-fn protocol(value: Option<&str>, field: &str) -> Result<Protocol, Failure> {
+pub(super) fn protocol(value: Option<&str>, field: &str) -> Result<Protocol, Failure> {
     match value {
         None => Ok(Protocol::Tcp),
         // The API accepts exactly "TCP", "UDP" and "SCTP".
@@ -77,7 +78,7 @@ fn protocol(value: Option<&str>, field: &str) -> Result<Protocol, Failure> {
 
 /// IANA_SVC_NAME: at most 15 characters of `a-z0-9-`, at least one letter, no leading,
 /// trailing or double `-`.
-fn valid_port_name(n: &str) -> bool {
+pub(super) fn valid_port_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 15
         && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -155,7 +156,7 @@ fn is_true(map: Option<&std::collections::BTreeMap<String, String>>) -> bool {
     map.and_then(|m| m.get(AUDIT_KEY)).is_some_and(|v| v == "true")
 }
 
-fn selector(s: &meta::LabelSelector, field: &str) -> Result<LabelSelector, Failure> {
+pub(super) fn selector(s: &meta::LabelSelector, field: &str) -> Result<LabelSelector, Failure> {
     let mut out = LabelSelector {
         match_labels: s.match_labels.clone().unwrap_or_default(),
         match_expressions: Vec::new(),
@@ -377,7 +378,10 @@ pub fn endpoint_slice(value: serde_json::Value) -> Result<EndpointSlice, Failure
         other => {
             return Err(invalid(
                 "addressType",
-                ModelError::UnknownValue { value: other.to_string() },
+                ModelError::UnknownValue {
+                    value: other.to_string(),
+                    expected: "IPv4, IPv6 or FQDN",
+                },
             ))
         }
     };

@@ -4,7 +4,10 @@
 //! Errors are per object: an invalid object is reported (naming the file, the object and the
 //! field) and skipped; every other object still loads. Nothing here panics on any input.
 
+mod cluster;
 pub(crate) mod convert;
+
+pub(crate) use cluster::cluster_policy;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -219,7 +222,11 @@ impl Loader {
             "NetworkPolicy" => convert::policy(value).map(convert::Object::Policy),
             "Service" => convert::service(value).map(convert::Object::Service),
             "EndpointSlice" => convert::endpoint_slice(value).map(convert::Object::EndpointSlice),
-            _ => return, // other kinds (Deployments, Endpoints, ...) are not policy inputs
+            k => match crate::model::ClusterKind::parse(k) {
+                Some(ck) => cluster::cluster_policy(ck, value).map(convert::Object::Cluster),
+                // Other kinds (Deployments, Endpoints, ...) are not policy inputs.
+                None => return,
+            },
         };
         let obj = match converted {
             Ok(o) => o,
@@ -264,6 +271,9 @@ impl Loader {
             }
             convert::Object::EndpointSlice(s) => {
                 self.state.endpoint_slices.insert(s.key(), s);
+            }
+            convert::Object::Cluster(p) => {
+                self.state.cluster_policies.insert(p.key(), p);
             }
         }
     }

@@ -291,7 +291,7 @@ fn service_errors_name_the_field() {
         ),
         (
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e, namespace: a}\naddressType: IPv5\nendpoints: []\n",
-            r#"svc.yaml: EndpointSlice a/e: addressType: unknown value "IPv5""#,
+            r#"svc.yaml: EndpointSlice a/e: addressType: unknown value "IPv5" (expected IPv4, IPv6 or FQDN)"#,
         ),
         (
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e, namespace: a}\naddressType: IPv4\nports: [{port: 0}]\nendpoints: []\n",
@@ -303,5 +303,141 @@ fn service_errors_name_the_field() {
         assert_eq!(errors.len(), 1, "{text}");
         assert_eq!(errors[0].to_string(), want);
         assert!(s.services.is_empty() && s.endpoint_slices.is_empty());
+    }
+}
+
+const CLUSTER: &str = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: sensitive}
+spec:
+  tier: Admin
+  priority: 10
+  subject:
+    pods:
+      namespaceSelector: {matchLabels: {env: prod}}
+      podSelector: {matchLabels: {app: db}}
+  ingress:
+  - name: monitoring
+    action: Accept
+    from:
+    - namespaces: {matchLabels: {kubernetes.io/metadata.name: monitoring}}
+    protocols:
+    - tcp: {destinationPort: {number: 9100}}
+    - udp: {destinationPort: {range: {start: 1000, end: 2000}}}
+    - sctp: {}
+    - destinationNamedPort: metrics
+  - {action: Pass, from: [{pods: {namespaceSelector: {}, podSelector: {}}}]}
+  egress:
+  - action: Deny
+    to: [{networks: [0.0.0.0/0, "::/0"]}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: dns}
+spec:
+  priority: 3
+  subject: {namespaces: {}}
+  egress:
+  - action: Allow
+    to: [{pods: {namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}, podSelector: {matchLabels: {k8s-app: kube-dns}}}}]
+    ports:
+    - portNumber: {protocol: UDP, port: 53}
+    - portRange: {start: 53, end: 54}
+    - namedPort: dns-tcp
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: BaselineAdminNetworkPolicy
+metadata: {name: default}
+spec:
+  subject: {namespaces: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: NotIn, values: [kube-system]}]}}
+  ingress:
+  - {action: Deny, from: [{namespaces: {}}]}
+"#;
+
+#[test]
+fn cluster_kinds() {
+    use crate::model::{cluster_ref, ClusterAction, ClusterKind, ClusterPeer, ClusterPort, Tier};
+    let (s, errors) = load_str("cluster.yaml", CLUSTER);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(s.cluster_policies.len(), 3);
+    let cnp = &s.cluster_policies[&cluster_ref(ClusterKind::ClusterNetworkPolicy, "sensitive")];
+    assert_eq!((cnp.tier, cnp.priority), (Tier::Admin, 10));
+    assert_eq!(cnp.subject.pod_selector.match_labels["app"], "db");
+    let r = &cnp.ingress[0];
+    assert_eq!((r.name.as_str(), r.action), ("monitoring", ClusterAction::Accept));
+    assert_eq!(r.ports.len(), 4);
+    assert!(
+        matches!(&r.ports[0], ClusterPort::Numeric(p) if p.port == Some(PortRef::Number(9100)) && p.protocol == Protocol::Tcp)
+    );
+    assert!(
+        matches!(&r.ports[1], ClusterPort::Numeric(p) if p.end_port == Some(2000) && p.protocol == Protocol::Udp)
+    );
+    assert!(
+        matches!(&r.ports[2], ClusterPort::Numeric(p) if p.port.is_none() && p.protocol == Protocol::Sctp)
+    );
+    assert_eq!(r.ports[3], ClusterPort::Named("metrics".into()));
+    assert_eq!(cnp.ingress[1].action, ClusterAction::Pass);
+    assert!(matches!(&cnp.egress[0].peers[0], ClusterPeer::Networks(n) if n.len() == 2));
+    let anp = &s.cluster_policies[&cluster_ref(ClusterKind::AdminNetworkPolicy, "dns")];
+    assert_eq!((anp.tier, anp.priority), (Tier::Admin, 3));
+    assert!(anp.subject.namespace_selector.match_labels.is_empty());
+    assert_eq!(anp.egress[0].action, ClusterAction::Accept);
+    assert!(
+        matches!(&anp.egress[0].ports[1], ClusterPort::Numeric(p) if p.protocol == Protocol::Tcp && p.end_port == Some(54))
+    );
+    let banp =
+        &s.cluster_policies[&cluster_ref(ClusterKind::BaselineAdminNetworkPolicy, "default")];
+    assert_eq!(banp.tier, Tier::Baseline);
+    assert_eq!(banp.ingress[0].action, ClusterAction::Deny);
+}
+
+/// Each invalid cluster policy is rejected with its kind, name and field; the valid one beside
+/// it still loads.
+#[test]
+fn cluster_bad_input() {
+    let head = |kind: &str, name: &str| {
+        let v = if kind == "ClusterNetworkPolicy" { "v1alpha2" } else { "v1alpha1" };
+        format!(
+            "apiVersion: policy.networking.k8s.io/{v}\nkind: {kind}\nmetadata: {{name: {name}}}\n"
+        )
+    };
+    let cnp = "ClusterNetworkPolicy";
+    let anp = "AdminNetworkPolicy";
+    let banp = "BaselineAdminNetworkPolicy";
+    let ok_subject = "  subject: {namespaces: {}}\n";
+    let cases: Vec<(String, &str, &str)> = vec![
+        (format!("{}spec:\n  tier: Middle\n  priority: 1\n{ok_subject}", head(cnp, "t")), "spec.tier", "unknown value \"Middle\""),
+        (format!("{}spec:\n  priority: 1\n{ok_subject}", head(cnp, "t2")), "spec.tier", "missing"),
+        (format!("{}spec:\n  tier: Admin\n  priority: 1001\n{ok_subject}", head(cnp, "p")), "spec.priority", "out of range"),
+        (format!("{}spec:\n  priority: -1\n{ok_subject}", head(anp, "p2")), "spec.priority", "out of range"),
+        (format!("{}spec:\n{ok_subject}", head(anp, "p3")), "spec.priority", "missing"),
+        (format!("{}spec:\n  tier: Admin\n  priority: 1\n  subject: {{namespaces: {{}}, pods: {{podSelector: {{}}}}}}\n", head(cnp, "s")), "spec.subject", "exactly one of namespaces, pods"),
+        (format!("{}spec:\n  tier: Admin\n  priority: 1\n  subject: {{pods: {{namespaceSelector: {{}}}}}}\n", head(cnp, "s2")), "spec.subject.pods.podSelector", "missing"),
+        (format!("{}spec:\n  tier: Admin\n  priority: 1\n{ok_subject}  ingress: [{{action: Allow, from: [{{namespaces: {{}}}}]}}]\n", head(cnp, "a")), "spec.ingress[0].action", "Accept, Deny or Pass"),
+        (format!("{}spec:\n{ok_subject}  ingress: [{{action: Pass, from: [{{namespaces: {{}}}}]}}]\n", head(banp, "default")), "spec.ingress[0].action", "Allow or Deny"),
+        (format!("{}spec:\n{ok_subject}", head(banp, "other")), "metadata.name", "default"),
+        (format!("{}spec:\n  priority: 1\n{ok_subject}  egress: [{{action: Deny, to: []}}]\n", head(anp, "e")), "spec.egress[0].to", "missing"),
+        (format!("{}spec:\n  priority: 1\n{ok_subject}  egress: [{{action: Deny, to: [{{networks: [10.0.0.0/33]}}]}}]\n", head(anp, "c")), "spec.egress[0].to[0].networks[0]", "invalid CIDR"),
+        (format!("{}spec:\n  priority: 1\n{ok_subject}  egress: [{{action: Deny, to: [{{nodes: {{}}}}]}}]\n", head(anp, "n")), "spec.egress[0].to[0].nodes", "not supported"),
+        (format!("{}spec:\n  priority: 1\n{ok_subject}  egress: [{{action: Deny, to: [{{namespaces: {{}}, networks: [10.0.0.0/8]}}]}}]\n", head(anp, "two")), "spec.egress[0].to[0]", "exactly one of"),
+        (format!("{}spec:\n  priority: 1\n{ok_subject}  egress: [{{action: Deny, to: [{{networks: [10.0.0.0/8]}}], ports: [{{namedPort: http}}]}}]\n", head(anp, "np")), "spec.egress[0]", "named ports"),
+        (format!("{}spec:\n  priority: 1\n{ok_subject}  ingress: [{{action: Deny, from: [{{namespaces: {{}}}}], ports: [{{portNumber: {{port: 80}}}}]}}]\n", head(anp, "pp")), "spec.ingress[0].ports[0].portNumber.protocol", "missing"),
+        (format!("{}spec:\n  priority: 1\n{ok_subject}  ingress: [{{action: Deny, from: [{{namespaces: {{}}}}], ports: [{{portRange: {{start: 90, end: 80}}}}]}}]\n", head(anp, "pr")), "spec.ingress[0].ports[0].portRange.end", "before start"),
+        (format!("{}spec:\n  tier: Baseline\n  priority: 1\n{ok_subject}  ingress: [{{action: Deny, from: [{{namespaces: {{}}}}], protocols: [{{tcp: {{destinationPort: {{number: 70000}}}}}}]}}]\n", head(cnp, "pn")), "spec.ingress[0].protocols[0].tcp.destinationPort.number", "out of range"),
+        (format!("{}spec:\n  tier: Baseline\n  priority: 1\n{ok_subject}  ingress: [{{action: Deny, from: [{{namespaces: {{}}}}], protocols: [{{tcp: {{}}, udp: {{}}}}]}}]\n", head(cnp, "pt")), "spec.ingress[0].protocols[0]", "exactly one of tcp"),
+        (format!("{}spec:\n  tier: Baseline\n  priority: 1\n{ok_subject}  ingress: [{{action: Deny, from: [{{namespaces: {{matchExpressions: [{{key: a, operator: Has}}]}}}}]}}]\n", head(cnp, "sel")), "spec.ingress[0].from[0].namespaces.matchExpressions[0].operator", "operator"),
+        (format!("{}spec:\n  tier: Baseline\n  priority: 1\n{ok_subject}  ingress: [{{action: Deny, from: [{{networks: [10.0.0.0/8]}}]}}]\n", head(cnp, "in")), "spec.ingress[0].from[0]", "exactly one of namespaces, pods"),
+    ];
+    let good =
+        format!("---\n{}spec:\n  tier: Admin\n  priority: 5\n{ok_subject}", head(cnp, "good"));
+    for (doc, field, message) in cases {
+        let (s, errors) = load_str("bad.yaml", &format!("{doc}{good}"));
+        assert_eq!(errors.len(), 1, "{doc}: {errors:?}");
+        let text = errors[0].to_string();
+        assert!(text.contains(&format!(": {field}: ")), "{doc}: {text}");
+        assert!(text.contains(message), "{doc}: {text}");
+        assert!(!text.contains("default/"), "cluster-scoped objects have no namespace: {text}");
+        assert_eq!(s.cluster_policies.len(), 1, "the valid policy still loads: {doc}");
     }
 }

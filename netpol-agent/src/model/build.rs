@@ -306,3 +306,89 @@ impl ClusterState {
         self
     }
 }
+
+/// Starts a ClusterNetworkPolicy of `tier` and `priority` whose subject is every pod, with no
+/// rules.
+pub fn cnp(name: &str, tier: Tier, priority: u32) -> ClusterPolicyBuilder {
+    ClusterPolicyBuilder(ClusterPolicy {
+        kind: ClusterKind::ClusterNetworkPolicy,
+        name: name.into(),
+        tier,
+        priority,
+        subject: NamespacedPods::default(),
+        ingress: Vec::new(),
+        egress: Vec::new(),
+    })
+}
+
+/// Builder of [`ClusterPolicy`].
+#[derive(Clone, Debug)]
+pub struct ClusterPolicyBuilder(pub ClusterPolicy);
+
+impl ClusterPolicyBuilder {
+    /// Sets the kind (the reference and the rule origins follow it).
+    pub fn kind(mut self, kind: ClusterKind) -> Self {
+        self.0.kind = kind;
+        self
+    }
+    /// Sets `spec.subject`.
+    pub fn subject(
+        mut self,
+        namespace_selector: LabelSelector,
+        pod_selector: LabelSelector,
+    ) -> Self {
+        self.0.subject = NamespacedPods { namespace_selector, pod_selector };
+        self
+    }
+    /// Adds an ingress rule.
+    pub fn ingress(mut self, r: ClusterRule) -> Self {
+        self.0.ingress.push(r);
+        self
+    }
+    /// Adds an egress rule.
+    pub fn egress(mut self, r: ClusterRule) -> Self {
+        self.0.egress.push(r);
+        self
+    }
+    /// The policy.
+    pub fn build(self) -> ClusterPolicy {
+        self.0
+    }
+}
+
+/// A cluster rule with `action`, no peers yet and every port.
+pub fn crule(action: ClusterAction) -> ClusterRule {
+    ClusterRule { name: String::new(), action, peers: Vec::new(), ports: Vec::new() }
+}
+
+impl ClusterRule {
+    /// Adds a `pods` peer (`namespaces` peer: an empty pod selector).
+    pub fn pods(mut self, namespace_selector: LabelSelector, pod_selector: LabelSelector) -> Self {
+        self.peers.push(ClusterPeer::Pods(NamespacedPods { namespace_selector, pod_selector }));
+        self
+    }
+    /// Adds a `networks` peer (panics on invalid literals).
+    pub fn networks(mut self, cidrs: &[&str]) -> Self {
+        let c = cidrs.iter().map(|c| c.parse().unwrap_or_else(|e| panic!("{e}"))).collect();
+        self.peers.push(ClusterPeer::Networks(c));
+        self
+    }
+    /// Adds a numeric port (see [`port`], [`range`], [`proto`]).
+    pub fn port(mut self, p: PolicyPort) -> Self {
+        self.ports.push(ClusterPort::Numeric(p));
+        self
+    }
+    /// Adds a named port.
+    pub fn named(mut self, name: &str) -> Self {
+        self.ports.push(ClusterPort::Named(name.into()));
+        self
+    }
+}
+
+impl ClusterState {
+    /// Adds a cluster policy (builder use).
+    pub fn with(mut self, p: ClusterPolicyBuilder) -> Self {
+        self.cluster_policies.insert(p.0.key(), p.0);
+        self
+    }
+}

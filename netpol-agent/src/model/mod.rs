@@ -3,6 +3,7 @@
 //! API sources). Everything is ordered (`BTreeMap`) so the compiler's output is deterministic.
 
 pub mod build;
+mod cluster;
 mod net;
 mod selector;
 mod service;
@@ -12,6 +13,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
+pub use cluster::{
+    cluster_ref, is_cluster_ref, ClusterAction, ClusterKind, ClusterPeer, ClusterPolicy,
+    ClusterPort, ClusterRule, NamespacedPods,
+};
 pub(crate) use net::mask;
 pub use net::{key_of, Cidr, IpBlock};
 pub use netpol_common::ep::Tier;
@@ -122,16 +127,51 @@ pub enum ModelError {
         /// `IPv4` or `IPv6`.
         expected: &'static str,
     },
-    /// A value outside its enumeration (an EndpointSlice `addressType`, ...).
-    #[error("unknown value {value:?}")]
-    UnknownValue {
-        /// The offending text.
-        value: String,
-    },
     /// A peer with `ipBlock` and a selector: "Exactly one of ipBlock or the selectors must be
     /// set".
     #[error("ipBlock may not be combined with podSelector or namespaceSelector")]
     PeerKinds,
+    /// A cluster policy field that must set exactly one of several fields sets none or several.
+    #[error("exactly one of {fields} must be set")]
+    ExactlyOne {
+        /// The alternatives.
+        fields: &'static str,
+    },
+    /// A value outside its enumeration (tier, action, an EndpointSlice `addressType`).
+    #[error("unknown value {value:?} (expected {expected})")]
+    UnknownValue {
+        /// The offending text.
+        value: String,
+        /// The allowed values.
+        expected: &'static str,
+    },
+    /// `spec.priority` outside 0..=1000.
+    #[error("priority {value} is out of range 0-1000")]
+    PriorityOutOfRange {
+        /// The offending number.
+        value: i64,
+    },
+    /// A port range whose end is before its start.
+    #[error("range end {end} is before start {start}")]
+    RangeBackwards {
+        /// `start`.
+        start: i64,
+        /// `end`.
+        end: i64,
+    },
+    /// A field netpol does not enforce; the whole object is rejected rather than enforced
+    /// partially (a partially enforced Deny would fail open).
+    #[error("{what} is not supported")]
+    Unsupported {
+        /// What.
+        what: &'static str,
+    },
+    /// A rule combines named ports with `networks` or `nodes` peers, which have no named ports.
+    #[error("named ports cannot be combined with networks or nodes peers")]
+    NamedPortWithNetworks,
+    /// A BaselineAdminNetworkPolicy not named `default` (the API allows only the singleton).
+    #[error("only one BaselineAdminNetworkPolicy, named \"default\", may exist")]
+    BaselineName,
 }
 
 /// Traffic direction relative to a pod.
@@ -417,6 +457,8 @@ pub struct ClusterState {
     pub services: BTreeMap<ServiceRef, Service>,
     /// EndpointSlices by `namespace/name`: the Services' backends.
     pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
+    /// Cluster-scoped policies (Admin and Baseline tiers) by [`ClusterPolicy::key`].
+    pub cluster_policies: BTreeMap<PolicyRef, ClusterPolicy>,
 }
 
 impl ClusterState {

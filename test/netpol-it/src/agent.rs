@@ -62,6 +62,7 @@ impl RunningAgent {
             metrics_addr: Some(metrics_addr),
             per_pod_labels: true,
             status_file: Some(status_file.clone()),
+            allow_foreign_programs: false,
         };
         tweak(&mut opts);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -106,6 +107,21 @@ impl RunningAgent {
 }
 
 impl RunningAgent {
+    /// Waits up to `within` for the agent to stop by itself and returns how it ended; panics if
+    /// it is still running then (for agents expected to refuse to start).
+    pub fn wait_exit(mut self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        let thread = self.thread.take().expect("the agent thread");
+        while !thread.is_finished() {
+            if Instant::now() >= deadline {
+                self.thread = Some(thread);
+                panic!("the agent still runs after {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        thread.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the agent thread panicked")))
+    }
+
     /// Stops the agent like a restart does: its attachments and maps stay pinned. Returns the
     /// pin directory for the next agent.
     pub fn stop_keeping_pins(mut self) -> PathBuf {

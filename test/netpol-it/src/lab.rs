@@ -63,8 +63,7 @@ impl Lab {
         reap_stale()?;
         let pid = std::process::id();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        // Two counter digits always: `reap_stale` strips exactly two to find the pid.
-        let id = format!("{}{:02}", pid % 100_000, n % 100);
+        let id = lab_id(pid, n);
         // Pick a free /24: an existing blackhole means another lab (or run) owns it.
         let mut subnet = ((pid.wrapping_mul(7) + n * 13) % 200 + 20) as u8;
         for _ in 0..200 {
@@ -112,7 +111,7 @@ impl Lab {
         Pod {
             name: name.to_owned(),
             netns: format!("{NAME_PREFIX}-{}-{idx}", self.id),
-            host_if: format!("{NAME_PREFIX}{}h{idx}", self.id),
+            host_if: format!("{NAME_PREFIX}{}h{idx:02x}", self.id),
             ip: Ipv4Addr::new(LAB_PREFIX[0], LAB_PREFIX[1], self.subnet, idx as u8),
             ip6: (self.topology == Topology::Bridged)
                 .then(|| Ipv6Addr::new(0xfd13, 0x213, 0, self.subnet as u16, 0, 0, 0, idx as u16)),
@@ -217,15 +216,11 @@ fn reap_stale() -> Result<()> {
         let Some(id) = rest.split('-').next() else {
             continue;
         };
-        // id = pid % 100000 followed by two digits of a counter; the owner is gone if no process
-        // with a matching pid exists.
-        if id.len() < 3 {
+        let Some(pid) = owner(id) else {
             continue;
-        }
-        let pid = &id[..id.len() - 2];
-        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
-            && pid.parse::<u32>().ok() != Some(std::process::id() % 100_000);
-        let mine = pid.parse::<u32>().ok() == Some(std::process::id() % 100_000);
+        };
+        let mine = pid == std::process::id();
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
         if !alive && !mine {
             let _ = ip(&format!("netns del {name}"));
             let _ = ip(&format!("link del {NAME_PREFIX}{id}br"));
@@ -236,9 +231,41 @@ fn reap_stale() -> Result<()> {
     Ok(())
 }
 
+/// The id of a process's `n`th lab: its full pid and a two-digit counter, always two: owners
+/// are found by cutting the counter off (a one-digit counter once made a run read another live
+/// run's pid and reap its pods). Interface names (15 bytes at most) are `npt` + id + `h` + the
+/// pod index in two hex digits.
+fn lab_id(pid: u32, n: u32) -> String {
+    format!("{pid}{:02}", n % 100)
+}
+
+/// The pid that owns lab id `id` (see [`lab_id`]).
+fn owner(id: &str) -> Option<u32> {
+    let pid = id.get(..id.len().checked_sub(2)?)?;
+    pid.parse().ok().filter(|p| *p > 0)
+}
+
 /// Interface index of a host-side interface.
 pub fn ifindex(name: &str) -> Result<u32> {
     let s = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
         .with_context(|| format!("reading the ifindex of {name}"))?;
     s.trim().parse().with_context(|| format!("parsing the ifindex of {name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{lab_id, owner};
+
+    #[test]
+    fn the_owner_of_a_lab_id_is_its_pid() {
+        // Full pids (pid_max can be 4194304), any counter, names short enough for interfaces.
+        for pid in [1, 42, 20_764, 99_999, 100_000, 4_194_304] {
+            for n in [0, 1, 9, 10, 99, 255, 256] {
+                let id = lab_id(pid, n);
+                assert_eq!(owner(&id), Some(pid), "{id}");
+                assert!(format!("npt{id}h{:02x}", 254).len() <= 15, "{id}");
+            }
+        }
+        assert_eq!(owner("7"), None);
+    }
 }

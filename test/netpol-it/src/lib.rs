@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod cmd;
 pub mod fixture;
+pub mod interrupt;
 pub mod lab;
 pub mod manifests;
 pub mod netns;

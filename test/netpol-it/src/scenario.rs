@@ -16,6 +16,7 @@
 //!     ...
 //!   namespace: ns-1          # like `kubectl apply -n`, when the manifest names none
 //! - delete: ns-1/deny-all    # a NetworkPolicy, as namespace/name
+//! - delete: ClusterNetworkPolicy/default-deny   # a cluster-scoped policy, as kind/name
 //! - label_pod: {pod: ns-1/busybox, labels: {app: busybox}}       # null removes a label
 //! - label_namespace: {namespace: ns-1, labels: {purpose: dev}}
 //! - expect: {port: 80/TCP, reach: [[ns-1/busybox, svc:ns-1/http-echo, true]]}   # via a Service
@@ -24,6 +25,9 @@
 //!     matrix: |               # rows: from, columns: to; `.` reached, `X` blocked, `?` any
 //!       from\to        ns-1/http-echo
 //!       ns-1/busybox   .
+//! - full_matrix: true         # every pod to every pod on every declared port and protocol,
+//!                             # each cell checked against the compiler's verdict (`explain`);
+//!                             # pods only: Service columns belong in `expect` steps
 //! ```
 //!
 //! Services (optional) get a Service address in a blackholed lab /24, an EndpointSlice per
@@ -53,8 +57,11 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde::Deserialize;
 
+use netpol_agent::explain;
+
 use crate::{
     agent::RunningAgent,
+    interrupt,
     lab::{Lab, Pod, Topology},
     manifests::{namespace, pod_with_protocols, ManifestDir},
     probe::{sctp_init, tcp_echo, udp_echo, TcpServer, UdpServer},
@@ -149,6 +156,17 @@ pub enum Protocol {
     SCTP,
 }
 
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::TCP => 6,
+            Protocol::UDP => 17,
+            Protocol::SCTP => 132,
+        }
+    }
+}
+
 impl std::fmt::Display for Protocol {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{self:?}")
@@ -177,6 +195,10 @@ pub struct Step {
     pub label_namespace: Option<LabelNamespace>,
     #[serde(default)]
     pub expect: Option<Expect>,
+    /// Probe every pod to every other pod on every port a pod declares (TCP, UDP and SCTP) and
+    /// check each cell against the verdict the compiler gives for the same manifests.
+    #[serde(default)]
+    pub full_matrix: bool,
 }
 
 /// New labels for a running pod: merged into its labels; `null` removes one.
@@ -310,6 +332,7 @@ enum Action<'a> {
     LabelPod(&'a LabelPod),
     LabelNamespace(&'a LabelNamespace),
     Expect(Checks),
+    FullMatrix,
 }
 
 impl Step {
@@ -321,7 +344,12 @@ impl Step {
     }
 }
 
-/// Policy manifests of an `apply`: (namespace, name, YAML) per document.
+/// Cluster-scoped policy kinds steps may apply; they are named `kind/name` in steps.
+const CLUSTER_KINDS: [&str; 3] =
+    ["ClusterNetworkPolicy", "AdminNetworkPolicy", "BaselineAdminNetworkPolicy"];
+
+/// Policy manifests of an `apply`: (namespace, name, YAML) per document; a cluster-scoped
+/// policy has its kind in place of the namespace.
 fn policies(text: &str, default_ns: Option<&str>) -> Result<Vec<(String, String, String)>> {
     let mut out = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(text) {
@@ -329,9 +357,10 @@ fn policies(text: &str, default_ns: Option<&str>) -> Result<Vec<(String, String,
         if v.is_null() {
             continue;
         }
-        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
-        if kind != "NetworkPolicy" {
-            bail!("apply: kind {kind:?}; only NetworkPolicy manifests are applied by steps");
+        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+        let cluster = CLUSTER_KINDS.contains(&kind.as_str());
+        if kind != "NetworkPolicy" && !cluster {
+            bail!("apply: kind {kind:?}; only NetworkPolicy and {CLUSTER_KINDS:?} manifests are applied by steps");
         }
         let meta = v
             .get_mut("metadata")
@@ -343,6 +372,7 @@ fn policies(text: &str, default_ns: Option<&str>) -> Result<Vec<(String, String,
             .context("apply: no metadata.name")?
             .to_owned();
         let ns = match meta.get("namespace").and_then(|n| n.as_str()) {
+            _ if cluster => kind,
             Some(ns) => ns.to_owned(),
             None => {
                 let ns = default_ns.with_context(|| {
@@ -432,9 +462,12 @@ impl Scenario {
             step.label_pod.is_some(),
             step.label_namespace.is_some(),
             step.expect.is_some(),
+            step.full_matrix,
         ];
         if set.iter().filter(|b| **b).count() != 1 {
-            bail!("needs exactly one of apply, delete, label_pod, label_namespace, expect");
+            bail!(
+                "needs exactly one of apply, delete, label_pod, label_namespace, expect, full_matrix"
+            );
         }
         if step.namespace.is_some() && step.apply.is_none() {
             bail!("`namespace` only goes with `apply`");
@@ -463,6 +496,9 @@ impl Scenario {
             }
             return Ok(Action::LabelNamespace(l));
         }
+        if step.full_matrix {
+            return Ok(Action::FullMatrix);
+        }
         let Some(e) = &step.expect else { unreachable!("one action is set") };
         let c = e.checks().context("expect")?;
         for p in &c.rows {
@@ -482,9 +518,10 @@ impl Scenario {
     }
 }
 
-/// A running scenario: the lab, its servers, the manifests and the agent.
-struct Run<'s> {
+/// A scenario's lab node: the lab with its pods and servers, the manifests and the agent.
+pub struct Node<'s> {
     scenario: &'s Scenario,
+    topology: Topology,
     // Dropped in this order: agent, servers, manifests, lab.
     agent: RunningAgent,
     _tcp: Vec<TcpServer>,
@@ -529,7 +566,7 @@ fn slug(s: &str) -> String {
     s.chars().take(24).collect()
 }
 
-impl Run<'_> {
+impl Node<'_> {
     fn pod_manifest(&self, key: &str) -> Result<String> {
         let spec = self
             .scenario
@@ -728,6 +765,7 @@ impl Run<'_> {
             if wrong.is_empty() || Instant::now() > deadline {
                 return Ok(got);
             }
+            interrupt::check()?;
             std::thread::sleep(Duration::from_millis(100));
             got.extend(probe_all(&wrong)?);
         }
@@ -771,6 +809,218 @@ fn print_matrix(c: &Checks, got: &BTreeMap<(usize, usize), bool>) -> (String, Ve
     (out, wrong)
 }
 
+impl<'s> Node<'s> {
+    /// Builds the scenario's node in a fresh lab of `topology`: one network namespace per pod
+    /// with servers on its declared ports, the Namespace and Pod manifests, and the agent
+    /// enforcing them (ready when this returns).
+    pub fn start(scenario: &'s Scenario, topology: Topology) -> Result<Node<'s>> {
+        let tag = format!("{}-{topology:?}", slug(&scenario.name));
+        let mut lab = Lab::with_topology(topology)?;
+        let mut pods = BTreeMap::new();
+        let (mut tcp, mut udp) = (Vec::new(), Vec::new());
+        for spec in &scenario.pods {
+            interrupt::check()?;
+            let pod = lab.add_pod(&spec.name)?;
+            for p in &spec.ports {
+                match p.protocol {
+                    Protocol::TCP => tcp.push(TcpServer::start(&pod.netns, p.port)?),
+                    Protocol::UDP => udp.push(UdpServer::start(&pod.netns, p.port)?),
+                    Protocol::SCTP => {}
+                }
+            }
+            let ports: Vec<String> =
+                spec.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect();
+            println!(
+                "   pod {:<28} {:<15} {:<18} ports {:<20} labels {:?}",
+                Scenario::pod_key(spec),
+                pod.ip,
+                pod.netns,
+                ports.join(","),
+                spec.labels
+            );
+            pods.insert(Scenario::pod_key(spec), (pod, spec.labels.clone()));
+        }
+        let dir = ManifestDir::new(&tag)?;
+        let mut ns_labels = BTreeMap::new();
+        for ns in &scenario.namespaces {
+            dir.write(&format!("ns-{}.yaml", ns.name), &namespace(&ns.name, &pairs(&ns.labels)))?;
+            ns_labels.insert(ns.name.clone(), ns.labels.clone());
+        }
+        // Service addresses come from a /24 of their own, blackholed like every lab range.
+        let vips = Lab::new()?;
+        let mut services = BTreeMap::new();
+        for (i, svc) in scenario.services.iter().enumerate() {
+            let vip = vips.address(10 + i as u8);
+            println!(
+                "   service {:<24} {vip:<15} {:?}",
+                format!("{}/{}", svc.namespace, svc.name),
+                svc.selector
+            );
+            let nat = ServiceNat::new(vip)?;
+            nat.route_from(&lab)?;
+            services.insert(format!("svc:{}/{}", svc.namespace, svc.name), (nat, 0));
+        }
+        let agent = RunningAgent::start(&dir, NODE, &tag);
+        let mut node = Node {
+            scenario,
+            topology,
+            agent,
+            _tcp: tcp,
+            _udp: udp,
+            dir,
+            pods,
+            ns_labels,
+            services,
+            _lab: lab,
+            _vips: vips,
+        };
+        for key in node.pods.keys() {
+            node.dir
+                .write(&format!("pod-{}.yaml", key.replace('/', "-")), &node.pod_manifest(key)?)?;
+        }
+        node.sync_services()?;
+        node.agent.wait_ready();
+        Ok(node)
+    }
+
+    /// The manifests directory the agent watches.
+    pub fn manifests(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The agent (metrics address, pin directory, status file).
+    pub fn agent(&self) -> &RunningAgent {
+        &self.agent
+    }
+
+    /// The lab pods by `namespace/name`.
+    pub fn pods(&self) -> impl Iterator<Item = (&str, &Pod)> {
+        self.pods.iter().map(|(k, (p, _))| (k.as_str(), p))
+    }
+
+    /// Runs step `i`, printing what it does and, for expectations, the observed matrix; returns
+    /// the unexpected cells.
+    pub fn step(&mut self, i: usize) -> Result<Vec<String>> {
+        interrupt::check()?;
+        let scenario = self.scenario;
+        let step = &scenario.steps[i];
+        let what = step.describe(i);
+        let action = scenario.action(step).with_context(|| what.clone())?;
+        let mut failures = Vec::new();
+        match action {
+            Action::Apply(docs) => {
+                for (ns, name, text) in docs {
+                    println!("-- {what}: apply {ns}/{name}");
+                    self.change(&format!("netpol-{ns}-{name}.yaml"), Some(&text))?;
+                }
+            }
+            Action::Delete(ns, name) => {
+                println!("-- {what}: delete {ns}/{name}");
+                self.change(&format!("netpol-{ns}-{name}.yaml"), None)
+                    .with_context(|| format!("{what}: no policy {ns}/{name} was applied"))?;
+            }
+            Action::LabelPod(l) => {
+                println!("-- {what}: label pod {} {:?}", l.pod, l.labels);
+                merge(&mut self.pods.get_mut(&l.pod).expect("validated").1, &l.labels);
+                let text = self.pod_manifest(&l.pod)?;
+                self.change(&format!("pod-{}.yaml", l.pod.replace('/', "-")), Some(&text))?;
+                // Selectors may match differently now: new slices and DNAT.
+                let before = self.agent.applies();
+                if self.sync_services()? {
+                    self.agent.wait_applied(before);
+                }
+            }
+            Action::LabelNamespace(l) => {
+                println!("-- {what}: label namespace {} {:?}", l.namespace, l.labels);
+                let labels = self.ns_labels.get_mut(&l.namespace).expect("validated");
+                merge(labels, &l.labels);
+                let text = namespace(&l.namespace, &pairs(labels));
+                self.change(&format!("ns-{}.yaml", l.namespace), Some(&text))?;
+            }
+            Action::Expect(c) => {
+                println!("-- {what}: expect (rows from, columns to; . reached, X blocked, ! unexpected, lower case not checked)");
+                let got = self.observe(&c)?;
+                let (text, wrong) = print_matrix(&c, &got);
+                print!("{text}");
+                failures.extend(wrong.into_iter().map(|w| format!("{what}: {w}")));
+            }
+            Action::FullMatrix => {
+                println!("-- {what}: every pod to every pod on every declared port, checked against the compiler's verdict (explain)");
+                for c in self.full_checks()? {
+                    let got = self.observe(&c)?;
+                    let (text, wrong) = print_matrix(&c, &got);
+                    print!("{text}");
+                    failures.extend(wrong.into_iter().map(|w| format!("{what}: {w}")));
+                }
+            }
+        }
+        Ok(failures)
+    }
+
+    /// One check per declared (port, protocol): every pod to every pod serving it (not itself:
+    /// that traffic never leaves the pod), expected cells from `explain` over the manifests the
+    /// agent reads right now.
+    fn full_checks(&self) -> Result<Vec<Checks>> {
+        let (state, errors) = netpol_agent::manifest::load_dir(self.dir.path());
+        if let Some(e) = errors.first() {
+            bail!("the lab's own manifests do not load: {e}");
+        }
+        let mut ports: Vec<(u16, Protocol)> = self
+            .scenario
+            .pods
+            .iter()
+            .flat_map(|p| p.ports.iter().map(|q| (q.port, q.protocol)))
+            .collect();
+        ports.sort_by_key(|&(port, proto)| (port, proto as u8));
+        ports.dedup();
+        let rows: Vec<String> = self.pods.keys().cloned().collect();
+        let mut out = Vec::new();
+        for (port, proto) in ports {
+            let cols: Vec<String> = self
+                .scenario
+                .pods
+                .iter()
+                .filter(|p| p.ports.iter().any(|q| q.port == port && q.protocol == proto))
+                .map(Scenario::pod_key)
+                .collect();
+            let mut c = Checks { port, proto, rows: rows.clone(), cols, want: BTreeMap::new() };
+            for (r, from) in c.rows.iter().enumerate() {
+                for (k, to) in c.cols.iter().enumerate() {
+                    if from == to {
+                        continue;
+                    }
+                    let q = explain::Query {
+                        from: explain::Peer::Pod(pod_ref(from)),
+                        to: explain::Peer::Pod(pod_ref(to)),
+                        proto: proto.number(),
+                        port,
+                        node: Some(NODE.to_owned()),
+                        node_addrs: Vec::new(),
+                        allow_host_to_pods: true,
+                    };
+                    let report = explain::explain(&state, &q)
+                        .with_context(|| format!("explain {from} -> {to} {port}/{proto}"))?;
+                    c.want.insert((r, k), report.allow);
+                }
+            }
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    /// Waits for Ctrl-C (see [`interrupt`]), for `cargo xtask lab up`.
+    pub fn hold(&self) {
+        while !interrupt::interrupted() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn pod_ref(key: &str) -> netpol_agent::model::PodRef {
+    let (ns, name) = key.split_once('/').expect("pod keys are namespace/name");
+    netpol_agent::model::PodRef::new(ns, name)
+}
+
 /// Runs a scenario in a fresh lab of `topology`, printing every step and its matrix; fails with
 /// the list of mismatched cells (all steps run, so that the whole story is printed).
 pub fn run(scenario: &Scenario, topology: Topology) -> Result<()> {
@@ -779,107 +1029,16 @@ pub fn run(scenario: &Scenario, topology: Topology) -> Result<()> {
         scenario.name,
         scenario.file.display()
     );
-    let tag = format!("{}-{topology:?}", slug(&scenario.name));
-    let mut lab = Lab::with_topology(topology)?;
-    let mut pods = BTreeMap::new();
-    let (mut tcp, mut udp) = (Vec::new(), Vec::new());
-    for spec in &scenario.pods {
-        let pod = lab.add_pod(&spec.name)?;
-        for p in &spec.ports {
-            match p.protocol {
-                Protocol::TCP => tcp.push(TcpServer::start(&pod.netns, p.port)?),
-                Protocol::UDP => udp.push(UdpServer::start(&pod.netns, p.port)?),
-                Protocol::SCTP => {}
-            }
-        }
-        println!("   pod {:<28} {:<15} {:?}", Scenario::pod_key(spec), pod.ip, spec.labels);
-        pods.insert(Scenario::pod_key(spec), (pod, spec.labels.clone()));
-    }
-    let dir = ManifestDir::new(&tag)?;
-    let mut ns_labels = BTreeMap::new();
-    for ns in &scenario.namespaces {
-        dir.write(&format!("ns-{}.yaml", ns.name), &namespace(&ns.name, &pairs(&ns.labels)))?;
-        ns_labels.insert(ns.name.clone(), ns.labels.clone());
-    }
-    // Service addresses come from a /24 of their own, blackholed like every lab range.
-    let vips = Lab::new()?;
-    let mut services = BTreeMap::new();
-    for (i, svc) in scenario.services.iter().enumerate() {
-        let vip = vips.address(10 + i as u8);
-        println!(
-            "   service {:<24} {vip:<15} {:?}",
-            format!("{}/{}", svc.namespace, svc.name),
-            svc.selector
-        );
-        let nat = ServiceNat::new(vip)?;
-        nat.route_from(&lab)?;
-        services.insert(format!("svc:{}/{}", svc.namespace, svc.name), (nat, 0));
-    }
-    let agent = RunningAgent::start(&dir, NODE, &tag);
-    let mut run = Run {
-        scenario,
-        agent,
-        _tcp: tcp,
-        _udp: udp,
-        dir,
-        pods,
-        ns_labels,
-        services,
-        _lab: lab,
-        _vips: vips,
-    };
-    for key in run.pods.keys() {
-        run.dir.write(&format!("pod-{}.yaml", key.replace('/', "-")), &run.pod_manifest(key)?)?;
-    }
-    run.sync_services()?;
-    run.agent.wait_ready();
+    let mut node = Node::start(scenario, topology)?;
     let mut failures = Vec::new();
-    for (i, step) in scenario.steps.iter().enumerate() {
-        let what = step.describe(i);
-        let action = scenario.action(step).with_context(|| what.clone())?;
-        match action {
-            Action::Apply(docs) => {
-                for (ns, name, text) in docs {
-                    println!("-- {what}: apply NetworkPolicy {ns}/{name}");
-                    run.change(&format!("netpol-{ns}-{name}.yaml"), Some(&text))?;
-                }
-            }
-            Action::Delete(ns, name) => {
-                println!("-- {what}: delete NetworkPolicy {ns}/{name}");
-                run.change(&format!("netpol-{ns}-{name}.yaml"), None)
-                    .with_context(|| format!("{what}: no policy {ns}/{name} was applied"))?;
-            }
-            Action::LabelPod(l) => {
-                println!("-- {what}: label pod {} {:?}", l.pod, l.labels);
-                merge(&mut run.pods.get_mut(&l.pod).expect("validated").1, &l.labels);
-                let text = run.pod_manifest(&l.pod)?;
-                run.change(&format!("pod-{}.yaml", l.pod.replace('/', "-")), Some(&text))?;
-                // Selectors may match differently now: new slices and DNAT.
-                let before = run.agent.applies();
-                if run.sync_services()? {
-                    run.agent.wait_applied(before);
-                }
-            }
-            Action::LabelNamespace(l) => {
-                println!("-- {what}: label namespace {} {:?}", l.namespace, l.labels);
-                let labels = run.ns_labels.get_mut(&l.namespace).expect("validated");
-                merge(labels, &l.labels);
-                let text = namespace(&l.namespace, &pairs(labels));
-                run.change(&format!("ns-{}.yaml", l.namespace), Some(&text))?;
-            }
-            Action::Expect(c) => {
-                println!("-- {what}: expect (rows from, columns to; . reached, X blocked, ! unexpected, lower case not checked)");
-                let got = run.observe(&c)?;
-                let (text, wrong) = print_matrix(&c, &got);
-                print!("{text}");
-                failures.extend(wrong.into_iter().map(|w| format!("{what}: {w}")));
-            }
-        }
+    for i in 0..scenario.steps.len() {
+        failures.extend(node.step(i)?);
     }
     if !failures.is_empty() {
         bail!(
-            "scenario {:?} ({topology:?}): {} unexpected cell(s):\n  {}",
+            "scenario {:?} ({:?}): {} unexpected cell(s):\n  {}",
             scenario.name,
+            node.topology,
             failures.len(),
             failures.join("\n  ")
         );
@@ -961,6 +1120,41 @@ mod tests {
         ))
         .unwrap_err();
         assert!(format!("{e:#}").contains("no Service \"svc:a/nope\""), "{e:#}");
+    }
+
+    #[test]
+    fn full_matrix_is_a_step_of_its_own() {
+        let s = parse(&format!("{BASE}steps:\n- full_matrix: true\n")).unwrap();
+        assert!(matches!(s.action(&s.steps[0]).unwrap(), Action::FullMatrix));
+        let e = parse(&format!("{BASE}steps:\n- full_matrix: true\n  delete: a/x\n")).unwrap_err();
+        assert!(format!("{e:#}").contains("exactly one of"), "{e:#}");
+    }
+
+    #[test]
+    fn cluster_scoped_policies_are_named_by_kind() {
+        let s = parse(&format!(
+            "{BASE}steps:\n- apply: |\n    kind: ClusterNetworkPolicy\n    metadata: {{name: deny}}\n- delete: ClusterNetworkPolicy/deny\n"
+        ))
+        .unwrap();
+        match s.action(&s.steps[0]).unwrap() {
+            Action::Apply(docs) => {
+                assert_eq!(
+                    (docs[0].0.as_str(), docs[0].1.as_str()),
+                    ("ClusterNetworkPolicy", "deny")
+                );
+                assert!(!docs[0].2.contains("namespace"), "{}", docs[0].2);
+            }
+            _ => panic!("expected an apply"),
+        }
+        assert!(matches!(
+            s.action(&s.steps[1]).unwrap(),
+            Action::Delete("ClusterNetworkPolicy", "deny")
+        ));
+        let e = parse(&format!(
+            "{BASE}steps:\n- apply: |\n    kind: Deployment\n    metadata: {{name: x}}\n"
+        ))
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("kind \"Deployment\""), "{e:#}");
     }
 
     #[test]

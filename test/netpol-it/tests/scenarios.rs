@@ -25,8 +25,10 @@ fn every_scenario_file_has_a_test() {
         [
             "000-vote-app.yaml",
             "001-namespace-isolation.yaml",
+            "002-global-default-deny.yaml",
             "003-guestbook.yaml",
-            "004-http-echo.yaml"
+            "004-http-echo.yaml",
+            "010-protocols.yaml"
         ]
     );
 }
@@ -42,6 +44,11 @@ fn namespace_isolation_001() {
 }
 
 #[test]
+fn global_default_deny_002() {
+    check("002-global-default-deny.yaml");
+}
+
+#[test]
 fn guestbook_003() {
     check("003-guestbook.yaml");
 }
@@ -49,4 +56,9 @@ fn guestbook_003() {
 #[test]
 fn http_echo_004() {
     check("004-http-echo.yaml");
+}
+
+#[test]
+fn protocols_010() {
+    check("010-protocols.yaml");
 }

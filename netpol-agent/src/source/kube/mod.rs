@@ -1,5 +1,11 @@
-//! Kubernetes API source: reflectors over Pods, Namespaces, NetworkPolicies, Services and
-//! EndpointSlices, turned into level-triggered [`SourceEvent`]s.
+//! Kubernetes API source: reflectors over Pods, Namespaces, NetworkPolicies, Services,
+//! EndpointSlices and the network-policy-api kinds (ClusterNetworkPolicy v1alpha2,
+//! AdminNetworkPolicy and BaselineAdminNetworkPolicy v1alpha1, as dynamic objects), turned into
+//! level-triggered [`SourceEvent`]s.
+//!
+//! The network-policy-api CRDs need not exist: a kind whose list answers `404 Not Found` counts
+//! as synced and empty ("no such policies", logged once), so it never blocks the first snapshot
+//! or readiness; the watcher keeps retrying with backoff and picks the CRD up once installed.
 //!
 //! - The watchers (`any_semantic` lists from the watch cache, default page size, bookmarks on)
 //!   run with `.default_backoff()`; their objects are trimmed ([`trim`]) before they reach the
@@ -30,7 +36,7 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::api::networking::v1 as net;
-use kube::api::Api;
+use kube::api::{Api, ApiResource, DynamicObject};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -123,10 +129,16 @@ pub enum Kind {
     Service = 3,
     /// `discovery.k8s.io/v1/EndpointSlice`.
     EndpointSlice = 4,
+    /// `policy.networking.k8s.io/v1alpha2/ClusterNetworkPolicy` (optional CRD).
+    ClusterNetworkPolicy = 5,
+    /// `policy.networking.k8s.io/v1alpha1/AdminNetworkPolicy` (optional CRD).
+    AdminNetworkPolicy = 6,
+    /// `policy.networking.k8s.io/v1alpha1/BaselineAdminNetworkPolicy` (optional CRD).
+    BaselineAdminNetworkPolicy = 7,
 }
 
-/// How many kinds are watched.
-const KINDS: usize = 5;
+/// Number of watched kinds.
+const KINDS: usize = 8;
 
 impl Kind {
     fn name(self) -> &'static str {
@@ -136,6 +148,31 @@ impl Kind {
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+            Kind::AdminNetworkPolicy => "AdminNetworkPolicy",
+            Kind::BaselineAdminNetworkPolicy => "BaselineAdminNetworkPolicy",
+        }
+    }
+
+    /// Whether the kind comes from a CRD that may not be installed.
+    fn optional(self) -> bool {
+        (self as usize) >= Kind::ClusterNetworkPolicy as usize
+    }
+
+    /// The API resource of an optional kind.
+    fn api_resource(self) -> ApiResource {
+        let (version, plural) = match self {
+            Kind::ClusterNetworkPolicy => ("v1alpha2", "clusternetworkpolicies"),
+            Kind::AdminNetworkPolicy => ("v1alpha1", "adminnetworkpolicies"),
+            _ => ("v1alpha1", "baselineadminnetworkpolicies"),
+        };
+        let group = "policy.networking.k8s.io";
+        ApiResource {
+            group: group.into(),
+            version: version.into(),
+            api_version: format!("{group}/{version}"),
+            kind: self.name().into(),
+            plural: plural.into(),
         }
     }
 }
@@ -199,6 +236,21 @@ where
     (reader, updates)
 }
 
+/// [`reflect`] for a network-policy-api kind, as dynamic objects.
+fn reflect_dynamic(client: kube::Client, kind: Kind) -> (Store<DynamicObject>, Updates) {
+    let ar = kind.api_resource();
+    let writer = reflector::store::Writer::new(ar.clone());
+    let reader = writer.as_reader();
+    let updates = watcher(Api::<DynamicObject>::all_with(client, &ar), watch_config())
+        .default_backoff()
+        .modify(trim::cluster_policy)
+        .reflect(writer)
+        .map(move |r| (kind, Some(r.map(|e| Step::of(&e)))))
+        .chain(futures::stream::once(async move { (kind, None) }))
+        .boxed();
+    (reader, updates)
+}
+
 /// The reflector stores of the watched kinds.
 struct Stores {
     pods: Store<core::Pod>,
@@ -206,16 +258,20 @@ struct Stores {
     policies: Store<net::NetworkPolicy>,
     services: Store<core::Service>,
     slices: Store<discovery::EndpointSlice>,
+    /// ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy.
+    cluster: [Store<DynamicObject>; 3],
 }
 
 impl Stores {
     fn build(&self, converter: &mut Converter) -> (crate::model::ClusterState, Vec<String>) {
-        converter.build(
+        let [a, b, c] = self.cluster.each_ref().map(Store::state);
+        converter.build_all(
             &self.pods.state(),
             &self.namespaces.state(),
             &self.policies.state(),
             &self.services.state(),
             &self.slices.state(),
+            [&a, &b, &c],
         )
     }
 }
@@ -230,15 +286,21 @@ fn watch_all(client: kube::Client) -> (Stores, impl Stream<Item = Update> + Unpi
     let (services, service_updates) =
         reflect(Api::all(client.clone()), Kind::Service, trim::service);
     let (slices, slice_updates) =
-        reflect(Api::all(client), Kind::EndpointSlice, trim::endpoint_slice);
+        reflect(Api::all(client.clone()), Kind::EndpointSlice, trim::endpoint_slice);
+    let (cnp, cnp_updates) = reflect_dynamic(client.clone(), Kind::ClusterNetworkPolicy);
+    let (anp, anp_updates) = reflect_dynamic(client.clone(), Kind::AdminNetworkPolicy);
+    let (banp, banp_updates) = reflect_dynamic(client, Kind::BaselineAdminNetworkPolicy);
     let updates = futures::stream::select_all([
         pod_updates,
         ns_updates,
         policy_updates,
         service_updates,
         slice_updates,
+        cnp_updates,
+        anp_updates,
+        banp_updates,
     ]);
-    (Stores { pods, namespaces, policies, services, slices }, updates)
+    (Stores { pods, namespaces, policies, services, slices, cluster: [cnp, anp, banp] }, updates)
 }
 
 /// An error with its sources, `a: b: c`, skipping sources already quoted by their parent.
@@ -256,6 +318,17 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// `404 Not Found` from a list or watch: for the optional kinds, the CRD is not installed.
+fn is_not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
+}
+
 /// `410 Gone` from a watch: the resource version expired and the watcher relists. Routine.
 fn is_gone(e: &watcher::Error) -> bool {
     matches!(e, watcher::Error::WatchError(status) if status.code == 410)
@@ -271,7 +344,7 @@ pub async fn run(
     let mut tracker = Tracker::default();
     let mut converter = Converter::default();
     let mut last: Option<(crate::model::ClusterState, Vec<String>)> = None;
-    info!("watching Pods, Namespaces, NetworkPolicies, Services and EndpointSlices");
+    info!("watching Pods, Namespaces, NetworkPolicies, Services, EndpointSlices and the network-policy-api kinds");
     loop {
         let deadline = tracker.deadline();
         let event = tokio::select! {
@@ -331,10 +404,12 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// The source's state machine, apart from the stores: initial sync, outage and debounce.
 #[derive(Debug, Default)]
 struct Tracker {
-    /// Kinds whose initial list completed.
+    /// Kinds whose initial list completed (or whose CRD is not installed).
     synced: [bool; KINDS],
     /// Kinds that failed and did not deliver since.
     failing: [bool; KINDS],
+    /// Optional kinds whose CRD answered 404 (logged once per absence).
+    absent: [bool; KINDS],
     /// `Degraded` was sent for the current outage.
     degraded: bool,
     /// A snapshot is due at this time (once all kinds synced).
@@ -371,6 +446,9 @@ impl Tracker {
         match result {
             Ok(Step::Listing) => None,
             Ok(step) => {
+                if std::mem::take(&mut self.absent[i]) {
+                    info!(%kind, "CRD installed; enforcing its policies");
+                }
                 if step == Step::Listed && !self.synced[i] {
                     self.synced[i] = true;
                     info!(%kind, "initial list synced");
@@ -384,6 +462,18 @@ impl Tracker {
                     }
                 }
                 self.schedule(due);
+                None
+            }
+            Err(e) if kind.optional() && is_not_found(&e) => {
+                // No CRD: no such policies. The store stays as it is (empty unless the CRD was
+                // deleted after a list, which also deletes its objects as the API reports them).
+                if !std::mem::replace(&mut self.absent[i], true) {
+                    info!(%kind, "CRD not installed; treating it as no such policies");
+                }
+                if !self.synced[i] {
+                    self.synced[i] = true;
+                    self.schedule(due);
+                }
                 None
             }
             Err(e) if is_gone(&e) => {
@@ -411,8 +501,16 @@ mod tracker_tests {
     use super::*;
 
     impl Kind {
-        const ALL: [Kind; KINDS] =
-            [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy, Kind::Service, Kind::EndpointSlice];
+        const ALL: [Kind; KINDS] = [
+            Kind::Pod,
+            Kind::Namespace,
+            Kind::NetworkPolicy,
+            Kind::Service,
+            Kind::EndpointSlice,
+            Kind::ClusterNetworkPolicy,
+            Kind::AdminNetworkPolicy,
+            Kind::BaselineAdminNetworkPolicy,
+        ];
     }
 
     fn status(code: u16) -> watcher::Error {
@@ -426,6 +524,15 @@ mod tracker_tests {
         for kind in [Kind::Pod, Kind::Namespace] {
             assert!(t.observe(kind, Ok(Step::Listed), now).is_none());
         }
+        // The CRDs are not installed: synced and empty, not an outage.
+        for kind in Kind::ALL.iter().filter(|k| k.optional()) {
+            assert!(t.observe(*kind, Err(status(404)), now).is_none());
+            assert!(t.observe(*kind, Err(status(404)), now).is_none(), "logged and scheduled once");
+        }
+        assert!(!t.degraded);
+        // A 404 of a built-in kind is an outage.
+        let mut u = Tracker::default();
+        assert!(u.observe(Kind::Pod, Err(status(404)), now).is_some());
         assert_eq!(t.deadline(), None);
         t.observe(Kind::NetworkPolicy, Ok(Step::Listing), now);
         assert_eq!(t.deadline(), None);

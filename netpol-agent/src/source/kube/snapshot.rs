@@ -15,7 +15,9 @@ use kube::ResourceExt;
 use serde::Serialize;
 
 use crate::manifest::convert::{self, Failure};
-use crate::model::{ClusterState, EndpointSlice, Namespace, NetworkPolicy, Pod, Service};
+use crate::model::{
+    ClusterKind, ClusterPolicy, ClusterState, EndpointSlice, Namespace, NetworkPolicy, Pod, Service,
+};
 
 /// Pod phases whose containers have all terminated: such pods are not endpoints.
 const TERMINAL_PHASES: [&str; 2] = ["Succeeded", "Failed"];
@@ -116,7 +118,11 @@ pub struct Converter {
     policies: Cache<NetworkPolicy>,
     services: Cache<Service>,
     slices: Cache<EndpointSlice>,
+    cluster: [Cache<ClusterPolicy>; 3],
 }
+
+/// Cluster policies by kind, in [`ClusterKind::ALL`] order.
+pub type ClusterObjects<'a> = [&'a [Arc<kube::api::DynamicObject>]; 3];
 
 impl Converter {
     /// The cluster state of the given objects and, sorted, the errors of those that could not
@@ -128,6 +134,19 @@ impl Converter {
         policies: &[Arc<net::NetworkPolicy>],
         services: &[Arc<core::Service>],
         slices: &[Arc<discovery::EndpointSlice>],
+    ) -> (ClusterState, Vec<String>) {
+        self.build_all(pods, namespaces, policies, services, slices, [&[], &[], &[]])
+    }
+
+    /// [`Converter::build`] with the cluster policies of the three network-policy-api kinds.
+    pub fn build_all(
+        &mut self,
+        pods: &[Arc<core::Pod>],
+        namespaces: &[Arc<core::Namespace>],
+        policies: &[Arc<net::NetworkPolicy>],
+        services: &[Arc<core::Service>],
+        slices: &[Arc<discovery::EndpointSlice>],
+        cluster: ClusterObjects,
     ) -> (ClusterState, Vec<String>) {
         let mut state = ClusterState::default();
         let mut errors = Vec::new();
@@ -153,6 +172,19 @@ impl Converter {
         gather(outcomes, &mut errors, |s| {
             state.endpoint_slices.insert(s.key(), s);
         });
+        for ((kind, cache), objects) in
+            ClusterKind::ALL.into_iter().zip(&mut self.cluster).zip(cluster)
+        {
+            let outcomes = cache.update(
+                kind.as_str(),
+                objects,
+                |_| false,
+                |v| crate::manifest::cluster_policy(kind, v),
+            );
+            gather(outcomes, &mut errors, |p| {
+                state.cluster_policies.insert(p.key(), p);
+            });
+        }
         errors.sort();
         (state, errors)
     }

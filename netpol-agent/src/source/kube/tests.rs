@@ -24,12 +24,28 @@ const WAIT: Duration = Duration::from_secs(300);
 /// How long "nothing happens" is observed.
 const QUIET: Duration = Duration::from_secs(5);
 
-const KINDS: [(Kind, &str, &str); 5] = [
+/// The CRD kinds answer a plain 404 until a test gives them objects ([`Cmd::SetList`]).
+const KINDS: [(Kind, &str, &str); 8] = [
     (Kind::Pod, "/api/v1/pods", "PodList"),
     (Kind::Namespace, "/api/v1/namespaces", "NamespaceList"),
     (Kind::NetworkPolicy, "/apis/networking.k8s.io/v1/networkpolicies", "NetworkPolicyList"),
     (Kind::Service, "/api/v1/services", "ServiceList"),
     (Kind::EndpointSlice, "/apis/discovery.k8s.io/v1/endpointslices", "EndpointSliceList"),
+    (
+        Kind::ClusterNetworkPolicy,
+        "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies",
+        "ClusterNetworkPolicyList",
+    ),
+    (
+        Kind::AdminNetworkPolicy,
+        "/apis/policy.networking.k8s.io/v1alpha1/adminnetworkpolicies",
+        "AdminNetworkPolicyList",
+    ),
+    (
+        Kind::BaselineAdminNetworkPolicy,
+        "/apis/policy.networking.k8s.io/v1alpha1/baselineadminnetworkpolicies",
+        "BaselineAdminNetworkPolicyList",
+    ),
 ];
 
 enum Cmd {
@@ -53,6 +69,8 @@ struct KindState {
     hold_lists: bool,
     held_lists: Vec<SendResponse<Response<Body>>>,
     status: Option<u16>,
+    /// The kind's CRD is installed (always for built-in kinds).
+    installed: bool,
 }
 
 struct Fake {
@@ -99,9 +117,17 @@ impl Fake {
             return self.fail(send);
         }
         let path = req.uri().path().to_string();
-        let Some(i) = KINDS.iter().position(|(_, p, _)| *p == path) else {
+        let known = KINDS.iter().position(|(_, p, _)| *p == path);
+        let installed =
+            |i: usize| !KINDS[i].0.optional() || self.kinds.get(&i).is_some_and(|k| k.installed);
+        let Some(i) = known.filter(|i| installed(*i)) else {
+            // What kube-apiserver answers for a group/version nobody registered, such as the
+            // network-policy-api kinds without their CRDs: a plain-text 404.
             send.send_response(
-                Response::builder().status(404).body(Body::from(b"{}".to_vec())).expect("resp"),
+                Response::builder()
+                    .status(404)
+                    .body(Body::from(b"404 page not found\n".to_vec()))
+                    .expect("resp"),
             );
             return;
         };
@@ -132,7 +158,9 @@ impl Fake {
     fn command(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::SetList(kind, objects) => {
-                self.kinds.entry(kind as usize).or_default().objects = objects
+                let k = self.kinds.entry(kind as usize).or_default();
+                k.objects = objects;
+                k.installed = true;
             }
             Cmd::Watch(kind, events) => {
                 let k = self.kinds.entry(kind as usize).or_default();
@@ -660,10 +688,13 @@ async fn stores_hold_trimmed_objects() {
     let (client, _cmd, _failed) =
         fake_server(vec![pod_json("a", "prod", "10.0.0.1", "web", 1)], vec![ns], vec![pol], None);
     let (stores, mut updates) = watch_all(client);
+    // The built-in kinds list; the CRD kinds answer 404 here.
+    let builtin = KINDS.iter().filter(|(k, ..)| !k.optional()).count();
     let mut listed = 0;
-    while listed < KINDS.len() {
+    while listed < builtin {
         match tokio::time::timeout(WAIT, updates.next()).await.expect("update") {
             Some((_, Some(Ok(Step::Listed)))) => listed += 1,
+            Some((kind, Some(Err(e)))) if kind.optional() && is_not_found(&e) => {}
             Some((kind, Some(Err(e)))) => panic!("{kind}: {e}"),
             Some(_) => {}
             None => panic!("watchers ended"),
@@ -741,4 +772,57 @@ async fn services_and_endpoint_slices_are_watched() {
     let (state, _) = h.snapshot().await;
     assert!(state.services.is_empty());
     h.quiet().await;
+}
+
+/// With the CRDs installed, cluster policies of the three kinds reach the snapshot (an invalid
+/// one as an error naming kind, object and field); without them (every other test) the source
+/// syncs as if there were none.
+#[tokio::test(start_paused = true)]
+async fn cluster_policies_when_their_crds_exist() {
+    let (client, cmd, _failed) = fake_server(
+        vec![pod_json("a", "prod", "10.0.0.1", "web", 1)],
+        vec![ns_json("prod", 2)],
+        vec![],
+        None,
+    );
+    let cnp = json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+        "metadata": { "name": "deny-all", "resourceVersion": "5", "managedFields": [{ "manager": "m" }] },
+        "spec": {
+            "tier": "Baseline", "priority": 10, "subject": { "namespaces": {} },
+            "egress": [{ "action": "Deny", "to": [{ "networks": ["0.0.0.0/0"] }] }],
+        },
+        "status": { "conditions": [] },
+    });
+    let bad = json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+        "metadata": { "name": "bad", "resourceVersion": "6" },
+        "spec": { "tier": "Middle", "priority": 1, "subject": { "namespaces": {} } },
+    });
+    let anp = json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy",
+        "metadata": { "name": "dns", "resourceVersion": "7" },
+        "spec": { "priority": 1, "subject": { "namespaces": {} }, "egress": [{ "action": "Allow",
+            "to": [{ "pods": { "namespaceSelector": {}, "podSelector": {} } }],
+            "ports": [{ "portNumber": { "protocol": "UDP", "port": 53 } }] }] },
+    });
+    cmd.send(Cmd::SetList(Kind::ClusterNetworkPolicy, vec![cnp, bad])).expect("fake");
+    cmd.send(Cmd::SetList(Kind::AdminNetworkPolicy, vec![anp])).expect("fake");
+    let (tx, mut rx) = mpsc::channel(16);
+    let opts = KubeSourceOptions { kubeconfig: None, debounce: Duration::from_millis(100) };
+    let _source = tokio::spawn(run(client, opts, tx));
+    // The lists may race the commands: wait until both kinds arrived (bounded).
+    loop {
+        let e = tokio::time::timeout(WAIT, rx.recv()).await.expect("event").expect("source");
+        let SourceEvent::Snapshot { state, errors, .. } = e else { continue };
+        if state.cluster_policies.len() < 2 {
+            continue;
+        }
+        let names: Vec<String> = state.cluster_policies.keys().map(|k| k.to_string()).collect();
+        assert_eq!(names, ["AdminNetworkPolicy/dns", "ClusterNetworkPolicy/deny-all"]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("ClusterNetworkPolicy bad: spec.tier: "), "{errors:?}");
+        assert_eq!(state.pods.len(), 1);
+        break;
+    }
 }

@@ -141,6 +141,15 @@ pub fn endpoint_slice(s: &mut discovery::EndpointSlice) {
     });
 }
 
+/// Trims metadata of a cluster policy (ClusterNetworkPolicy and the v1alpha1 kinds); the spec
+/// is kept, the status dropped.
+pub fn cluster_policy(p: &mut kube::api::DynamicObject) {
+    meta(&mut p.metadata);
+    if let Some(o) = p.data.as_object_mut() {
+        o.remove("status");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

@@ -59,6 +59,7 @@ fn matrix(cells: &[Cell], expect: &[bool]) -> Result<()> {
     println!("   {:<32} {:<34} result", "from", "to");
     let mut wrong = Vec::new();
     for (c, want) in cells.iter().zip(expect) {
+        netpol_it::interrupt::check()?;
         // Policy changes take effect within milliseconds; allow a moment before judging.
         let mut got = false;
         for _ in 0..10 {
@@ -111,6 +112,8 @@ fn drops(agent: &RunningAgent, min_denied: f64) -> Result<String> {
 
 fn main() -> Result<()> {
     netpol_it::require_root();
+    // Ctrl-C ends the demo at the next probe; the lab is torn down on the way out.
+    netpol_it::interrupt::install()?;
     println!("== netpol demo: the AKS vote app (Calico walkthrough) on a local lab node\n");
     let mut lab = Lab::new()?;
     let dev_front = lab.add_pod("azure-vote-front")?;
