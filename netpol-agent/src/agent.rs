@@ -174,6 +174,30 @@ pub fn changes(old: &ClusterState, new: &ClusterState) -> Vec<Change> {
     out.extend(
         old.pods.keys().filter(|k| !new.pods.contains_key(*k)).cloned().map(Change::DeletePod),
     );
+    for (k, s) in &new.services {
+        if old.services.get(k) != Some(s) {
+            out.push(Change::UpsertService(s.clone()));
+        }
+    }
+    out.extend(
+        old.services
+            .keys()
+            .filter(|k| !new.services.contains_key(*k))
+            .cloned()
+            .map(Change::DeleteService),
+    );
+    for (k, s) in &new.endpoint_slices {
+        if old.endpoint_slices.get(k) != Some(s) {
+            out.push(Change::UpsertEndpointSlice(s.clone()));
+        }
+    }
+    out.extend(
+        old.endpoint_slices
+            .keys()
+            .filter(|k| !new.endpoint_slices.contains_key(*k))
+            .cloned()
+            .map(Change::DeleteEndpointSlice),
+    );
     out
 }
 

@@ -155,6 +155,9 @@ pub fn describe(ev: &DenyEvent, names: &Names) -> DenyRecord {
             (Some(policy.to_string()), Some(format!("{direction}[{index}]")))
         }
         Some(RuleOrigin::NodeToPod) => (None, Some("node-to-pod".to_string())),
+        Some(RuleOrigin::Service { service, protocol, port }) => {
+            (Some(format!("Service {service}")), Some(format!("port {port}/{protocol}")))
+        }
         None if ev.rule_id != RULE_NONE => (None, Some(format!("id:{}", ev.rule_id))),
         None => (None, None),
     };

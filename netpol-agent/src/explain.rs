@@ -398,6 +398,12 @@ fn reason_text(rule: Option<&RuleOrigin>, policed: bool, allow: bool, dir: Direc
         (Some(RuleOrigin::Policy { tier, policy, direction, index }), ..) => {
             format!("{verdict} by {tier:?} tier {policy} {direction} rule {index}")
         }
+        (Some(RuleOrigin::Service { service, protocol, port }), _, true) => format!(
+            "Service {service} port {port}/{protocol}: the pod's egress allows every backend: allowed"
+        ),
+        (Some(RuleOrigin::Service { service, protocol, port }), _, false) => format!(
+            "Service {service} port {port}/{protocol}: the pod's egress denies a backend: denied"
+        ),
         (None, true, true) => {
             format!("no rule of the Admin or Baseline tier matches for {dir}: allowed")
         }
@@ -531,6 +537,10 @@ pub fn render_json(r: &Report) -> serde_json::Value {
                 Some(RuleOrigin::Policy { tier, policy, direction, index }) => (
                     serde_json::json!({"policy": policy.to_string(), "direction": direction.name(), "index": index}),
                     serde_json::json!(format!("{tier:?}")),
+                ),
+                Some(RuleOrigin::Service { service, protocol, port }) => (
+                    serde_json::json!({"service": service.to_string(), "protocol": protocol.to_string(), "port": port}),
+                    serde_json::json!("Admin"),
                 ),
                 _ => (serde_json::Value::Null, if d.policed { serde_json::json!("NetworkPolicy") } else { serde_json::Value::Null }),
             };

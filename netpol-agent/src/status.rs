@@ -130,6 +130,17 @@ pub enum RuleStatus {
     },
     /// Traffic from the node's own addresses to its pods.
     NodeToPod,
+    /// Egress to a Service port, decided from its backends.
+    Service {
+        /// Service namespace.
+        namespace: String,
+        /// Service name.
+        name: String,
+        /// `TCP`, `UDP` or `SCTP`.
+        protocol: String,
+        /// The Service port.
+        port: u16,
+    },
 }
 
 impl From<&RuleOrigin> for RuleStatus {
@@ -143,6 +154,12 @@ impl From<&RuleOrigin> for RuleStatus {
                 index: *index,
             },
             RuleOrigin::NodeToPod => RuleStatus::NodeToPod,
+            RuleOrigin::Service { service, protocol, port } => RuleStatus::Service {
+                namespace: service.namespace.clone(),
+                name: service.name.clone(),
+                protocol: protocol.to_string(),
+                port: *port,
+            },
         }
     }
 }
@@ -152,6 +169,11 @@ impl RuleStatus {
     pub fn origin(&self) -> Option<RuleOrigin> {
         match self {
             RuleStatus::NodeToPod => Some(RuleOrigin::NodeToPod),
+            RuleStatus::Service { namespace, name, protocol, port } => Some(RuleOrigin::Service {
+                service: PodRef::new(namespace, name),
+                protocol: crate::model::Protocol::parse(protocol).ok()?,
+                port: *port,
+            }),
             RuleStatus::Policy { tier, namespace, name, direction, index } => {
                 let tier = match tier.as_str() {
                     "Admin" => Tier::Admin,
@@ -181,6 +203,9 @@ impl RuleStatus {
                 format!("{namespace}/{name} {direction} rule {index}")
             }
             RuleStatus::NodeToPod => "node to pod".into(),
+            RuleStatus::Service { namespace, name, protocol, port } => {
+                format!("Service {namespace}/{name} port {port}/{protocol} (its backends)")
+            }
         }
     }
 }
@@ -338,6 +363,14 @@ pub(crate) mod tests {
         assert_eq!(RuleStatus::NodeToPod.origin(), Some(RuleOrigin::NodeToPod));
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["kind"], "policy");
+        let o = RuleOrigin::Service {
+            service: PodRef::new("prod", "redis"),
+            protocol: crate::model::Protocol::Tcp,
+            port: 6379,
+        };
+        let s = RuleStatus::from(&o);
+        assert_eq!(s.origin(), Some(o));
+        assert_eq!(s.describe(), "Service prod/redis port 6379/TCP (its backends)");
     }
 
     #[test]

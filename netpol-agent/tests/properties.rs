@@ -1,7 +1,8 @@
 //! Property tests: the compiled maps, queried the kernel's way, must give the verdict of a
-//! reference evaluator written here directly from the NetworkPolicy API reference and the
+//! reference evaluator written here directly from the NetworkPolicy API reference, the
 //! network-policy-api ClusterNetworkPolicy reference (Admin tier → NetworkPolicy → Baseline tier
-//! → allow, lowest priority first, rule order within a policy); and the
+//! → allow, lowest priority first, rule order within a policy) and, for egress to a Service
+//! address, the rule "allowed iff every backend kube-proxy may pick is allowed"; and the
 //! incremental compiler must produce exactly what a full compile produces.
 //!
 //! The reference evaluator deliberately shares no code with the compiler (not even label
@@ -12,10 +13,11 @@ use std::net::IpAddr;
 use netpol_agent::compile::{compile, Change, CompileOptions, Compiler, RuleOrigin};
 use netpol_agent::layout::{evaluate, Layout};
 use netpol_agent::model::{
-    Cidr, ClusterAction, ClusterKind, ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule,
-    ClusterState, ContainerPort, Direction, IpBlock, LabelSelector, Labels, Namespace,
-    NamespacedPods, NetworkPolicy, Operator, Peer, Pod, PolicyPort, PolicyType, PortRef, Protocol,
-    Requirement, Rule, Tier, NAMESPACE_NAME_LABEL,
+    AddressType, Cidr, ClusterAction, ClusterKind, ClusterPeer, ClusterPolicy, ClusterPort,
+    ClusterRule, ClusterState, ContainerPort, Direction, EndpointPort, EndpointSlice, IpBlock,
+    LabelSelector, Labels, Namespace, NamespacedPods, NetworkPolicy, Operator, Peer, Pod,
+    PolicyPort, PolicyType, PortRef, Protocol, Requirement, Rule, Service, ServicePort,
+    SliceEndpoint, Tier, NAMESPACE_NAME_LABEL,
 };
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -210,6 +212,129 @@ fn policy_strategy(i: usize) -> impl Strategy<Value = NetworkPolicy> {
         })
 }
 
+/// Service `i`: ClusterIP `10.96.0.i` (and `fd00:96::i`), or an external IP `192.0.2.i`
+/// (covered by the `0.0.0.0/0` blocks), or headless; one or two ports, maybe a node port.
+fn service_strategy(i: usize) -> impl Strategy<Value = Service> {
+    (
+        select(&NAMESPACES[..]),
+        0u8..4, // headless, v4, dual stack, external IP
+        proptest::collection::vec(
+            (select(&["", "a", "b"][..]), select(&PROTOCOLS[..]), select(&[53u16, 80, 81][..])),
+            1..3,
+        ),
+        any::<bool>(),
+    )
+        .prop_map(move |(ns, kind, ports, node_port)| {
+            let j = i + 1;
+            let (cluster_ips, external_ips): (Vec<IpAddr>, Vec<IpAddr>) = match kind {
+                0 => (vec![], vec![]),
+                1 => (vec![format!("10.96.0.{j}").parse().unwrap()], vec![]),
+                2 => (
+                    vec![
+                        format!("10.96.0.{j}").parse().unwrap(),
+                        format!("fd00:96::{j}").parse().unwrap(),
+                    ],
+                    vec![],
+                ),
+                _ => (vec![], vec![format!("192.0.2.{j}").parse().unwrap()]),
+            };
+            let mut seen = Vec::new();
+            let ports = ports
+                .into_iter()
+                .enumerate()
+                .filter(|(_, (_, proto, port))| {
+                    let fresh = !seen.contains(&(*proto, *port));
+                    seen.push((*proto, *port));
+                    fresh
+                })
+                .map(|(k, (name, protocol, port))| ServicePort {
+                    name: name.into(),
+                    protocol,
+                    port,
+                    node_port: (node_port && k == 0).then_some(30000 + j as u16),
+                })
+                .collect();
+            Service {
+                namespace: ns.into(),
+                name: format!("s{i}"),
+                cluster_ips,
+                external_ips,
+                load_balancer_ips: vec![],
+                ports,
+            }
+        })
+}
+
+const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+/// A slice of Service `s{svc}` (resolved against the generated objects in
+/// [`cluster_strategy`]): (service pick, IPv6, ports as (name, protocol, target port),
+/// endpoints as (address pick, ready, serving, terminating)).
+type SliceSpec = (usize, bool, Vec<(&'static str, Protocol, u16)>, Vec<(usize, bool, bool, bool)>);
+
+fn slice_strategy() -> impl Strategy<Value = SliceSpec> {
+    (
+        any::<usize>(),
+        any::<bool>(),
+        proptest::collection::vec(
+            (
+                select(&["", "a", "b"][..]),
+                select(&PROTOCOLS[..]),
+                select(&[53u16, 80, 81, 1000, 8080][..]),
+            ),
+            1..3,
+        ),
+        proptest::collection::vec(
+            (any::<usize>(), proptest::bool::weighted(0.8), any::<bool>(), any::<bool>()),
+            0..4,
+        ),
+    )
+}
+
+/// Backend addresses that are not pods: inside and outside the test's ipBlocks.
+const EXTRA_BACKENDS: [&str; 4] = ["10.0.1.200", "1.2.3.4", "fd00:0:0:1::99", "2001:db8::1"];
+
+fn slices_of(specs: Vec<SliceSpec>, services: &[Service], pods: &[Pod]) -> Vec<EndpointSlice> {
+    if services.is_empty() {
+        return vec![];
+    }
+    let mut candidates: Vec<IpAddr> = pods.iter().flat_map(|p| p.ips.iter().copied()).collect();
+    candidates.extend(EXTRA_BACKENDS.iter().map(|a| a.parse::<IpAddr>().unwrap()));
+    specs
+        .into_iter()
+        .enumerate()
+        .map(|(n, (svc, v6, ports, endpoints))| {
+            let svc = &services[svc % services.len()];
+            let family: Vec<IpAddr> =
+                candidates.iter().copied().filter(|a| a.is_ipv6() == v6).collect();
+            EndpointSlice {
+                namespace: svc.namespace.clone(),
+                name: format!("{}-{n}", svc.name),
+                service: Some(svc.name.clone()),
+                address_type: if v6 { AddressType::Ipv6 } else { AddressType::Ipv4 },
+                ports: ports
+                    .into_iter()
+                    .map(|(name, protocol, port)| EndpointPort {
+                        name: name.into(),
+                        protocol,
+                        port,
+                    })
+                    .collect(),
+                endpoints: endpoints
+                    .into_iter()
+                    .filter(|_| !family.is_empty())
+                    .map(|(a, ready, serving, terminating)| SliceEndpoint {
+                        addresses: vec![family[a % family.len()]],
+                        ready,
+                        serving,
+                        terminating,
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
 const NETWORKS: [&str; 5] = ["10.0.0.0/16", "10.0.1.0/24", "0.0.0.0/0", "::/0", "fd00:0:0:1::/64"];
 
 fn cluster_rule_strategy(egress: bool) -> impl Strategy<Value = ClusterRule> {
@@ -303,25 +428,36 @@ fn cluster_np_strategy() -> impl Strategy<Value = ClusterState> {
     );
     let pods = (0usize..8).prop_flat_map(|n| (0..n).map(pod_strategy).collect::<Vec<_>>());
     let policies = (0usize..5).prop_flat_map(|n| (0..n).map(policy_strategy).collect::<Vec<_>>());
-    (namespaces, pods, policies).prop_map(|(nss, pods, policies)| {
-        let mut state = ClusterState::default();
-        for (name, (mut labels, declared, audit)) in NAMESPACES.iter().zip(nss) {
-            // Some namespaces have no object: they still carry the name label.
-            if declared {
-                labels.insert(NAMESPACE_NAME_LABEL.into(), name.to_string());
-                state
-                    .namespaces
-                    .insert(name.to_string(), Namespace { name: name.to_string(), labels, audit });
+    let services = (0usize..3).prop_flat_map(|n| (0..n).map(service_strategy).collect::<Vec<_>>());
+    let slices = proptest::collection::vec(slice_strategy(), 0..4);
+    (namespaces, pods, policies, services, slices).prop_map(
+        |(nss, pods, policies, services, slices)| {
+            let mut state = ClusterState::default();
+            for (name, (mut labels, declared, audit)) in NAMESPACES.iter().zip(nss) {
+                // Some namespaces have no object: they still carry the name label.
+                if declared {
+                    labels.insert(NAMESPACE_NAME_LABEL.into(), name.to_string());
+                    state.namespaces.insert(
+                        name.to_string(),
+                        Namespace { name: name.to_string(), labels, audit },
+                    );
+                }
             }
-        }
-        for p in pods {
-            state.pods.insert(p.key(), p);
-        }
-        for p in policies {
-            state.policies.insert(p.key(), p);
-        }
-        state
-    })
+            for p in policies {
+                state.policies.insert(p.key(), p);
+            }
+            for s in slices_of(slices, &services, &pods) {
+                state.endpoint_slices.insert(s.key(), s);
+            }
+            for p in pods {
+                state.pods.insert(p.key(), p);
+            }
+            for s in services {
+                state.services.insert(s.key(), s);
+            }
+            state
+        },
+    )
 }
 
 fn options_strategy() -> impl Strategy<Value = CompileOptions> {
@@ -595,6 +731,99 @@ fn reference_np(s: &ClusterState, o: &CompileOptions, pod: &Pod, c: Conn) -> (bo
     (policed, !policed || allowed)
 }
 
+/// The backends of every Service destination `(remote, proto, port)` matches (a Service
+/// address at a Service port, or a node address at a node port), written from kube-proxy's
+/// behaviour: the ready endpoints of the slices of the address's family whose port has the
+/// Service port's name and protocol, at that slice port; serving terminating endpoints only when
+/// none is ready. `None` if no Service has this destination.
+fn ref_service_backends(
+    s: &ClusterState,
+    o: &CompileOptions,
+    remote: IpAddr,
+    proto: u8,
+    port: u16,
+) -> Option<Vec<(IpAddr, u16)>> {
+    let mut found = false;
+    let mut out = Vec::new();
+    for svc in s.services.values() {
+        for sp in &svc.ports {
+            let pnum = match sp.protocol {
+                Protocol::Tcp => 6,
+                Protocol::Udp => 17,
+                Protocol::Sctp => 132,
+            };
+            if pnum != proto {
+                continue;
+            }
+            let vip = svc
+                .cluster_ips
+                .iter()
+                .chain(&svc.external_ips)
+                .chain(&svc.load_balancer_ips)
+                .any(|a| *a == remote)
+                && sp.port == port;
+            let node = o.node_addrs.contains(&remote) && sp.node_port == Some(port);
+            if !vip && !node {
+                continue;
+            }
+            found = true;
+            let (mut ready, mut draining) = (Vec::new(), Vec::new());
+            for slice in s.endpoint_slices.values() {
+                let family_ok = match slice.address_type {
+                    AddressType::Ipv4 => remote.is_ipv4(),
+                    AddressType::Ipv6 => remote.is_ipv6(),
+                    AddressType::Fqdn => false,
+                };
+                if slice.namespace != svc.namespace
+                    || slice.service.as_deref() != Some(svc.name.as_str())
+                    || !family_ok
+                {
+                    continue;
+                }
+                for ep_port in &slice.ports {
+                    if ep_port.name != sp.name || ep_port.protocol != sp.protocol {
+                        continue;
+                    }
+                    for ep in &slice.endpoints {
+                        for a in &ep.addresses {
+                            if ep.ready {
+                                ready.push((*a, ep_port.port));
+                            } else if ep.serving && ep.terminating {
+                                draining.push((*a, ep_port.port));
+                            }
+                        }
+                    }
+                }
+            }
+            out.extend(if ready.is_empty() { draining } else { ready });
+        }
+    }
+    found.then_some(out)
+}
+
+/// (policed, allowed), Services included: a pod whose egress is policed may open a connection
+/// to a Service destination iff its egress policy allows every backend.
+fn reference_with_services(
+    s: &ClusterState,
+    o: &CompileOptions,
+    pod: &Pod,
+    c: Conn,
+) -> (bool, bool) {
+    let (policed, allowed) = reference(s, o, pod, c);
+    if c.dir != Direction::Egress || !policed {
+        return (policed, allowed);
+    }
+    match ref_service_backends(s, o, c.remote, c.proto, c.port) {
+        Some(backends) => (
+            true,
+            backends
+                .iter()
+                .all(|&(remote, port)| reference(s, o, pod, Conn { remote, port, ..c }).1),
+        ),
+        None => (policed, allowed),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Properties
 
@@ -619,15 +848,29 @@ fn check_cluster(
     let mut remotes: Vec<IpAddr> = s.pods.values().flat_map(|p| p.ips.iter().copied()).collect();
     remotes.extend(EXTRA_REMOTES.iter().map(|r| r.parse::<IpAddr>().unwrap()));
     remotes.extend(o.node_addrs.iter().copied());
+    for svc in s.services.values() {
+        remotes.extend(svc.cluster_ips.iter().chain(&svc.external_ips).copied());
+    }
+    let svc_ports: Vec<u16> = s
+        .services
+        .values()
+        .flat_map(|svc| svc.ports.iter().flat_map(|p| [Some(p.port), p.node_port]))
+        .flatten()
+        .collect();
     for &(pi, egress, ri, proto, port) in flows {
         let pod = local[pi % local.len()];
         let dir = if egress { Direction::Egress } else { Direction::Ingress };
         let remote = remotes[ri % remotes.len()];
+        // Every other flow aims at a Service port, when there are any.
+        let port = match (ri % 2, svc_ports.is_empty()) {
+            (0, false) => svc_ports[pi % svc_ports.len()],
+            _ => port,
+        };
         let port = if proto == 1 { 0 } else { port };
         let ep = &maps.endpoints[&pod.key()].value;
         let got = evaluate(&maps, ep, dir, remote, proto, port);
         let conn = Conn { dir, remote, proto, port };
-        let (policed, allowed) = reference(s, o, pod, conn);
+        let (policed, allowed) = reference_with_services(s, o, pod, conn);
         let ctx = format!("pod {} {dir} remote {remote} proto {proto} port {port}", pod.key());
         prop_assert_eq!(got.allow, allowed, "verdict: {}", ctx);
         prop_assert_eq!(got.policed, policed, "policed: {}", ctx);
@@ -681,6 +924,17 @@ fn check_cluster(
                         ctx
                     );
                 }
+                Some(RuleOrigin::Service { service, protocol, port: svc_port }) => {
+                    let svc = &s.services[service];
+                    let sp =
+                        svc.ports.iter().find(|p| p.protocol == *protocol && p.port == *svc_port);
+                    prop_assert!(sp.is_some(), "no such Service port: {}", ctx);
+                    prop_assert!(
+                        ref_service_backends(s, o, remote, proto, port).is_some(),
+                        "not a Service destination: {}",
+                        ctx
+                    );
+                }
                 None => prop_assert!(false, "unknown rule id {}: {}", got.rule_id, ctx),
             }
         }
@@ -700,14 +954,33 @@ proptest! {
 
 fn pick_change(s: &ClusterState, pool: &ClusterState, op: u8) -> Option<Change> {
     let n = op as usize;
-    match op % 8 {
+    match op % 12 {
         6 => pool
+            .services
+            .values()
+            .nth(n % pool.services.len().max(1))
+            .cloned()
+            .map(Change::UpsertService),
+        7 => s.services.keys().nth(n % s.services.len().max(1)).cloned().map(Change::DeleteService),
+        8 => pool
+            .endpoint_slices
+            .values()
+            .nth(n % pool.endpoint_slices.len().max(1))
+            .cloned()
+            .map(Change::UpsertEndpointSlice),
+        9 => s
+            .endpoint_slices
+            .keys()
+            .nth(n % s.endpoint_slices.len().max(1))
+            .cloned()
+            .map(Change::DeleteEndpointSlice),
+        10 => pool
             .cluster_policies
             .values()
             .nth(n % pool.cluster_policies.len().max(1))
             .cloned()
             .map(Change::UpsertClusterPolicy),
-        7 => s
+        11 => s
             .cluster_policies
             .keys()
             .nth(n % s.cluster_policies.len().max(1))

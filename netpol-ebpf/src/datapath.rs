@@ -11,6 +11,7 @@ use netpol_common::{
         CT_TCP_SYN_SENT, CT_VERDICT_ALLOW, CT_VERDICT_AUDIT, CT_VERDICT_DENY,
     },
     ep::{Endpoint, EndpointKey, EP_FLAG_AUDIT},
+    policy::RULE_NONE,
     DIR_EGRESS,
 };
 
@@ -143,7 +144,7 @@ fn track(
     if ct.generation != ep.generation {
         // The endpoint's policy changed since this flow was decided: check it again in the
         // orientation it was opened, so a policy change cuts established connections.
-        let d = evaluate(ep, ct.origin, &key.remote_addr, key.proto, service_port(&key, ct.origin));
+        let d = evaluate(ep, ct.origin, &key.remote_addr, key.proto, service_port(key, ct.origin));
         let cut = ct.verdict != CT_VERDICT_DENY;
         ct.verdict = if d.allow {
             CT_VERDICT_ALLOW
@@ -189,20 +190,22 @@ fn new_flow(
     now: u64,
     audit: bool,
 ) -> Reason {
-    let fwd = evaluate(ep, dir, &key.remote_addr, key.proto, service_port(&key, dir));
+    let fwd = evaluate(ep, dir, &key.remote_addr, key.proto, service_port(key, dir));
     let (origin, rule_id, verdict, reason) = if fwd.allow {
         let reason = if fwd.policed { Reason::AllowPolicy } else { Reason::AllowUnpoliced };
         (dir, fwd.rule_id, CT_VERDICT_ALLOW, reason)
     } else {
         // Mid-flow pickup: a packet that cannot open a connection (TCP without SYN, SCTP without
         // INIT, ICMP echo reply) passes if the connection is allowed the other way round. UDP
-        // cannot tell, so the reverse orientation counts only when a policy explicitly allows it
+        // cannot tell, so the reverse orientation counts only when a rule explicitly allows it
         // (a DNS reply to a pod whose egress allows DNS), never merely because the reverse
-        // direction is unpoliced: that would void every ingress-only policy for UDP.
+        // direction is unpoliced (that would void every ingress-only policy for UDP) or because
+        // no rule of a cluster tier matched it (a Baseline set that misses allows, with no rule:
+        // a pod's UDP to a denied Service address would pass as a "reply" from that address).
         let rev_dir = dir ^ 1;
         let rev = if !flow.initiates || flow.proto == PROTO_UDP {
-            let d = evaluate(ep, rev_dir, &key.remote_addr, key.proto, service_port(&key, rev_dir));
-            d.allow && (flow.proto != PROTO_UDP || d.policed)
+            let d = evaluate(ep, rev_dir, &key.remote_addr, key.proto, service_port(key, rev_dir));
+            d.allow && (flow.proto != PROTO_UDP || (d.policed && d.rule_id != RULE_NONE))
         } else {
             false
         };

@@ -1,18 +1,21 @@
 //! Incremental compilation: a change to one pod, namespace or policy recompiles only the policies
-//! whose resolution it can change and the local endpoints those policies select.
+//! whose resolution it can change and the local endpoints those policies select; a change to a
+//! Service or EndpointSlice redoes only the Service pass ([`super::services`]) of the endpoints
+//! whose egress is policed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use super::endpoint::{compile_pod, Ctx, Memo, SetResult};
+use super::endpoint::{compile_pod, Built, Ctx, Memo, SetResult};
 use super::index::{
     di, ns_labels, ns_selectors_match, peers_match_pod, resolve, Index, PeerMemo, PolicyInfo,
 };
 use super::rule_ids::{self, RuleOrigin};
+use super::services::{self, Destination, EgressSets};
 use super::tiers::{self, PodsMemo, TierCtx, TierMemo};
 use super::{CompileOptions, Compiled, CompiledEndpoint, PeerSet, PortSet};
 use crate::model::{
-    ClusterPolicy, ClusterState, Direction, Labels, Namespace, NetworkPolicy, Pod, PodRef,
-    PolicyRef, Tier,
+    ClusterPolicy, ClusterState, Direction, EndpointSlice, Labels, Namespace, NetworkPolicy,
+    ObjectRef, Pod, PodRef, PolicyRef, Service, ServiceRef, Tier,
 };
 
 /// One change to the cluster state.
@@ -30,10 +33,30 @@ pub enum Change {
     UpsertPolicy(NetworkPolicy),
     /// A policy was deleted.
     DeletePolicy(PolicyRef),
+    /// A Service was created or updated.
+    UpsertService(Service),
+    /// A Service was deleted.
+    DeleteService(ServiceRef),
+    /// An EndpointSlice was created or updated.
+    UpsertEndpointSlice(EndpointSlice),
+    /// An EndpointSlice was deleted.
+    DeleteEndpointSlice(ObjectRef),
     /// A cluster policy (Admin or Baseline tier) was created or updated.
     UpsertClusterPolicy(ClusterPolicy),
     /// A cluster policy was deleted ([`ClusterPolicy::key`]).
     DeleteClusterPolicy(PolicyRef),
+}
+
+/// A local endpoint's egress sets as the policy tiers compiled them (Admin, NetworkPolicy,
+/// Baseline), before the Service pass: the key of the Service pass's memo.
+type EgressBase = [Option<u64>; 3];
+
+/// Egress Admin-tier sets from policy that the Service pass replaced, kept to redo the pass.
+#[derive(Clone, Debug)]
+struct BaseAdmin {
+    built: Built,
+    /// Endpoints whose [`EgressBase`] names it.
+    users: usize,
 }
 
 /// Reference-counted storage of the sets in [`Compiled`].
@@ -54,6 +77,15 @@ pub struct Compiler {
     infos: BTreeMap<PolicyRef, PolicyInfo>,
     out: Compiled,
     refs: Refs,
+    /// Every Service destination with its backends.
+    dests: Vec<Destination>,
+    /// Per local endpoint with policed egress: its sets before the Service pass.
+    egress_base: BTreeMap<PodRef, EgressBase>,
+    /// See [`BaseAdmin`], by hash.
+    base_admin: HashMap<u64, BaseAdmin>,
+    /// Service pass results: the egress Admin-tier set hash for a base (valid while `dests`
+    /// is unchanged; the sets are content-addressed).
+    service_memo: HashMap<EgressBase, Option<u64>>,
 }
 
 impl Compiler {
@@ -67,6 +99,7 @@ impl Compiler {
             .iter()
             .map(|(k, p)| (k.clone(), resolve(&state, &index, p, &rule_ids, &mut memo)))
             .collect();
+        let dests = services::destinations(&state, &options.node_addrs, &rule_ids);
         let mut c = Compiler {
             options,
             state,
@@ -75,6 +108,10 @@ impl Compiler {
             infos,
             out: Compiled { rules, ..Compiled::default() },
             refs: Refs::default(),
+            dests,
+            egress_base: BTreeMap::new(),
+            base_admin: HashMap::new(),
+            service_memo: HashMap::new(),
         };
         let local: Vec<PodRef> = c.index.local_by_ns.values().flatten().cloned().collect();
         c.recompile_endpoints(local);
@@ -101,6 +138,7 @@ impl Compiler {
         let mut dirty_policies: BTreeSet<PolicyRef> = BTreeSet::new();
         let mut dirty_pods: BTreeSet<PodRef> = BTreeSet::new();
         let mut policies_changed = false;
+        let mut services_changed = false;
         // A policy whose selector changed selects other pods even if its rules resolve the same.
         let mut upserted: Option<PolicyRef> = None;
         match change {
@@ -177,6 +215,20 @@ impl Compiler {
                     policies_changed = true;
                 }
             }
+            Change::UpsertService(svc) => {
+                services_changed = true;
+                self.state.services.insert(svc.key(), svc);
+            }
+            Change::DeleteService(key) => {
+                services_changed = self.state.services.remove(&key).is_some();
+            }
+            Change::UpsertEndpointSlice(slice) => {
+                services_changed = true;
+                self.state.endpoint_slices.insert(slice.key(), slice);
+            }
+            Change::DeleteEndpointSlice(key) => {
+                services_changed = self.state.endpoint_slices.remove(&key).is_some();
+            }
             Change::UpsertClusterPolicy(policy) => {
                 let key = policy.key();
                 if let Some(old) = self.state.cluster_policies.get(&key) {
@@ -193,7 +245,7 @@ impl Compiler {
                 }
             }
         }
-        if policies_changed {
+        if policies_changed || services_changed {
             // Ids are stable hashes; only a hash collision can move another policy's id.
             let (ids, rules) = rule_ids::assign(&self.state);
             let mut cluster_ids_moved = false;
@@ -213,6 +265,15 @@ impl Compiler {
             }
             self.rule_ids = ids;
             self.out.rules = rules;
+            let dests =
+                services::destinations(&self.state, &self.options.node_addrs, &self.rule_ids);
+            if dests != self.dests {
+                self.dests = dests;
+                self.service_memo.clear();
+                services_changed = true;
+            } else {
+                services_changed = false;
+            }
         }
         let mut memo = PeerMemo::new();
         for key in &dirty_policies {
@@ -232,6 +293,17 @@ impl Compiler {
             }
         }
         self.recompile_endpoints(dirty_pods.iter().cloned().collect());
+        if services_changed {
+            let others: Vec<PodRef> =
+                self.egress_base.keys().filter(|k| !dirty_pods.contains(*k)).cloned().collect();
+            for key in others {
+                self.redo_service_pass(&key);
+                dirty_pods.insert(key);
+            }
+        }
+        // Forget results no endpoint uses any more.
+        let used: BTreeSet<&EgressBase> = self.egress_base.values().collect();
+        self.service_memo.retain(|base, _| used.contains(base));
         dirty_pods
     }
 
@@ -357,7 +429,22 @@ impl Compiler {
                         sets: BTreeMap::new(),
                         audit: self.audited(pod),
                     };
+                    let mut base: EgressBase = [None; 3];
                     for (slot, result) in results {
+                        if slot == (Direction::Egress, Tier::Admin) {
+                            // Kept aside: the Service pass decides the endpoint's Admin set.
+                            let hash = match result {
+                                SetResult::Known(h) => h,
+                                SetResult::New(h, built) => {
+                                    self.base_admin
+                                        .entry(h)
+                                        .or_insert(BaseAdmin { built: *built, users: 0 });
+                                    h
+                                }
+                            };
+                            base[0] = Some(hash);
+                            continue;
+                        }
                         let hash = match result {
                             SetResult::Known(h) => h,
                             SetResult::New(h, built) => {
@@ -367,18 +454,101 @@ impl Compiler {
                         };
                         self.acquire(hash);
                         ep.sets.insert(slot, hash);
+                        if slot.0 == Direction::Egress {
+                            base[slot.1 as usize] = Some(hash);
+                        }
                     }
-                    Some(ep)
+                    if base.iter().any(Option::is_some) {
+                        if let Some(h) = base[0] {
+                            if let Some(b) = self.base_admin.get_mut(&h) {
+                                b.users += 1;
+                            }
+                        }
+                        if let Some(h) = self.service_pass(&base) {
+                            self.acquire(h);
+                            ep.sets.insert((Direction::Egress, Tier::Admin), h);
+                        }
+                        Some((ep, Some(base)))
+                    } else {
+                        Some((ep, None))
+                    }
                 }
                 _ => None,
             };
-            let old = match new {
-                Some(ep) => self.out.endpoints.insert(key, ep),
-                None => self.out.endpoints.remove(&key),
+            let (old, old_base) = match new {
+                Some((ep, base)) => {
+                    let old_base = match base {
+                        Some(b) => self.egress_base.insert(key.clone(), b),
+                        None => self.egress_base.remove(&key),
+                    };
+                    (self.out.endpoints.insert(key, ep), old_base)
+                }
+                None => (self.out.endpoints.remove(&key), self.egress_base.remove(&key)),
             };
             for hash in old.into_iter().flat_map(|ep| ep.sets.into_values()) {
                 self.release(hash);
             }
+            if let Some(h) = old_base.and_then(|b| b[0]) {
+                self.release_base_admin(h);
+            }
+        }
+    }
+
+    /// Drops a use of a base Admin-tier set; the set goes with its last user.
+    fn release_base_admin(&mut self, hash: u64) {
+        if let Some(b) = self.base_admin.get_mut(&hash) {
+            b.users = b.users.saturating_sub(1);
+            if b.users == 0 {
+                self.base_admin.remove(&hash);
+            }
+        }
+    }
+
+    /// The egress Admin-tier set (hash; stored in the output, not yet acquired) of an endpoint
+    /// whose sets before the Service pass are `base`: see [`services`].
+    fn service_pass(&mut self, base: &EgressBase) -> Option<u64> {
+        if let Some(&memo) = self.service_memo.get(base) {
+            // The memo holds hashes only: a set released since must be built again.
+            if memo.is_none_or(|h| self.out.peer_sets.contains_key(&h)) {
+                return memo;
+            }
+        }
+        let admin = base[0].and_then(|h| self.base_admin.get(&h)).map(|b| &b.built);
+        let tiers = [
+            admin.map(|b| &b.set),
+            base[1].and_then(|h| self.out.peer_sets.get(&h)),
+            base[2].and_then(|h| self.out.peer_sets.get(&h)),
+        ];
+        let out_ports = &self.out.port_sets;
+        let resolve =
+            |h: u64| out_ports.get(&h).or_else(|| admin.and_then(|b| b.port_sets.get(&h)));
+        let sets = EgressSets::new(tiers, &resolve);
+        let mut port_sets = admin.map(|b| b.port_sets.clone()).unwrap_or_default();
+        let set = services::admin_set(&sets, &self.dests, &mut port_sets);
+        let hash = set.map(|set| {
+            let h = set.content_hash();
+            self.add_set(h, set, port_sets);
+            h
+        });
+        self.service_memo.insert(*base, hash);
+        hash
+    }
+
+    /// Redoes the Service pass of one endpoint (after Services or EndpointSlices changed).
+    fn redo_service_pass(&mut self, key: &PodRef) {
+        let Some(base) = self.egress_base.get(key).copied() else { return };
+        let new = self.service_pass(&base);
+        if let Some(h) = new {
+            self.acquire(h);
+        }
+        let slot = (Direction::Egress, Tier::Admin);
+        let Some(ep) = self.out.endpoints.get_mut(key) else { return };
+        let old = match new {
+            Some(h) => ep.sets.insert(slot, h),
+            None => ep.sets.remove(&slot),
+        };
+        if let Some(h) = old {
+            self.release(h);
         }
     }
 

@@ -28,6 +28,7 @@ pub struct Ctx<'a> {
 pub type Memo = HashMap<(Direction, Vec<PolicyRef>, Option<Vec<ContainerPort>>), u64>;
 
 /// A freshly built peer set with the port sets it references.
+#[derive(Clone, Debug)]
 pub struct Built {
     /// The set.
     pub set: PeerSet,

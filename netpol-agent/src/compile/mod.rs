@@ -14,6 +14,9 @@ mod index;
 mod peers;
 mod ports;
 mod rule_ids;
+mod services;
+#[cfg(test)]
+mod services_tests;
 mod tiers;
 
 use std::collections::BTreeMap;

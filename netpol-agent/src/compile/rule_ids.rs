@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use netpol_common::policy::RULE_NONE;
 
-use crate::model::{ClusterState, Direction, PolicyRef, Tier};
+use crate::model::{ClusterState, Direction, PolicyRef, Protocol, ServiceRef, Tier};
 
 /// Reserved id of the implicit "node to local pods" ingress rule.
 pub const HOST_RULE_ID: u32 = 1;
@@ -31,23 +31,48 @@ pub enum RuleOrigin {
     },
     /// Traffic from the node's own addresses to its pods ([`HOST_RULE_ID`]).
     NodeToPod,
+    /// Egress to the addresses of `service` on its port `protocol`/`port` (and its node port),
+    /// decided from the Service's backends (`compile::services`): allowed when the pod's
+    /// egress allows every backend, denied otherwise.
+    Service {
+        /// The Service.
+        service: ServiceRef,
+        /// The Service port's protocol.
+        protocol: Protocol,
+        /// The Service port (`spec.ports[].port`).
+        port: u16,
+    },
 }
 
 fn hash(origin: &RuleOrigin, attempt: u64) -> u32 {
     let mut buf = Vec::new();
-    if let RuleOrigin::Policy { tier, policy, direction, index } = origin {
-        buf.push(*tier as u8);
-        for s in [&policy.namespace, &policy.name] {
+    let name = |buf: &mut Vec<u8>, r: &crate::model::ObjectRef| {
+        for s in [&r.namespace, &r.name] {
             buf.extend_from_slice(&(s.len() as u64).to_le_bytes());
             buf.extend_from_slice(s.as_bytes());
         }
-        buf.push(direction.as_u8());
-        buf.extend_from_slice(&index.to_le_bytes());
+    };
+    match origin {
+        RuleOrigin::Policy { tier, policy, direction, index } => {
+            buf.push(*tier as u8);
+            name(&mut buf, policy);
+            buf.push(direction.as_u8());
+            buf.extend_from_slice(&index.to_le_bytes());
+        }
+        RuleOrigin::Service { service, protocol, port } => {
+            // A tag no tier uses, so a Service never hashes like a policy rule.
+            buf.push(0xff);
+            name(&mut buf, service);
+            buf.push(protocol.number());
+            buf.extend_from_slice(&port.to_le_bytes());
+        }
+        RuleOrigin::NodeToPod => {}
     }
     xxhash_rust::xxh3::xxh3_64_with_seed(&buf, attempt) as u32
 }
 
-/// Assigns ids to every rule of every policy in `state`, plus [`HOST_RULE_ID`].
+/// Assigns ids to every rule of every policy in `state`, then to every Service port, plus
+/// [`HOST_RULE_ID`]. Policies go first, so Services never move a policy rule's id.
 pub fn assign(state: &ClusterState) -> (BTreeMap<RuleOrigin, u32>, BTreeMap<u32, RuleOrigin>) {
     let mut by_origin = BTreeMap::new();
     let mut by_id = BTreeMap::new();
@@ -82,6 +107,23 @@ pub fn assign(state: &ClusterState) -> (BTreeMap<RuleOrigin, u32>, BTreeMap<u32,
                 by_id.insert(id, origin.clone());
                 by_origin.insert(origin, id);
             }
+        }
+    }
+    for (key, service) in &state.services {
+        for p in &service.ports {
+            let origin =
+                RuleOrigin::Service { service: key.clone(), protocol: p.protocol, port: p.port };
+            if by_origin.contains_key(&origin) {
+                continue; // the API forbids duplicate ports; tolerate them
+            }
+            let mut attempt = 0;
+            let mut id = hash(&origin, attempt);
+            while !taken.insert(id) {
+                attempt += 1;
+                id = hash(&origin, attempt);
+            }
+            by_id.insert(id, origin.clone());
+            by_origin.insert(origin, id);
         }
     }
     (by_origin, by_id)

@@ -3,14 +3,16 @@
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::api::networking::v1 as net;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{
-    Cidr, ClusterKind, ClusterPolicy, ContainerPort, IpBlock, LabelSelector, Labels, ModelError,
-    Namespace, NetworkPolicy, Operator, Peer, Pod, PolicyPort, PolicyType, PortRef, Protocol,
-    Requirement, Rule, AUDIT_KEY, NAMESPACE_NAME_LABEL,
+    AddressType, Cidr, ClusterKind, ClusterPolicy, ContainerPort, EndpointPort, EndpointSlice,
+    IpBlock, LabelSelector, Labels, ModelError, Namespace, NetworkPolicy, Operator, Peer, Pod,
+    PolicyPort, PolicyType, PortRef, Protocol, Requirement, Rule, Service, ServicePort,
+    SliceEndpoint, AUDIT_KEY, NAMESPACE_NAME_LABEL, SERVICE_NAME_LABEL,
 };
 
 /// A converted object.
@@ -18,6 +20,8 @@ pub enum Object {
     Pod(Pod),
     Namespace(Namespace),
     Policy(NetworkPolicy),
+    Service(Service),
+    EndpointSlice(EndpointSlice),
     Cluster(ClusterPolicy),
 }
 
@@ -292,6 +296,134 @@ pub fn policy(value: serde_json::Value) -> Result<NetworkPolicy, Failure> {
     }
     let audit = is_true(p.metadata.annotations.as_ref());
     Ok(NetworkPolicy { namespace, name, pod_selector, policy_types, ingress, egress, audit })
+}
+
+fn ip_at(text: &str, field: &str) -> Result<IpAddr, Failure> {
+    text.parse::<IpAddr>()
+        .map(|ip| ip.to_canonical())
+        .map_err(|_| invalid(field, ModelError::InvalidIp { value: text.to_string() }))
+}
+
+/// Converts a Service: its virtual addresses and ports. `targetPort` is not read: the
+/// EndpointSlices carry each backend's resolved port.
+pub fn service(value: serde_json::Value) -> Result<Service, Failure> {
+    let s: core::Service = serde_json::from_value(value).map_err(Failure::Decode)?;
+    let name = name_of(&s.metadata)?;
+    let namespace = namespace_of(&s.metadata);
+    let spec = s.spec.unwrap_or_default();
+    // "clusterIPs ... If this field is specified, the 0th entry must match the clusterIP field."
+    let raw: Vec<(String, String)> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip.clone()))
+            .collect(),
+        (_, Some(ip)) => vec![("spec.clusterIP".to_string(), ip.clone())],
+        _ => Vec::new(),
+    };
+    let mut cluster_ips = Vec::new();
+    for (field, text) in raw {
+        // Headless ("None") and ExternalName ("") Services have no virtual address.
+        if text.is_empty() || text == "None" {
+            continue;
+        }
+        cluster_ips.push(ip_at(&text, &field)?);
+    }
+    let mut external_ips = Vec::new();
+    for (i, text) in spec.external_ips.iter().flatten().enumerate() {
+        external_ips.push(ip_at(text, &format!("spec.externalIPs[{i}]"))?);
+    }
+    let mut load_balancer_ips = Vec::new();
+    let ingress = s.status.and_then(|st| st.load_balancer).and_then(|lb| lb.ingress);
+    for (i, ing) in ingress.iter().flatten().enumerate() {
+        // `ipMode: Proxy`: the load balancer proxies; kube-proxy does not DNAT the address.
+        if ing.ip_mode.as_deref() == Some("Proxy") {
+            continue;
+        }
+        if let Some(text) = ing.ip.as_deref().filter(|t| !t.is_empty()) {
+            let field = format!("status.loadBalancer.ingress[{i}].ip");
+            load_balancer_ips.push(ip_at(text, &field)?);
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        let port = port_number(i64::from(p.port), &format!("{field}.port"))?;
+        let protocol = protocol(p.protocol.as_deref(), &format!("{field}.protocol"))?;
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) => Some(port_number(i64::from(n), &format!("{field}.nodePort"))?),
+        };
+        ports.push(ServicePort {
+            name: p.name.clone().unwrap_or_default(),
+            protocol,
+            port,
+            node_port,
+        });
+    }
+    Ok(Service { namespace, name, cluster_ips, external_ips, load_balancer_ips, ports })
+}
+
+/// Converts an EndpointSlice (discovery.k8s.io/v1). FQDN slices convert without endpoints:
+/// kube-proxy ignores them.
+pub fn endpoint_slice(value: serde_json::Value) -> Result<EndpointSlice, Failure> {
+    let s: discovery::EndpointSlice = serde_json::from_value(value).map_err(Failure::Decode)?;
+    let name = name_of(&s.metadata)?;
+    let namespace = namespace_of(&s.metadata);
+    let service = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned();
+    let address_type = match s.address_type.as_str() {
+        "IPv4" => AddressType::Ipv4,
+        "IPv6" => AddressType::Ipv6,
+        "FQDN" => AddressType::Fqdn,
+        other => {
+            return Err(invalid(
+                "addressType",
+                ModelError::UnknownValue {
+                    value: other.to_string(),
+                    expected: "IPv4, IPv6 or FQDN",
+                },
+            ))
+        }
+    };
+    let mut ports = Vec::new();
+    for (i, p) in s.ports.iter().flatten().enumerate() {
+        let field = format!("ports[{i}]");
+        // "If this is not specified, ports are not restricted": kube-proxy skips such entries.
+        let Some(n) = p.port else { continue };
+        let port = port_number(i64::from(n), &format!("{field}.port"))?;
+        let protocol = protocol(p.protocol.as_deref(), &format!("{field}.protocol"))?;
+        ports.push(EndpointPort { name: p.name.clone().unwrap_or_default(), protocol, port });
+    }
+    let mut endpoints = Vec::new();
+    if address_type != AddressType::Fqdn {
+        let (want_v6, expected) = match address_type {
+            AddressType::Ipv6 => (true, "IPv6"),
+            _ => (false, "IPv4"),
+        };
+        for (i, e) in s.endpoints.iter().flatten().enumerate() {
+            let mut addresses = Vec::new();
+            for (j, text) in e.addresses.iter().enumerate() {
+                let field = format!("endpoints[{i}].addresses[{j}]");
+                let ip = ip_at(text, &field)?;
+                if ip.is_ipv6() != want_v6 {
+                    return Err(invalid(
+                        field,
+                        ModelError::AddressFamily { value: text.to_string(), expected },
+                    ));
+                }
+                addresses.push(ip);
+            }
+            let c = e.conditions.clone().unwrap_or_default();
+            endpoints.push(SliceEndpoint {
+                addresses,
+                // "ready ... A nil value should be interpreted as "true"" (serving likewise).
+                ready: c.ready.unwrap_or(true),
+                serving: c.serving.unwrap_or(true),
+                terminating: c.terminating.unwrap_or(false),
+            });
+        }
+    }
+    Ok(EndpointSlice { namespace, name, service, address_type, ports, endpoints })
 }
 
 #[cfg(test)]

@@ -244,9 +244,11 @@ impl Loader {
             "Pod" => convert::pod(value).map(convert::Object::Pod),
             "Namespace" => convert::namespace(value).map(convert::Object::Namespace),
             "NetworkPolicy" => convert::policy(value).map(convert::Object::Policy),
+            "Service" => convert::service(value).map(convert::Object::Service),
+            "EndpointSlice" => convert::endpoint_slice(value).map(convert::Object::EndpointSlice),
             k => match crate::model::ClusterKind::parse(k) {
                 Some(ck) => cluster::cluster_policy(ck, value).map(convert::Object::Cluster),
-                // Other kinds (Deployments, Services, ...) are not policy inputs.
+                // Other kinds (Deployments, Endpoints, ...) are not policy inputs.
                 None => return,
             },
         };
@@ -287,6 +289,12 @@ impl Loader {
             }
             convert::Object::Policy(p) => {
                 self.state.policies.insert(p.key(), p);
+            }
+            convert::Object::Service(s) => {
+                self.state.services.insert(s.key(), s);
+            }
+            convert::Object::EndpointSlice(s) => {
+                self.state.endpoint_slices.insert(s.key(), s);
             }
             convert::Object::Cluster(p) => {
                 self.state.cluster_policies.insert(p.key(), p);

@@ -213,6 +213,99 @@ fn audit_from_namespace_label_or_annotation_and_policy_annotation() {
     }
 }
 
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: prod}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  externalIPs: [192.0.2.10]
+  ports:
+  - {name: http, port: 80, targetPort: http, nodePort: 30080}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.1}, {ip: 198.51.100.2, ipMode: Proxy}, {hostname: lb.example}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: prod}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-abc, namespace: prod, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}, {name: nothing}]
+endpoints:
+- addresses: [10.0.0.1]
+- addresses: [10.0.0.2]
+  conditions: {ready: false, serving: true, terminating: true}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: names, namespace: prod}
+addressType: FQDN
+endpoints: [{addresses: [example.com]}]
+"#;
+
+#[test]
+fn services_and_endpoint_slices() {
+    use crate::model::{AddressType, ObjectRef};
+    let (s, errors) = load_str("svc.yaml", SERVICES);
+    assert!(errors.is_empty(), "{errors:?}");
+    let web = &s.services[&ObjectRef::new("prod", "web")];
+    let ips = |v: &[std::net::IpAddr]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+    assert_eq!(ips(&web.cluster_ips), ["10.96.0.10", "fd00:96::10"]);
+    assert_eq!(ips(&web.external_ips), ["192.0.2.10"]);
+    assert_eq!(ips(&web.load_balancer_ips), ["198.51.100.1"], "ipMode Proxy is not DNATed");
+    assert_eq!(web.ports.len(), 2);
+    assert_eq!((web.ports[0].name.as_str(), web.ports[0].node_port), ("http", Some(30080)));
+    assert_eq!((web.ports[1].protocol, web.ports[1].port), (Protocol::Udp, 53));
+    assert!(s.services[&ObjectRef::new("prod", "headless")].cluster_ips.is_empty());
+    let slice = &s.endpoint_slices[&ObjectRef::new("prod", "web-abc")];
+    assert_eq!(slice.service.as_deref(), Some("web"));
+    assert_eq!(slice.ports.len(), 2, "a port without a number is left out");
+    assert!(slice.endpoints[0].ready && !slice.endpoints[0].terminating);
+    assert!(!slice.endpoints[1].ready && slice.endpoints[1].serving);
+    let fqdn = &s.endpoint_slices[&ObjectRef::new("prod", "names")];
+    assert_eq!((fqdn.address_type, fqdn.endpoints.len()), (AddressType::Fqdn, 0));
+}
+
+#[test]
+fn service_errors_name_the_field() {
+    let cases = [
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: a}\nspec: {clusterIP: 10.96.0.300}\n",
+            r#"svc.yaml: Service a/s: spec.clusterIP: invalid IP address "10.96.0.300""#,
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: a}\nspec: {ports: [{port: 80, protocol: ICMP}]}\n",
+            r#"svc.yaml: Service a/s: spec.ports[0].protocol: unknown protocol "ICMP" (expected TCP, UDP or SCTP)"#,
+        ),
+        (
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e, namespace: a}\naddressType: IPv4\nendpoints: [{addresses: [\"fd00::1\"]}]\n",
+            "svc.yaml: EndpointSlice a/e: endpoints[0].addresses[0]: address fd00::1 is not IPv4",
+        ),
+        (
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e, namespace: a}\naddressType: IPv5\nendpoints: []\n",
+            r#"svc.yaml: EndpointSlice a/e: addressType: unknown value "IPv5" (expected IPv4, IPv6 or FQDN)"#,
+        ),
+        (
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e, namespace: a}\naddressType: IPv4\nports: [{port: 0}]\nendpoints: []\n",
+            "svc.yaml: EndpointSlice a/e: ports[0].port: port 0 is out of range 1-65535",
+        ),
+    ];
+    for (text, want) in cases {
+        let (s, errors) = load_str("svc.yaml", text);
+        assert_eq!(errors.len(), 1, "{text}");
+        assert_eq!(errors[0].to_string(), want);
+        assert!(s.services.is_empty() && s.endpoint_slices.is_empty());
+    }
+}
+
 const CLUSTER: &str = r#"
 apiVersion: policy.networking.k8s.io/v1alpha2
 kind: ClusterNetworkPolicy

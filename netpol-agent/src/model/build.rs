@@ -4,7 +4,6 @@
 //! They take literals written by a programmer and panic on invalid ones (a bad literal is a bug
 //! in the test); never feed them external input — [`crate::manifest`] validates that.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use super::*;
@@ -199,7 +198,112 @@ pub fn state(
         namespaces: namespaces.into_iter().map(|n| (n.name.clone(), n)).collect(),
         pods: pods.into_iter().map(|p| (p.0.key(), p.0)).collect(),
         policies: policies.into_iter().map(|p| (p.0.key(), p.0)).collect(),
-        cluster_policies: BTreeMap::new(),
+        ..ClusterState::default()
+    }
+}
+
+/// Starts a Service in `namespace` without addresses or ports.
+pub fn service(name: &str, namespace: &str) -> ServiceBuilder {
+    ServiceBuilder(Service {
+        namespace: namespace.into(),
+        name: name.into(),
+        cluster_ips: Vec::new(),
+        external_ips: Vec::new(),
+        load_balancer_ips: Vec::new(),
+        ports: Vec::new(),
+    })
+}
+
+/// Builder of [`Service`].
+#[derive(Clone, Debug)]
+pub struct ServiceBuilder(pub Service);
+
+impl ServiceBuilder {
+    /// Adds a cluster IP.
+    pub fn cluster_ip(mut self, ip: &str) -> Self {
+        self.0.cluster_ips.push(parse_ip(ip));
+        self
+    }
+    /// Adds an external IP.
+    pub fn external_ip(mut self, ip: &str) -> Self {
+        self.0.external_ips.push(parse_ip(ip));
+        self
+    }
+    /// Adds a load-balancer ingress IP.
+    pub fn lb_ip(mut self, ip: &str) -> Self {
+        self.0.load_balancer_ips.push(parse_ip(ip));
+        self
+    }
+    /// Adds a port (`name` empty for an unnamed one).
+    pub fn port(
+        mut self,
+        name: &str,
+        protocol: Protocol,
+        port: u16,
+        node_port: Option<u16>,
+    ) -> Self {
+        self.0.ports.push(ServicePort { name: name.into(), protocol, port, node_port });
+        self
+    }
+    /// The Service.
+    pub fn build(self) -> Service {
+        self.0
+    }
+}
+
+/// Starts an IPv4 EndpointSlice of Service `service` in `namespace`.
+pub fn slice(name: &str, namespace: &str, service: &str) -> SliceBuilder {
+    SliceBuilder(EndpointSlice {
+        namespace: namespace.into(),
+        name: name.into(),
+        service: Some(service.into()),
+        address_type: AddressType::Ipv4,
+        ports: Vec::new(),
+        endpoints: Vec::new(),
+    })
+}
+
+/// Builder of [`EndpointSlice`].
+#[derive(Clone, Debug)]
+pub struct SliceBuilder(pub EndpointSlice);
+
+impl SliceBuilder {
+    /// Makes it an IPv6 slice.
+    pub fn v6(mut self) -> Self {
+        self.0.address_type = AddressType::Ipv6;
+        self
+    }
+    /// Adds a port (the Service port's name, and the backend port).
+    pub fn port(mut self, name: &str, protocol: Protocol, port: u16) -> Self {
+        self.0.ports.push(EndpointPort { name: name.into(), protocol, port });
+        self
+    }
+    /// Adds an endpoint, ready or not (not ready: not serving either).
+    pub fn endpoint(mut self, ip: &str, ready: bool) -> Self {
+        self.0.endpoints.push(SliceEndpoint {
+            addresses: vec![parse_ip(ip)],
+            ready,
+            serving: ready,
+            terminating: false,
+        });
+        self
+    }
+    /// The slice.
+    pub fn build(self) -> EndpointSlice {
+        self.0
+    }
+}
+
+impl ClusterState {
+    /// Adds a Service (builder use).
+    pub fn with_service(mut self, s: ServiceBuilder) -> Self {
+        self.services.insert(s.0.key(), s.0);
+        self
+    }
+    /// Adds an EndpointSlice (builder use).
+    pub fn with_slice(mut self, s: SliceBuilder) -> Self {
+        self.endpoint_slices.insert(s.0.key(), s.0);
+        self
     }
 }
 

@@ -6,6 +6,7 @@ pub mod build;
 mod cluster;
 mod net;
 mod selector;
+mod service;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -20,6 +21,10 @@ pub(crate) use net::mask;
 pub use net::{key_of, Cidr, IpBlock};
 pub use netpol_common::ep::Tier;
 pub use selector::{LabelSelector, Operator, Requirement};
+pub use service::{
+    AddressType, EndpointPort, EndpointSlice, Service, ServicePort, ServiceRef, SliceEndpoint,
+    SERVICE_NAME_LABEL,
+};
 
 /// Labels of an object.
 pub type Labels = BTreeMap<String, String>;
@@ -114,6 +119,14 @@ pub enum ModelError {
     /// A required field is missing or empty.
     #[error("missing required field")]
     Missing,
+    /// An address of the wrong family (an IPv6 address in an IPv4 EndpointSlice, ...).
+    #[error("address {value} is not {expected}")]
+    AddressFamily {
+        /// The offending address.
+        value: String,
+        /// `IPv4` or `IPv6`.
+        expected: &'static str,
+    },
     /// A peer with `ipBlock` and a selector: "Exactly one of ipBlock or the selectors must be
     /// set".
     #[error("ipBlock may not be combined with podSelector or namespaceSelector")]
@@ -124,7 +137,7 @@ pub enum ModelError {
         /// The alternatives.
         fields: &'static str,
     },
-    /// A value outside its enumeration (tier, action).
+    /// A value outside its enumeration (tier, action, an EndpointSlice `addressType`).
     #[error("unknown value {value:?} (expected {expected})")]
     UnknownValue {
         /// The offending text.
@@ -439,6 +452,11 @@ pub struct ClusterState {
     pub pods: BTreeMap<PodRef, Pod>,
     /// NetworkPolicies by `namespace/name`.
     pub policies: BTreeMap<PolicyRef, NetworkPolicy>,
+    /// Services by `namespace/name`: their addresses decide pod egress to them
+    /// (`compile::services`).
+    pub services: BTreeMap<ServiceRef, Service>,
+    /// EndpointSlices by `namespace/name`: the Services' backends.
+    pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
     /// Cluster-scoped policies (Admin and Baseline tiers) by [`ClusterPolicy::key`].
     pub cluster_policies: BTreeMap<PolicyRef, ClusterPolicy>,
 }

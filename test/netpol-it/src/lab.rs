@@ -188,6 +188,17 @@ impl Lab {
         ip(&format!("netns del {}", pod.netns)).map(drop)
     }
 
+    /// Address `host` of the lab's /24 (blackholed: an empty lab is a range of addresses that
+    /// never leave the machine, e.g. for Service addresses).
+    pub fn address(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(LAB_PREFIX[0], LAB_PREFIX[1], self.subnet, host)
+    }
+
+    /// The bridge of the bridged topology.
+    pub fn bridge(&self) -> Option<&str> {
+        self.bridge.as_deref()
+    }
+
     /// The pods added so far.
     pub fn pods(&self) -> &[Pod] {
         &self.pods

@@ -17,6 +17,7 @@ pub mod netns;
 pub mod packet;
 pub mod probe;
 pub mod scenario;
+pub mod services;
 pub mod synth;
 
 /// Panics unless running as root with bpffs available: privileged tests must fail loudly, never

@@ -19,14 +19,29 @@
 //! - delete: ClusterNetworkPolicy/default-deny   # a cluster-scoped policy, as kind/name
 //! - label_pod: {pod: ns-1/busybox, labels: {app: busybox}}       # null removes a label
 //! - label_namespace: {namespace: ns-1, labels: {purpose: dev}}
+//! - expect: {port: 80/TCP, reach: [[ns-1/busybox, svc:ns-1/http-echo, true]]}   # via a Service
 //! - expect:
 //!     port: 80/TCP
 //!     matrix: |               # rows: from, columns: to; `.` reached, `X` blocked, `?` any
 //!       from\to        ns-1/http-echo
 //!       ns-1/busybox   .
 //! - full_matrix: true         # every pod to every pod on every declared port and protocol,
-//!                             # each cell checked against the compiler's verdict (`explain`)
+//!                             # each cell checked against the compiler's verdict (`explain`);
+//!                             # pods only: Service columns belong in `expect` steps
 //! ```
+//!
+//! Services (optional) get a Service address in a blackholed lab /24, an EndpointSlice per
+//! resolved target port computed from the pods their selector matches (as the EndpointSlice
+//! controller does; recomputed when a pod is relabelled), and a kube-proxy-style DNAT in the
+//! host namespace ([`crate::services::ServiceNat`]):
+//!
+//! ```yaml
+//! services:
+//! - {namespace: ns-1, name: http-echo, selector: {app: http-echo}, ports: [{port: 8080, targetPort: 80}]}
+//! ```
+//!
+//! A column `svc:NAMESPACE/NAME` probes the Service address at the expectation's port (a
+//! Service port; TCP or UDP).
 //!
 //! Each step may have a `name`. The lab starts a TCP echo server on every TCP port and a UDP echo
 //! server on every UDP port of a pod; SCTP probes are INIT chunks received by a raw socket in the
@@ -50,6 +65,7 @@ use crate::{
     lab::{Lab, Pod, Topology},
     manifests::{namespace, pod_with_protocols, ManifestDir},
     probe::{sctp_init, tcp_echo, udp_echo, TcpServer, UdpServer},
+    services::{service_manifest, slice_manifest, Backend, ServiceNat},
 };
 
 /// The node the scenario's pods run on.
@@ -72,6 +88,8 @@ pub struct Scenario {
     #[serde(default)]
     pub namespaces: Vec<NamespaceSpec>,
     pub pods: Vec<PodSpec>,
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
     pub steps: Vec<Step>,
     /// The file it was read from (set by [`Scenario::load`]).
     #[serde(skip)]
@@ -107,7 +125,30 @@ pub struct PortSpec {
     pub protocol: Protocol,
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+/// A Service: ClusterIP type, selector-based endpoints.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub namespace: String,
+    pub name: String,
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ServicePortSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePortSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub port: u16,
+    /// A number or a container port name; default: `port`.
+    #[serde(default, rename = "targetPort")]
+    pub target_port: Option<PortRef>,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Protocol {
     #[default]
     TCP,
@@ -188,7 +229,7 @@ pub struct Expect {
     pub matrix: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]
 pub enum PortRef {
     Number(u16),
@@ -379,6 +420,21 @@ impl Scenario {
         if self.pods.is_empty() {
             bail!("pods: none");
         }
+        for (i, svc) in self.services.iter().enumerate() {
+            if !self.namespaces.iter().any(|n| n.name == svc.namespace) {
+                bail!(
+                    "services[{i}] ({}): namespace {:?} is not declared",
+                    svc.name,
+                    svc.namespace
+                );
+            }
+            if svc.ports.is_empty() {
+                bail!("services[{i}] ({}): no ports", svc.name);
+            }
+            if svc.ports.iter().any(|p| p.protocol == Protocol::SCTP) {
+                bail!("services[{i}] ({}): SCTP Services are not probed by the lab", svc.name);
+            }
+        }
         for (i, step) in self.steps.iter().enumerate() {
             self.action(step).with_context(|| step.describe(i))?;
         }
@@ -391,6 +447,12 @@ impl Scenario {
         } else {
             bail!("no pod {key:?} (pods are named namespace/name)")
         }
+    }
+
+    /// The Service a `svc:namespace/name` column names.
+    fn service(&self, key: &str) -> Option<&ServiceSpec> {
+        let key = key.strip_prefix("svc:")?;
+        self.services.iter().find(|s| format!("{}/{}", s.namespace, s.name) == key)
     }
 
     fn action<'a>(&self, step: &'a Step) -> Result<Action<'a>> {
@@ -439,8 +501,18 @@ impl Scenario {
         }
         let Some(e) = &step.expect else { unreachable!("one action is set") };
         let c = e.checks().context("expect")?;
-        for p in c.rows.iter().chain(&c.cols) {
+        for p in &c.rows {
             self.has_pod(p).context("expect")?;
+        }
+        for p in &c.cols {
+            if p.starts_with("svc:") {
+                let svc = self.service(p).with_context(|| format!("expect: no Service {p:?}"))?;
+                if !svc.ports.iter().any(|sp| sp.port == c.port && sp.protocol == c.proto) {
+                    bail!("expect: Service {p} has no port {}/{}", c.port, c.proto);
+                }
+            } else {
+                self.has_pod(p).context("expect")?;
+            }
         }
         Ok(Action::Expect(c))
     }
@@ -457,7 +529,11 @@ pub struct Node<'s> {
     dir: ManifestDir,
     pods: BTreeMap<String, (Pod, BTreeMap<String, String>)>,
     ns_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// Per Service (`svc:namespace/name`): its DNAT and how many slices it has now.
+    services: BTreeMap<String, (ServiceNat, usize)>,
     _lab: Lab,
+    /// The /24 the Service addresses come from.
+    _vips: Lab,
 }
 
 fn pairs(m: &BTreeMap<String, String>) -> Vec<(&str, &str)> {
@@ -470,6 +546,14 @@ fn merge(into: &mut BTreeMap<String, String>, labels: &BTreeMap<String, Option<S
             Some(v) => into.insert(k.clone(), v.clone()),
             None => into.remove(k),
         };
+    }
+}
+
+fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::TCP => "TCP",
+        Protocol::UDP => "UDP",
+        Protocol::SCTP => "SCTP",
     }
 }
 
@@ -506,6 +590,107 @@ impl Node<'_> {
         Ok(pod_with_protocols(pod, &spec.namespace, NODE, &pairs(labels), &ports))
     }
 
+    /// What the EndpointSlice controller and kube-proxy would make of `svc` now: per distinct
+    /// set of resolved target ports, the ready pods (slices), and the backends of each port.
+    #[allow(clippy::type_complexity)]
+    fn endpoints(
+        &self,
+        svc: &ServiceSpec,
+    ) -> (Vec<(Vec<(String, Protocol, u16)>, Vec<std::net::Ipv4Addr>)>, Vec<Vec<Backend>>) {
+        let mut slices: BTreeMap<Vec<(String, Protocol, u16)>, Vec<std::net::Ipv4Addr>> =
+            BTreeMap::new();
+        let mut backends = vec![Vec::new(); svc.ports.len()];
+        for spec in self.scenario.pods.iter().filter(|p| p.namespace == svc.namespace) {
+            let (pod, labels) = &self.pods[&Scenario::pod_key(spec)];
+            if !svc.selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+                continue;
+            }
+            let mut ports = Vec::new();
+            for (i, sp) in svc.ports.iter().enumerate() {
+                // A named targetPort resolves per pod; a pod without it serves no such port.
+                let target = match &sp.target_port {
+                    None => Some(sp.port),
+                    Some(PortRef::Number(n)) => Some(*n),
+                    Some(PortRef::Text(t)) => t.parse().ok().or_else(|| {
+                        spec.ports
+                            .iter()
+                            .find(|cp| cp.name.as_deref() == Some(t) && cp.protocol == sp.protocol)
+                            .map(|cp| cp.port)
+                    }),
+                };
+                if let Some(t) = target {
+                    ports.push((sp.name.clone().unwrap_or_default(), sp.protocol, t));
+                    backends[i].push(Backend { ip: pod.ip, port: t });
+                }
+            }
+            slices.entry(ports).or_default().push(pod.ip);
+        }
+        (slices.into_iter().collect(), backends)
+    }
+
+    /// Writes every Service's manifests and programs its DNAT for the current pod labels;
+    /// returns whether a manifest changed.
+    fn sync_services(&mut self) -> Result<bool> {
+        let mut changed = false;
+        let write = |dir: &ManifestDir, file: &str, text: &str| -> Result<bool> {
+            let path = dir.path().join(file);
+            if std::fs::read_to_string(&path).ok().as_deref() == Some(text) {
+                return Ok(false);
+            }
+            dir.write(file, text)?;
+            Ok(true)
+        };
+        for svc in &self.scenario.services {
+            let key = format!("svc:{}/{}", svc.namespace, svc.name);
+            let (slices, backends) = self.endpoints(svc);
+            let (nat, count) = &self.services[&key];
+            let ports: Vec<(&str, &str, u16, String)> = svc
+                .ports
+                .iter()
+                .map(|p| {
+                    let target = match &p.target_port {
+                        None => p.port.to_string(),
+                        Some(PortRef::Number(n)) => n.to_string(),
+                        Some(PortRef::Text(t)) => t.clone(),
+                    };
+                    (p.name.as_deref().unwrap_or(""), proto_name(p.protocol), p.port, target)
+                })
+                .collect();
+            let ports: Vec<(&str, &str, u16, &str)> =
+                ports.iter().map(|(n, pr, p, t)| (*n, *pr, *p, t.as_str())).collect();
+            let base = format!("{}-{}", svc.namespace, svc.name);
+            changed |= write(
+                &self.dir,
+                &format!("svc-{base}.yaml"),
+                &service_manifest(&svc.namespace, &svc.name, nat.vip(), &ports),
+            )?;
+            for (i, (ports, ips)) in slices.iter().enumerate() {
+                let ports: Vec<(&str, &str, u16)> =
+                    ports.iter().map(|(n, pr, p)| (n.as_str(), proto_name(*pr), *p)).collect();
+                let eps: Vec<(std::net::Ipv4Addr, bool)> =
+                    ips.iter().map(|ip| (*ip, true)).collect();
+                let name = format!("{}-{i}", svc.name);
+                let text = slice_manifest(&svc.namespace, &name, &svc.name, &ports, &eps);
+                changed |= write(&self.dir, &format!("slice-{base}-{i}.yaml"), &text)?;
+            }
+            for i in slices.len()..*count {
+                self.dir.remove(&format!("slice-{base}-{i}.yaml"))?;
+                changed = true;
+            }
+            let rules: Vec<(&str, u16, Vec<Backend>)> = svc
+                .ports
+                .iter()
+                .zip(backends)
+                .map(|(p, b)| (proto_name(p.protocol), p.port, b))
+                .map(|(pr, p, b)| (if pr == "TCP" { "tcp" } else { "udp" }, p, b))
+                .collect();
+            nat.set(&rules)?;
+            let n = slices.len();
+            self.services.get_mut(&key).expect("exists").1 = n;
+        }
+        Ok(changed)
+    }
+
     /// Writes (or removes, `text` None) a manifest and waits until the agent applied it.
     fn change(&self, file: &str, text: Option<&str>) -> Result<()> {
         let before = self.agent.applies();
@@ -524,7 +709,16 @@ impl Node<'_> {
     }
 
     fn probe(&self, from: &str, to: &str, port: u16, proto: Protocol) -> Result<bool> {
-        let (from, to) = (&self.pods[from].0, &self.pods[to].0);
+        let from = &self.pods[from].0;
+        if let Some((nat, _)) = self.services.get(to) {
+            let addr = SocketAddr::from((nat.vip(), port));
+            return match proto {
+                Protocol::TCP => tcp_echo(&from.netns, addr, PROBE_TIMEOUT),
+                Protocol::UDP => udp_echo(&from.netns, addr, PROBE_TIMEOUT),
+                Protocol::SCTP => bail!("SCTP probes to Services are not supported"),
+            };
+        }
+        let to = &self.pods[to].0;
         let addr = SocketAddr::from((to.ip, port));
         match proto {
             Protocol::TCP => tcp_echo(&from.netns, addr, PROBE_TIMEOUT),
@@ -652,8 +846,22 @@ impl<'s> Node<'s> {
             dir.write(&format!("ns-{}.yaml", ns.name), &namespace(&ns.name, &pairs(&ns.labels)))?;
             ns_labels.insert(ns.name.clone(), ns.labels.clone());
         }
+        // Service addresses come from a /24 of their own, blackholed like every lab range.
+        let vips = Lab::new()?;
+        let mut services = BTreeMap::new();
+        for (i, svc) in scenario.services.iter().enumerate() {
+            let vip = vips.address(10 + i as u8);
+            println!(
+                "   service {:<24} {vip:<15} {:?}",
+                format!("{}/{}", svc.namespace, svc.name),
+                svc.selector
+            );
+            let nat = ServiceNat::new(vip)?;
+            nat.route_from(&lab)?;
+            services.insert(format!("svc:{}/{}", svc.namespace, svc.name), (nat, 0));
+        }
         let agent = RunningAgent::start(&dir, NODE, &tag);
-        let node = Node {
+        let mut node = Node {
             scenario,
             topology,
             agent,
@@ -662,12 +870,15 @@ impl<'s> Node<'s> {
             dir,
             pods,
             ns_labels,
+            services,
             _lab: lab,
+            _vips: vips,
         };
         for key in node.pods.keys() {
             node.dir
                 .write(&format!("pod-{}.yaml", key.replace('/', "-")), &node.pod_manifest(key)?)?;
         }
+        node.sync_services()?;
         node.agent.wait_ready();
         Ok(node)
     }
@@ -713,6 +924,11 @@ impl<'s> Node<'s> {
                 merge(&mut self.pods.get_mut(&l.pod).expect("validated").1, &l.labels);
                 let text = self.pod_manifest(&l.pod)?;
                 self.change(&format!("pod-{}.yaml", l.pod.replace('/', "-")), Some(&text))?;
+                // Selectors may match differently now: new slices and DNAT.
+                let before = self.agent.applies();
+                if self.sync_services()? {
+                    self.agent.wait_applied(before);
+                }
             }
             Action::LabelNamespace(l) => {
                 println!("-- {what}: label namespace {} {:?}", l.namespace, l.labels);
@@ -884,6 +1100,26 @@ mod tests {
         ))
         .unwrap_err();
         assert!(format!("{e:#}").contains("names no namespace"), "{e:#}");
+    }
+
+    #[test]
+    fn service_columns_are_checked() {
+        let svc = "services: [{namespace: a, name: web, selector: {app: p}, ports: [{port: 8080, targetPort: 80}]}]\n";
+        let s = parse(&format!(
+            "{BASE}{svc}steps:\n- expect: {{port: 8080, reach: [[a/q, svc:a/web, true]]}}\n"
+        ))
+        .unwrap();
+        assert!(s.service("svc:a/web").is_some());
+        let e = parse(&format!(
+            "{BASE}{svc}steps:\n- expect: {{port: 80, reach: [[a/q, svc:a/web, true]]}}\n"
+        ))
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("Service svc:a/web has no port 80/TCP"), "{e:#}");
+        let e = parse(&format!(
+            "{BASE}{svc}steps:\n- expect: {{port: 8080, reach: [[a/q, svc:a/nope, true]]}}\n"
+        ))
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("no Service \"svc:a/nope\""), "{e:#}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
-//! Kubernetes API source: reflectors over Pods, Namespaces, NetworkPolicies and the
-//! network-policy-api kinds (ClusterNetworkPolicy v1alpha2, AdminNetworkPolicy and
-//! BaselineAdminNetworkPolicy v1alpha1, as dynamic objects), turned into level-triggered
-//! [`SourceEvent`]s.
+//! Kubernetes API source: reflectors over Pods, Namespaces, NetworkPolicies, Services,
+//! EndpointSlices and the network-policy-api kinds (ClusterNetworkPolicy v1alpha2,
+//! AdminNetworkPolicy and BaselineAdminNetworkPolicy v1alpha1, as dynamic objects), turned into
+//! level-triggered [`SourceEvent`]s.
 //!
 //! The network-policy-api CRDs need not exist: a kind whose list answers `404 Not Found` counts
 //! as synced and empty ("no such policies", logged once), so it never blocks the first snapshot
@@ -10,7 +10,7 @@
 //! - The watchers (`any_semantic` lists from the watch cache, default page size, bookmarks on)
 //!   run with `.default_backoff()`; their objects are trimmed ([`trim`]) before they reach the
 //!   stores, since the agent sees every pod of the cluster.
-//! - Nothing is sent before the initial lists of all three kinds completed (`InitDone`). Then
+//! - Nothing is sent before the initial lists of all kinds completed (`InitDone`). Then
 //!   every store change schedules one [`SourceEvent::Snapshot`] after `debounce`, so a burst of
 //!   events gives one snapshot; a snapshot equal to the previous one is not sent (bookmarks and
 //!   changes to trimmed-away fields, such as pod conditions, change nothing).
@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::api::networking::v1 as net;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -124,16 +125,20 @@ pub enum Kind {
     Namespace = 1,
     /// `networking.k8s.io/v1/NetworkPolicy`.
     NetworkPolicy = 2,
+    /// `v1/Service`.
+    Service = 3,
+    /// `discovery.k8s.io/v1/EndpointSlice`.
+    EndpointSlice = 4,
     /// `policy.networking.k8s.io/v1alpha2/ClusterNetworkPolicy` (optional CRD).
-    ClusterNetworkPolicy = 3,
+    ClusterNetworkPolicy = 5,
     /// `policy.networking.k8s.io/v1alpha1/AdminNetworkPolicy` (optional CRD).
-    AdminNetworkPolicy = 4,
+    AdminNetworkPolicy = 6,
     /// `policy.networking.k8s.io/v1alpha1/BaselineAdminNetworkPolicy` (optional CRD).
-    BaselineAdminNetworkPolicy = 5,
+    BaselineAdminNetworkPolicy = 7,
 }
 
 /// Number of watched kinds.
-const KINDS: usize = 6;
+const KINDS: usize = 8;
 
 impl Kind {
     fn name(self) -> &'static str {
@@ -141,6 +146,8 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
             Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
             Kind::AdminNetworkPolicy => "AdminNetworkPolicy",
             Kind::BaselineAdminNetworkPolicy => "BaselineAdminNetworkPolicy",
@@ -249,6 +256,8 @@ struct Stores {
     pods: Store<core::Pod>,
     namespaces: Store<core::Namespace>,
     policies: Store<net::NetworkPolicy>,
+    services: Store<core::Service>,
+    slices: Store<discovery::EndpointSlice>,
     /// ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy.
     cluster: [Store<DynamicObject>; 3],
 }
@@ -260,6 +269,8 @@ impl Stores {
             &self.pods.state(),
             &self.namespaces.state(),
             &self.policies.state(),
+            &self.services.state(),
+            &self.slices.state(),
             [&a, &b, &c],
         )
     }
@@ -272,6 +283,10 @@ fn watch_all(client: kube::Client) -> (Stores, impl Stream<Item = Update> + Unpi
         reflect(Api::all(client.clone()), Kind::Namespace, trim::namespace);
     let (policies, policy_updates) =
         reflect(Api::all(client.clone()), Kind::NetworkPolicy, trim::policy);
+    let (services, service_updates) =
+        reflect(Api::all(client.clone()), Kind::Service, trim::service);
+    let (slices, slice_updates) =
+        reflect(Api::all(client.clone()), Kind::EndpointSlice, trim::endpoint_slice);
     let (cnp, cnp_updates) = reflect_dynamic(client.clone(), Kind::ClusterNetworkPolicy);
     let (anp, anp_updates) = reflect_dynamic(client.clone(), Kind::AdminNetworkPolicy);
     let (banp, banp_updates) = reflect_dynamic(client, Kind::BaselineAdminNetworkPolicy);
@@ -279,11 +294,13 @@ fn watch_all(client: kube::Client) -> (Stores, impl Stream<Item = Update> + Unpi
         pod_updates,
         ns_updates,
         policy_updates,
+        service_updates,
+        slice_updates,
         cnp_updates,
         anp_updates,
         banp_updates,
     ]);
-    (Stores { pods, namespaces, policies, cluster: [cnp, anp, banp] }, updates)
+    (Stores { pods, namespaces, policies, services, slices, cluster: [cnp, anp, banp] }, updates)
 }
 
 /// An error with its sources, `a: b: c`, skipping sources already quoted by their parent.
@@ -327,7 +344,7 @@ pub async fn run(
     let mut tracker = Tracker::default();
     let mut converter = Converter::default();
     let mut last: Option<(crate::model::ClusterState, Vec<String>)> = None;
-    info!("watching Pods, Namespaces, NetworkPolicies and the network-policy-api kinds");
+    info!("watching Pods, Namespaces, NetworkPolicies, Services, EndpointSlices and the network-policy-api kinds");
     loop {
         let deadline = tracker.deadline();
         let event = tokio::select! {
@@ -484,10 +501,12 @@ mod tracker_tests {
     use super::*;
 
     impl Kind {
-        const ALL: [Kind; 6] = [
+        const ALL: [Kind; KINDS] = [
             Kind::Pod,
             Kind::Namespace,
             Kind::NetworkPolicy,
+            Kind::Service,
+            Kind::EndpointSlice,
             Kind::ClusterNetworkPolicy,
             Kind::AdminNetworkPolicy,
             Kind::BaselineAdminNetworkPolicy,
@@ -506,7 +525,7 @@ mod tracker_tests {
             assert!(t.observe(kind, Ok(Step::Listed), now).is_none());
         }
         // The CRDs are not installed: synced and empty, not an outage.
-        for kind in &Kind::ALL[3..] {
+        for kind in Kind::ALL.iter().filter(|k| k.optional()) {
             assert!(t.observe(*kind, Err(status(404)), now).is_none());
             assert!(t.observe(*kind, Err(status(404)), now).is_none(), "logged and scheduled once");
         }
@@ -518,6 +537,9 @@ mod tracker_tests {
         t.observe(Kind::NetworkPolicy, Ok(Step::Listing), now);
         assert_eq!(t.deadline(), None);
         t.observe(Kind::NetworkPolicy, Ok(Step::Listed), now);
+        t.observe(Kind::Service, Ok(Step::Listed), now);
+        assert_eq!(t.deadline(), None, "EndpointSlices not listed yet");
+        t.observe(Kind::EndpointSlice, Ok(Step::Listed), now);
         assert_eq!(t.deadline(), Some(now));
         assert!(!t.take_due());
         assert_eq!(t.deadline(), None);

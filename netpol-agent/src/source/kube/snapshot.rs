@@ -9,12 +9,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::api::networking::v1 as net;
 use kube::ResourceExt;
 use serde::Serialize;
 
 use crate::manifest::convert::{self, Failure};
-use crate::model::{ClusterKind, ClusterPolicy, ClusterState, Namespace, NetworkPolicy, Pod};
+use crate::model::{
+    ClusterKind, ClusterPolicy, ClusterState, EndpointSlice, Namespace, NetworkPolicy, Pod, Service,
+};
 
 /// Pod phases whose containers have all terminated: such pods are not endpoints.
 const TERMINAL_PHASES: [&str; 2] = ["Succeeded", "Failed"];
@@ -113,6 +116,8 @@ pub struct Converter {
     pods: Cache<Pod>,
     namespaces: Cache<Namespace>,
     policies: Cache<NetworkPolicy>,
+    services: Cache<Service>,
+    slices: Cache<EndpointSlice>,
     cluster: [Cache<ClusterPolicy>; 3],
 }
 
@@ -127,8 +132,10 @@ impl Converter {
         pods: &[Arc<core::Pod>],
         namespaces: &[Arc<core::Namespace>],
         policies: &[Arc<net::NetworkPolicy>],
+        services: &[Arc<core::Service>],
+        slices: &[Arc<discovery::EndpointSlice>],
     ) -> (ClusterState, Vec<String>) {
-        self.build_all(pods, namespaces, policies, [&[], &[], &[]])
+        self.build_all(pods, namespaces, policies, services, slices, [&[], &[], &[]])
     }
 
     /// [`Converter::build`] with the cluster policies of the three network-policy-api kinds.
@@ -137,6 +144,8 @@ impl Converter {
         pods: &[Arc<core::Pod>],
         namespaces: &[Arc<core::Namespace>],
         policies: &[Arc<net::NetworkPolicy>],
+        services: &[Arc<core::Service>],
+        slices: &[Arc<discovery::EndpointSlice>],
         cluster: ClusterObjects,
     ) -> (ClusterState, Vec<String>) {
         let mut state = ClusterState::default();
@@ -153,6 +162,15 @@ impl Converter {
         let outcomes = self.policies.update("NetworkPolicy", policies, |_| false, convert::policy);
         gather(outcomes, &mut errors, |p| {
             state.policies.insert(p.key(), p);
+        });
+        let outcomes = self.services.update("Service", services, |_| false, convert::service);
+        gather(outcomes, &mut errors, |s| {
+            state.services.insert(s.key(), s);
+        });
+        let outcomes =
+            self.slices.update("EndpointSlice", slices, |_| false, convert::endpoint_slice);
+        gather(outcomes, &mut errors, |s| {
+            state.endpoint_slices.insert(s.key(), s);
         });
         for ((kind, cache), objects) in
             ClusterKind::ALL.into_iter().zip(&mut self.cluster).zip(cluster)
@@ -187,8 +205,10 @@ pub fn snapshot(
     pods: &[Arc<core::Pod>],
     namespaces: &[Arc<core::Namespace>],
     policies: &[Arc<net::NetworkPolicy>],
+    services: &[Arc<core::Service>],
+    slices: &[Arc<discovery::EndpointSlice>],
 ) -> (ClusterState, Vec<String>) {
-    Converter::default().build(pods, namespaces, policies)
+    Converter::default().build(pods, namespaces, policies, services, slices)
 }
 
 #[cfg(test)]
@@ -267,7 +287,7 @@ mod tests {
             },
         ];
         for c in cases {
-            let (state, errors) = snapshot(&c.pods, &[], &c.policies);
+            let (state, errors) = snapshot(&c.pods, &[], &c.policies, &[], &[]);
             assert_eq!(names(&state.pods), c.want_pods, "{}", c.name);
             assert_eq!(names(&state.policies), c.want_policies, "{}", c.name);
             assert_eq!(errors, c.want_errors, "{}", c.name);
@@ -278,7 +298,7 @@ mod tests {
     fn namespaces_get_the_name_label() {
         let ns: Arc<core::Namespace> =
             obj(json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "prod" } }));
-        let (state, errors) = snapshot(&[], &[ns], &[]);
+        let (state, errors) = snapshot(&[], &[ns], &[], &[], &[]);
         assert!(errors.is_empty());
         assert_eq!(state.namespaces["prod"].labels[crate::model::NAMESPACE_NAME_LABEL], "prod");
     }
@@ -286,24 +306,24 @@ mod tests {
     #[test]
     fn cache_follows_resource_versions_and_deletions() {
         let mut c = Converter::default();
-        let (s, _) = c.build(&[pod("a", "1", "10.0.0.1", "Running")], &[], &[]);
+        let (s, _) = c.build(&[pod("a", "1", "10.0.0.1", "Running")], &[], &[], &[], &[]);
         assert_eq!(s.pods.values().next().map(|p| p.ips[0].to_string()), Some("10.0.0.1".into()));
         // Same version: the cached conversion is reused (the changed address is not seen, which
         // proves the cache is used; the API never changes an object without a new version).
-        let (s, _) = c.build(&[pod("a", "1", "10.0.0.9", "Running")], &[], &[]);
+        let (s, _) = c.build(&[pod("a", "1", "10.0.0.9", "Running")], &[], &[], &[], &[]);
         assert_eq!(s.pods.values().next().map(|p| p.ips[0].to_string()), Some("10.0.0.1".into()));
         // New version: converted again, including into a terminal phase.
-        let (s, _) = c.build(&[pod("a", "2", "10.0.0.2", "Running")], &[], &[]);
+        let (s, _) = c.build(&[pod("a", "2", "10.0.0.2", "Running")], &[], &[], &[], &[]);
         assert_eq!(s.pods.values().next().map(|p| p.ips[0].to_string()), Some("10.0.0.2".into()));
-        let (s, _) = c.build(&[pod("a", "3", "10.0.0.2", "Failed")], &[], &[]);
+        let (s, _) = c.build(&[pod("a", "3", "10.0.0.2", "Failed")], &[], &[], &[], &[]);
         assert!(s.pods.is_empty());
         // Deleted objects leave the cache.
-        c.build(&[], &[], &[]);
+        c.build(&[], &[], &[], &[], &[]);
         assert!(c.pods.entries.is_empty());
         // Without a resourceVersion nothing is cached across calls.
-        let (s, _) = c.build(&[pod("b", "", "10.0.0.1", "Running")], &[], &[]);
+        let (s, _) = c.build(&[pod("b", "", "10.0.0.1", "Running")], &[], &[], &[], &[]);
         assert_eq!(s.pods.len(), 1);
-        let (s, _) = c.build(&[pod("b", "", "10.0.0.5", "Running")], &[], &[]);
+        let (s, _) = c.build(&[pod("b", "", "10.0.0.5", "Running")], &[], &[], &[], &[]);
         assert_eq!(s.pods.values().next().map(|p| p.ips[0].to_string()), Some("10.0.0.5".into()));
     }
 
@@ -311,8 +331,8 @@ mod tests {
     fn errors_are_cached_too() {
         let mut c = Converter::default();
         let bad = [policy("b", "1", "nope")];
-        let (_, e1) = c.build(&[], &[], &bad);
-        let (_, e2) = c.build(&[], &[], &bad);
+        let (_, e1) = c.build(&[], &[], &bad, &[], &[]);
+        let (_, e2) = c.build(&[], &[], &bad, &[], &[]);
         assert_eq!(e1.len(), 1);
         assert_eq!(e1, e2);
     }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::api::networking::v1 as net;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -82,6 +83,62 @@ pub fn namespace(n: &mut core::Namespace) {
 /// Trims metadata (see [`meta`]); the spec is kept whole.
 pub fn policy(p: &mut net::NetworkPolicy) {
     meta(&mut p.metadata);
+}
+
+/// Keeps metadata (see [`meta`]), the addresses (`clusterIP`, `clusterIPs`, `externalIPs`,
+/// load-balancer ingress `ip` and `ipMode`) and the ports (name, protocol, port, nodePort).
+pub fn service(s: &mut core::Service) {
+    meta(&mut s.metadata);
+    s.spec = s.spec.take().map(|sp| core::ServiceSpec {
+        cluster_ip: sp.cluster_ip,
+        cluster_ips: sp.cluster_ips,
+        external_ips: sp.external_ips,
+        ports: sp.ports.map(|ports| {
+            ports
+                .into_iter()
+                .map(|p| core::ServicePort {
+                    name: p.name,
+                    protocol: p.protocol,
+                    port: p.port,
+                    node_port: p.node_port,
+                    ..core::ServicePort::default()
+                })
+                .collect()
+        }),
+        ..core::ServiceSpec::default()
+    });
+    s.status = s.status.take().map(|st| core::ServiceStatus {
+        load_balancer: st.load_balancer.map(|lb| core::LoadBalancerStatus {
+            ingress: lb.ingress.map(|ing| {
+                ing.into_iter()
+                    .map(|i| core::LoadBalancerIngress {
+                        ip: i.ip,
+                        ip_mode: i.ip_mode,
+                        ..core::LoadBalancerIngress::default()
+                    })
+                    .collect()
+            }),
+        }),
+        ..core::ServiceStatus::default()
+    });
+}
+
+/// Keeps metadata (see [`meta`]; the labels name the Service), `addressType`, the ports and,
+/// of each endpoint, its addresses and conditions (not its topology, hints or target).
+pub fn endpoint_slice(s: &mut discovery::EndpointSlice) {
+    meta(&mut s.metadata);
+    s.endpoints = s.endpoints.take().map(|eps| {
+        eps.into_iter()
+            .map(|e| discovery::Endpoint {
+                addresses: e.addresses,
+                conditions: e.conditions,
+                ..discovery::Endpoint::default()
+            })
+            .collect()
+    });
+    s.ports = s.ports.take().map(|ports| {
+        ports.into_iter().map(|p| discovery::EndpointPort { app_protocol: None, ..p }).collect()
+    });
 }
 
 /// Trims metadata of a cluster policy (ClusterNetworkPolicy and the v1alpha1 kinds); the spec
@@ -192,6 +249,52 @@ mod tests {
             got,
             json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "prod", "labels": { "a": "b" } } })
         );
+    }
+
+    #[test]
+    fn services_and_slices_keep_what_the_service_pass_reads() {
+        let svc = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": "web", "namespace": "prod", "managedFields": [{ "manager": "m" }] },
+            "spec": {
+                "type": "LoadBalancer", "selector": { "app": "web" }, "sessionAffinity": "None",
+                "clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"], "externalIPs": ["192.0.2.1"],
+                "ports": [{ "name": "http", "port": 80, "targetPort": "http", "nodePort": 30080, "protocol": "TCP", "appProtocol": "h2" }],
+            },
+            "status": { "loadBalancer": { "ingress": [{ "ip": "198.51.100.1", "ipMode": "VIP", "hostname": "x" }] } },
+        });
+        let mut s: core::Service = serde_json::from_value(svc.clone()).expect("valid service");
+        service(&mut s);
+        let got = serde_json::to_value(&s).expect("json");
+        assert_eq!(got["metadata"], json!({ "name": "web", "namespace": "prod" }));
+        assert_eq!(
+            got["spec"],
+            json!({ "clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"], "externalIPs": ["192.0.2.1"],
+                    "ports": [{ "name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP" }] })
+        );
+        let conv = |v: serde_json::Value| crate::manifest::convert::service(v).ok().expect("valid");
+        assert_eq!(conv(got), conv(svc));
+
+        let slice = json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": { "name": "web-a", "namespace": "prod", "labels": { "kubernetes.io/service-name": "web" } },
+            "addressType": "IPv4",
+            "ports": [{ "name": "http", "port": 8080, "protocol": "TCP", "appProtocol": "h2" }],
+            "endpoints": [{ "addresses": ["10.0.0.1"], "conditions": { "ready": false, "serving": true, "terminating": true },
+                            "nodeName": "n", "zone": "z", "targetRef": { "kind": "Pod", "name": "web-1" }, "hints": { "forZones": [{ "name": "z" }] } }],
+        });
+        let mut e: discovery::EndpointSlice =
+            serde_json::from_value(slice.clone()).expect("valid slice");
+        endpoint_slice(&mut e);
+        let got = serde_json::to_value(&e).expect("json");
+        assert_eq!(
+            got["endpoints"],
+            json!([{ "addresses": ["10.0.0.1"], "conditions": { "ready": false, "serving": true, "terminating": true } }])
+        );
+        assert_eq!(got["ports"], json!([{ "name": "http", "port": 8080, "protocol": "TCP" }]));
+        let conv =
+            |v: serde_json::Value| crate::manifest::convert::endpoint_slice(v).ok().expect("valid");
+        assert_eq!(conv(got), conv(slice));
     }
 
     #[test]
