@@ -32,7 +32,15 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let mut tally = Tally::default();
     println!("xtask test: unit and property tests");
     let unit = cargo_test(
-        &["test", "--no-fail-fast", "--workspace", "--exclude", "netpol-ebpf", "--exclude", "netpol-it"],
+        &[
+            "test",
+            "--no-fail-fast",
+            "--workspace",
+            "--exclude",
+            "netpol-ebpf",
+            "--exclude",
+            "netpol-it",
+        ],
         &mut tally,
     );
     let privileged = if args.unit_only || unit.is_err() {
@@ -44,7 +52,10 @@ pub fn run(args: &TestArgs) -> Result<()> {
         crate::exec::cargo(&["build", "-p", "netpol-agent", "--bin", "netpol-agent"]).and_then(
             |()| {
                 // One at a time: they attach programs and create namespaces and routes on this host.
-                cargo_test(&["test", "--no-fail-fast", "-p", "netpol-it", "--", "--test-threads=1"], &mut tally)
+                cargo_test(
+                    &["test", "--no-fail-fast", "-p", "netpol-it", "--", "--test-threads=1"],
+                    &mut tally,
+                )
             },
         )
     };
