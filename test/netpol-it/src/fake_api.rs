@@ -15,16 +15,20 @@ use std::{
 
 use serde_json::{json, Value};
 
-const PATHS: [(&str, &str); 3] = [
+/// The kinds the agent always watches (the network-policy-api CRDs are left out: the server
+/// answers them like one without those CRDs installed).
+const PATHS: [(&str, &str); 5] = [
     ("/api/v1/pods", "PodList"),
     ("/api/v1/namespaces", "NamespaceList"),
     ("/apis/networking.k8s.io/v1/networkpolicies", "NetworkPolicyList"),
+    ("/api/v1/services", "ServiceList"),
+    ("/apis/discovery.k8s.io/v1/endpointslices", "EndpointSliceList"),
 ];
 
 #[derive(Default)]
 struct State {
     /// Objects per entry of [`PATHS`].
-    objects: [Vec<Value>; 3],
+    objects: [Vec<Value>; 5],
     resource_version: u64,
     down: bool,
     /// Requests answered (lists and watches), for tests that wait for a relist.
@@ -124,6 +128,8 @@ fn kind_index(obj: &Value) -> usize {
         Some("Pod") => 0,
         Some("Namespace") => 1,
         Some("NetworkPolicy") => 2,
+        Some("Service") => 3,
+        Some("EndpointSlice") => 4,
         other => panic!("fake API: unsupported kind {other:?}"),
     }
 }
