@@ -80,20 +80,12 @@ impl RunningAgent {
 
     /// How many snapshots the agent has applied (the count of its apply-duration histogram).
     pub fn applies(&self) -> f64 {
-        let text = get(self.metrics_addr, "/metrics");
-        text.lines()
-            .find(|l| l.starts_with("netpol_policy_apply_duration_seconds_count"))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
+        applies_at(self.metrics_addr)
     }
 
     /// Waits until the agent applied more than `before` snapshots (see [`RunningAgent::applies`]).
     pub fn wait_applied(&self, before: f64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.applies() <= before {
-            assert!(Instant::now() < deadline, "the agent applied no new snapshot within 10 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_applied_at(self.metrics_addr, before)
     }
 
     /// Waits until `/readyz` answers 200 (the first snapshot is enforced).
@@ -288,20 +280,12 @@ impl AgentProcess {
 
     /// How many snapshots the agent has applied (see [`RunningAgent::applies`]).
     pub fn applies(&self) -> f64 {
-        self.metrics()
-            .lines()
-            .find(|l| l.starts_with("netpol_policy_apply_duration_seconds_count"))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
+        applies_at(self.metrics_addr)
     }
 
     /// Waits until the agent applied more than `before` snapshots.
     pub fn wait_applied(&self, before: f64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.applies() <= before {
-            assert!(Instant::now() < deadline, "no new snapshot applied within 10 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_applied_at(self.metrics_addr, before)
     }
 
     /// The agent's resident set size in KiB (from /proc).
@@ -331,5 +315,24 @@ impl Drop for AgentProcess {
         } else {
             let _ = std::fs::remove_file(&self.log);
         }
+    }
+}
+
+/// How many snapshots the agent serving metrics at `addr` has applied (the count of its
+/// apply-duration histogram).
+fn applies_at(addr: SocketAddr) -> f64 {
+    get(addr, "/metrics")
+        .lines()
+        .find(|l| l.starts_with("netpol_policy_apply_duration_seconds_count"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until the agent at `addr` applied more than `before` snapshots.
+fn wait_applied_at(addr: SocketAddr, before: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while applies_at(addr) <= before {
+        assert!(Instant::now() < deadline, "the agent applied no new snapshot within 10 s");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
