@@ -174,16 +174,7 @@ fn egress_named_targets(ctx: &Ctx, rule: &ResolvedRule) -> BTreeMap<u128, Vec<Co
         if out.contains_key(&ip) {
             return;
         }
-        let ports: Vec<ContainerPort> = ctx
-            .index
-            .by_ip
-            .get(&ip)
-            .into_iter()
-            .flatten()
-            .filter_map(|k| ctx.state.pods.get(k))
-            .flat_map(|p| p.container_ports.iter().cloned())
-            .collect();
-        out.insert(ip, ports);
+        out.insert(ip, ctx.index.ports_at(ctx.state, ip));
     };
     if rule.all {
         ctx.index.by_ip.keys().for_each(|&ip| add(ip));

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use super::ports::has_named;
 use super::rule_ids::RuleOrigin;
 use crate::model::{
-    key_of, ClusterState, Direction, IpBlock, LabelSelector, Labels, NetworkPolicy, Peer, Pod,
-    PodRef, PolicyPort, PolicyRef, Tier,
+    key_of, ClusterState, ContainerPort, Direction, IpBlock, LabelSelector, Labels, NetworkPolicy,
+    Peer, Pod, PodRef, PolicyPort, PolicyRef, Tier,
 };
 
 /// Lookups the compiler needs that `ClusterState` alone would answer by scanning everything.
@@ -29,6 +29,18 @@ pub struct Index {
 }
 
 impl Index {
+    /// Container ports of the in-scope pods at address key `ip`: what an egress rule's named
+    /// port resolves to for that destination.
+    pub fn ports_at(&self, state: &ClusterState, ip: u128) -> Vec<ContainerPort> {
+        self.by_ip
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| state.pods.get(k))
+            .flat_map(|p| p.container_ports.iter().cloned())
+            .collect()
+    }
+
     /// Indexes `state` for node `node`.
     pub fn new(state: &ClusterState, node: &str) -> Self {
         let mut index = Index::default();

@@ -242,15 +242,7 @@ fn build_set(
                             // Egress named ports name ports of each destination pod.
                             if dir == Direction::Egress {
                                 let mut e = Vec::new();
-                                let pod_ports: Vec<ContainerPort> = ctx
-                                    .index
-                                    .by_ip
-                                    .get(&ip)
-                                    .into_iter()
-                                    .flatten()
-                                    .filter_map(|k| ctx.state.pods.get(k))
-                                    .flat_map(|p| p.container_ports.iter().cloned())
-                                    .collect();
+                                let pod_ports = ctx.index.ports_at(ctx.state, ip);
                                 named(&rule.ports, &pod_ports, value, rank, &mut e);
                                 if !e.is_empty() {
                                     items.push(Item {
