@@ -53,6 +53,11 @@ pub struct RunArgs {
     /// Capacity of the conntrack map.
     #[arg(long, default_value_t = netpol_common::maps::CT_MAX as u32)]
     pub conntrack_size: u32,
+    /// Load the eBPF programs from this object file instead of the ones built into the binary
+    /// (a patched datapath, or the upgrade test's changed object). It must be built from the
+    /// same layout version: the same map names and types, pinned under --pin-dir.
+    #[arg(long, value_name = "FILE")]
+    pub bpf_object: Option<PathBuf>,
     /// Deny events per second and CPU sent to user space (0: none).
     #[arg(long, default_value_t = 100)]
     pub events_per_second: u32,
@@ -89,6 +94,7 @@ impl RunArgs {
             dataplane: DataplaneOptions {
                 pin_dir: self.pin_dir,
                 ct_max_entries: Some(self.conntrack_size),
+                object: self.bpf_object,
                 events_per_sec: self.events_per_second,
                 events_burst: self.events_per_second.saturating_mul(2),
             },

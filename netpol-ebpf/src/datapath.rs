@@ -51,6 +51,11 @@ pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
         },
     };
     count(ifindex, dir, reason, ctx.len());
+    #[cfg(feature = "upgrade-variant")]
+    if let Some(v) = crate::maps::VARIANT_MAP.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot, written only by this CPU.
+        unsafe { *v += 1 };
+    }
     if reason.is_drop() {
         TC_DROP
     } else {

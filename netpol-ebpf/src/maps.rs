@@ -47,3 +47,9 @@ pub static EVENT_RATE_MAP: PerCpuArray<RateState, 1> = PerCpuArray::new();
 
 #[btf_map(name = "np_cfg")]
 pub static CONFIG_MAP: Array<Config, 1> = Array::new();
+
+/// Only in the upgrade test's variant object: packets its programs saw, so the test can tell
+/// that the changed code, not only its attachment, is what handles the traffic.
+#[cfg(feature = "upgrade-variant")]
+#[btf_map(name = "np_variant")]
+pub static VARIANT_MAP: PerCpuArray<u64, 1> = PerCpuArray::new();

@@ -124,6 +124,8 @@ fn main() -> anyhow::Result<()> {
                     "clippy",
                     "-p",
                     "netpol-ebpf",
+                    // The upgrade test's variant code too (a feature only adds code).
+                    "--all-features",
                     "--release",
                     "--target",
                     "bpfel-unknown-none",

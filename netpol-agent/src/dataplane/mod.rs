@@ -58,8 +58,14 @@ pub enum DataplaneError {
         source: std::io::Error,
     },
     /// Loading the object (maps, BTF, relocations) failed.
-    #[error("loading the eBPF object")]
-    Load(#[source] Box<EbpfError>),
+    #[error("loading the eBPF object {object}")]
+    Load {
+        /// The file given with `--bpf-object`, or "built into netpol-agent".
+        object: String,
+        /// Cause.
+        #[source]
+        source: Box<EbpfError>,
+    },
     /// A program is missing or failed verification.
     #[error("loading program {name}")]
     Program {
@@ -135,6 +141,9 @@ pub struct DataplaneOptions {
     pub pin_dir: PathBuf,
     /// Capacity of the conntrack map (`None`: [`maps::CT_MAX`]).
     pub ct_max_entries: Option<u32>,
+    /// An eBPF object file to load instead of the one built into the binary (`None`: the
+    /// embedded one). It must define the programs and maps of this layout version.
+    pub object: Option<PathBuf>,
     /// Deny events per second and CPU (0 disables events).
     pub events_per_sec: u32,
     /// Burst of the event rate limit.
@@ -146,6 +155,7 @@ impl Default for DataplaneOptions {
         Self {
             pin_dir: PathBuf::from(maps::PIN_DIR),
             ct_max_entries: None,
+            object: None,
             events_per_sec: 100,
             events_burst: 200,
         }
@@ -182,7 +192,10 @@ pub struct Dataplane {
 impl Dataplane {
     /// Mounts bpffs if needed, loads the programs and creates (or re-opens) the pinned maps.
     pub fn load(opts: &DataplaneOptions) -> Result<Self> {
-        let object = object::bytes().ok_or(DataplaneError::NoObject)?;
+        let embedded = object::bytes();
+        if opts.object.is_none() && embedded.is_none() {
+            return Err(DataplaneError::NoObject);
+        }
         bpffs::ensure_mounted(Path::new("/sys/fs/bpf"))?;
         std::fs::create_dir_all(&opts.pin_dir)
             .map_err(|source| DataplaneError::PinDir { path: opts.pin_dir.clone(), source })?;
@@ -197,7 +210,17 @@ impl Dataplane {
         if let Some(ct) = opts.ct_max_entries {
             loader.map_max_entries(maps::CT, ct);
         }
-        let mut ebpf = loader.load(object).map_err(|e| DataplaneError::Load(Box::new(e)))?;
+        let loaded = match (&opts.object, embedded) {
+            (Some(path), _) => loader.load_file(path),
+            (None, bytes) => loader.load(bytes.unwrap_or_default()),
+        };
+        let mut ebpf = loaded.map_err(|e| DataplaneError::Load {
+            object: opts
+                .object
+                .as_ref()
+                .map_or_else(|| "built into netpol-agent".to_owned(), |p| p.display().to_string()),
+            source: Box::new(e),
+        })?;
         for name in [maps::PROG_FROM_POD, maps::PROG_TO_POD, maps::PROG_BENCH_FLOOR] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)

@@ -256,6 +256,31 @@ impl AgentProcess {
         self.kill_now();
     }
 
+    /// SIGTERM, as the kubelet stops a DaemonSet pod in a rolling update; waits until the agent
+    /// exited and returns its exit status (panics with its log after 10 s).
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// Waits until the agent exits by itself and returns its exit status (panics with its log
+    /// if it still runs after `within`).
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent still running after {within:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn kill_now(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

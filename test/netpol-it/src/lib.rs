@@ -20,6 +20,10 @@ pub mod scenario;
 pub mod services;
 pub mod synth;
 
+/// The upgrade test's changed program object: netpol-ebpf built with `upgrade-variant`
+/// (build.rs). Absent when the crate was built with `AYA_BUILD_SKIP=1`.
+pub const UPGRADE_VARIANT_OBJECT: &str = concat!(env!("OUT_DIR"), "/netpol");
+
 /// Panics unless running as root with bpffs available: privileged tests must fail loudly, never
 /// skip silently.
 pub fn require_root() {
