@@ -123,6 +123,11 @@ impl Compiler {
         &self.out
     }
 
+    /// The output, without copying it (for one-shot compiles).
+    pub fn into_compiled(self) -> Compiled {
+        self.out
+    }
+
     /// The current cluster state.
     pub fn state(&self) -> &ClusterState {
         &self.state

@@ -81,7 +81,7 @@ pub struct Compiled {
 
 /// Compiles `state` for the node in `options` from scratch.
 pub fn compile(state: &ClusterState, options: &CompileOptions) -> Compiled {
-    Compiler::new(state.clone(), options.clone()).compiled().clone()
+    Compiler::new(state.clone(), options.clone()).into_compiled()
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! have no hole containing K. A hole that no other item covers still gets its key, pointing at
 //! an empty port set, so that it does not fall through to the surrounding block.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use super::ports::{PortKey, PortSet};
 use crate::model::mask;
@@ -76,38 +76,67 @@ pub fn build_with<E: Copy>(
     port_sets: &mut BTreeMap<u64, PortSet>,
     finish: impl Fn(&[(PortKey, E)]) -> PortSet,
 ) -> PeerSet {
-    let mut keys: BTreeSet<Prefix> = BTreeSet::new();
-    let mut by_range: HashMap<Prefix, Vec<usize>> = HashMap::new();
-    let mut lengths: BTreeSet<u32> = BTreeSet::new();
-    for (i, item) in items.iter().enumerate() {
-        keys.insert(item.range);
-        keys.extend(item.holes.iter().copied());
-        by_range.entry(item.range).or_default().push(i);
-        lengths.insert(item.range.1);
-    }
-    let mut set = PeerSet::default();
+    // Sorted vectors rather than ordered sets and hash maps: built once, then only searched.
+    // `ranges` is ordered by prefix, then item, so candidates come in item order.
+    let mut ranges: Vec<(Prefix, usize)> =
+        items.iter().enumerate().map(|(i, item)| (item.range, i)).collect();
+    ranges.sort_unstable();
+    let mut keys: Vec<Prefix> = ranges
+        .iter()
+        .map(|&(range, _)| range)
+        .chain(items.iter().flat_map(|item| item.holes.iter().copied()))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut lengths: Vec<u32> = items.iter().map(|item| item.range.1).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
+
+    // Most keys (the pod addresses of one rule) are covered by the same entry lists: build and
+    // hash each distinct combination's port set once. `finish` sees the entries in the same
+    // order either way, so the result is the same.
+    let mut memo: HashMap<Vec<usize>, u64> = HashMap::new();
+    let mut last: Option<(Vec<usize>, u64)> = None;
+    let mut covering: Vec<usize> = Vec::new();
+    let mut out: Vec<(Prefix, u64)> = Vec::with_capacity(keys.len());
     for &key in &keys {
-        let mut found: Vec<(PortKey, E)> = Vec::new();
-        for &len in lengths.range(..=key.1) {
-            let Some(candidates) = by_range.get(&(mask(key.0, len), len)) else {
-                continue;
-            };
-            for &i in candidates {
+        covering.clear();
+        for &len in lengths.iter().take_while(|&&len| len <= key.1) {
+            let want = (mask(key.0, len), len);
+            let start = ranges.partition_point(|&(range, _)| range < want);
+            for &(_, i) in ranges[start..].iter().take_while(|&&(range, _)| range == want) {
                 let item = &items[i];
-                if item.holes.iter().any(|&h| contains(h, key)) {
-                    continue;
+                if !item.holes.iter().any(|&h| contains(h, key)) {
+                    covering.push(item.entries);
                 }
-                found.extend_from_slice(
-                    entries.get(item.entries).map(Vec::as_slice).unwrap_or_default(),
-                );
             }
         }
-        let ports = finish(&found);
-        let hash = ports.content_hash();
-        port_sets.entry(hash).or_insert(ports);
-        set.entries.insert(key, hash);
+        let hash = match &last {
+            Some((c, hash)) if *c == covering => *hash,
+            _ => {
+                let hash = match memo.get(&covering) {
+                    Some(&hash) => hash,
+                    None => {
+                        let found: Vec<(PortKey, E)> = covering
+                            .iter()
+                            .flat_map(|&e| entries.get(e).map(Vec::as_slice).unwrap_or_default())
+                            .copied()
+                            .collect();
+                        let ports = finish(&found);
+                        let hash = ports.content_hash();
+                        port_sets.entry(hash).or_insert(ports);
+                        memo.insert(covering.clone(), hash);
+                        hash
+                    }
+                };
+                last = Some((covering.clone(), hash));
+                hash
+            }
+        };
+        out.push((key, hash));
     }
-    set
+    // Already sorted: the map is built in bulk.
+    PeerSet { entries: out.into_iter().collect() }
 }
 
 #[cfg(test)]
