@@ -14,10 +14,13 @@
 # - debian:bookworm-slim: `debootstrap --variant=minbase bookworm` (the package set the official
 #   image is built from), sources in /etc/apt/sources.list.d/debian.sources for bookworm,
 #   bookworm-updates and bookworm-security at deb.debian.org exactly as the official image has
-#   them, upgraded to the current point release and security updates, no apt lists, CMD bash.
+#   them, upgraded to the current point release and security updates, the official images'
+#   apt settings (docker-clean, ...) and slim dpkg excludes (no docs, man pages, locales), no
+#   apt lists, CMD bash.
 # - rust:VERSION-bookworm: the official one is buildpack-deps:bookworm plus rustup. Here: the
-#   same minbase root, a SUBSET of buildpack-deps' packages (compilers, make, pkg-config, git,
-#   curl, ca-certificates, the common -dev libraries; not its imaging/database libraries), and
+#   same minbase root and apt settings (not slimmed: buildpack-deps starts from debian:bookworm),
+#   a SUBSET of buildpack-deps' packages (compilers, make, pkg-config, git, curl,
+#   ca-certificates, the common -dev libraries; not its imaging/database libraries), and
 #   rustup-init from static.rust-lang.org (checksum verified) run the way the official
 #   Dockerfile runs it: RUSTUP_HOME=/usr/local/rustup, CARGO_HOME=/usr/local/cargo,
 #   `--profile minimal --default-toolchain VERSION`, PATH=/usr/local/cargo/bin:... .
@@ -40,6 +43,10 @@ RUST_VERSION=${RUST_VERSION:-1.95.0}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 ENGINE=${ENGINE:-docker}
 WORK=${WORK:-/var/tmp/netpol-base-images}
+case "$WORK" in
+  /?*/?*) ;;
+  *) echo "WORK=$WORK: give a scratch directory at least two levels deep" >&2 && exit 1 ;;
+esac
 FORCE=${FORCE:-0}
 EXTRA_CA_DIR=${EXTRA_CA_DIR-/usr/local/share/ca-certificates}
 SUITE=bookworm
@@ -85,6 +92,7 @@ enter() { # enter ROOT: prepares ROOT for `chroot` (proc, DNS)
 }
 
 leave() { # leave ROOT: undoes enter and drops what an image must not carry
+  case "$1" in "$WORK"/?*) ;; *) die "leave: $1 is not below $WORK" ;; esac
   umount "$1/proc"
   MOUNTS=""
   chroot "$1" apt-get clean
@@ -117,9 +125,42 @@ Suites: $SUITE-security
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
+  # The apt settings every official Debian image carries (debuerreotype): downloaded .debs are
+  # deleted after each install, so `apt-get install` in a Dockerfile leaves no archives in
+  # its layer; no translations; compressed lists.
+  cat >"$1/etc/apt/apt.conf.d/docker-clean" <<'EOF'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+EOF
+  echo 'Acquire::Languages "none";' >"$1/etc/apt/apt.conf.d/docker-no-languages"
+  echo 'Acquire::GzipIndexes "true";' >"$1/etc/apt/apt.conf.d/docker-gzip-indexes"
+  echo 'Apt::AutoRemove::SuggestsImportant "false";' \
+    >"$1/etc/apt/apt.conf.d/docker-autoremove-suggests"
   enter "$1"
   chroot_apt "$1" update
   chroot_apt "$1" upgrade
+}
+
+slim() { # slim ROOT: what makes debian:*-slim slim: no docs, man pages, locales (dpkg excludes)
+  case "$1" in "$WORK"/?*) ;; *) die "slim: $1 is not below $WORK" ;; esac
+  cat >"$1/etc/dpkg/dpkg.cfg.d/docker" <<'EOF'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/groff/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/linda/*
+path-exclude /usr/share/lintian/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/locale/locale.alias
+path-exclude /usr/share/man/*
+EOF
+  find "$1/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete
+  find "$1/usr/share/doc" -mindepth 1 -type d -empty -delete
+  rm -rf "$1"/usr/share/groff/* "$1"/usr/share/info/* "$1"/usr/share/linda/* \
+    "$1"/usr/share/lintian/* "$1"/usr/share/man/*
+  find "$1/usr/share/locale" -mindepth 1 -maxdepth 1 -not -name locale.alias -exec rm -rf {} +
 }
 
 import() { # import ROOT TAG CHANGES...: the root file system as image TAG
@@ -149,7 +190,10 @@ if have "$DEBIAN_TAG"; then
   say "$DEBIAN_TAG exists (FORCE=1 recreates it)"
 else
   base
-  import "$WORK/base" "$DEBIAN_TAG" --change "ENV PATH=$PATH_DEFAULT" --change 'CMD ["bash"]'
+  cp -a "$WORK/base" "$WORK/slim"
+  slim "$WORK/slim"
+  import "$WORK/slim" "$DEBIAN_TAG" --change "ENV PATH=$PATH_DEFAULT" --change 'CMD ["bash"]'
+  rm -rf "$WORK/slim"
 fi
 
 if have "$RUST_TAG"; then
