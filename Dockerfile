@@ -1,4 +1,6 @@
-# The netpol-agent image: `cargo xtask image` builds it (docker or podman).
+# The netpol-agent image: `cargo xtask image` builds it (docker or podman; docs/deploy-kind.md
+# has the times and size). Where no container registry is reachable, deploy/local-base-images.sh
+# creates the two base images locally first.
 # No `# syntax=` line on purpose: the features used here (ARG before FROM, multi-stage) are in
 # every builder's built-in Dockerfile frontend, and a `syntax` line makes BuildKit pull a
 # frontend image from Docker Hub first, which breaks offline and air-gapped builds.
