@@ -1,5 +1,9 @@
-# syntax=docker/dockerfile:1
-# The netpol-agent image: `cargo xtask image` builds it (docker or podman).
+# The netpol-agent image: `cargo xtask image` builds it (docker or podman; docs/deploy-kind.md
+# has the times and size). Where no container registry is reachable, deploy/local-base-images.sh
+# creates the two base images locally first.
+# No `# syntax=` line on purpose: the features used here (ARG before FROM, multi-stage) are in
+# every builder's built-in Dockerfile frontend, and a `syntax` line makes BuildKit pull a
+# frontend image from Docker Hub first, which breaks offline and air-gapped builds.
 #
 # Build stage: the toolchain the repository pins (README, "Development notes"; the same steps
 # as `cargo xtask setup`): stable Rust for the agent, the nightly toolchain with rust-src for

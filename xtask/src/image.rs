@@ -1,5 +1,7 @@
 //! `cargo xtask image`: builds the agent's container image (Dockerfile at the workspace root)
-//! with docker or podman, whichever is installed and working.
+//! with docker or podman, whichever is installed and working. Arguments after `--` go to
+//! `<engine> build` unchanged, for what only some machines need (`--network host` where the
+//! engine has no bridge network, `--build-arg`, `--cpu-shares`, `--no-cache`).
 use anyhow::{bail, Result};
 
 use crate::exec::{output, run_status, workspace_root};
@@ -15,6 +17,10 @@ pub struct ImageArgs {
     /// Use this engine instead of the first of docker, podman that works.
     #[arg(long)]
     pub engine: Option<String>,
+    /// Extra arguments for `<engine> build`, after `--`: e.g.
+    /// `cargo xtask image -- --network host --build-arg RUST_VERSION=1.95.0`.
+    #[arg(last = true)]
+    pub build_args: Vec<String>,
 }
 
 /// Picks the engine: the first installed one whose `info` answers (for docker: the daemon
@@ -33,6 +39,9 @@ fn engine(wanted: Option<&str>) -> Result<&str> {
             return Ok(e);
         }
         not_working.push(e);
+    }
+    if let (Some(e), true) = (wanted, not_working.is_empty()) {
+        bail!("container engine `{e}` (--engine) is not installed or `{e} --version` fails");
     }
     if not_working.is_empty() {
         bail!(
@@ -55,17 +64,12 @@ pub fn run(args: &ImageArgs) -> Result<()> {
         args.tag.clone().unwrap_or_else(|| format!("netpol-agent:{}", env!("CARGO_PKG_VERSION")));
     let root = workspace_root();
     println!("xtask image: building {tag} with {engine}");
-    run_status(
-        engine,
-        &[
-            "build",
-            "-t",
-            &tag,
-            "-f",
-            &root.join("Dockerfile").to_string_lossy(),
-            &root.to_string_lossy(),
-        ],
-    )?;
+    let dockerfile = root.join("Dockerfile").to_string_lossy().into_owned();
+    let context = root.to_string_lossy();
+    let mut build: Vec<&str> = vec!["build", "-t", &tag, "-f", &dockerfile];
+    build.extend(args.build_args.iter().map(String::as_str));
+    build.push(&context);
+    run_status(engine, &build)?;
     println!(
         "xtask image: built {tag}; on kind: `kind load docker-image {tag}` (docs/deploy-kind.md)"
     );
