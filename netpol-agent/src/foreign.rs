@@ -36,7 +36,7 @@ pub enum ForeignError {
         source: rtnetlink::Error,
     },
     /// Reading an attached program's information failed.
-    #[error("reading the TCX programs ({direction}) of {interface}")]
+    #[error("reading the TCX programs ({direction}) of {interface} by id (needs CAP_SYS_ADMIN)")]
     Query {
         /// Interface name.
         interface: String,

@@ -220,6 +220,18 @@ impl AgentProcess {
     /// Starts `netpol-agent run` for `node` on the manifests in `dir`, pinning in `pin_dir`,
     /// with `extra` arguments (e.g. `--conntrack-size`).
     pub fn start(dir: &ManifestDir, node: &str, pin_dir: &std::path::Path, extra: &[&str]) -> Self {
+        Self::start_wrapped(dir, node, pin_dir, extra, &[])
+    }
+
+    /// [`AgentProcess::start`] through `wrapper` (a command that execs the rest of its
+    /// arguments, e.g. `setpriv` with a capability set), as a container runtime would start it.
+    pub fn start_wrapped(
+        dir: &ManifestDir,
+        node: &str,
+        pin_dir: &std::path::Path,
+        extra: &[&str],
+        wrapper: &[String],
+    ) -> Self {
         let metrics_addr = free_loopback_port();
         let log = std::env::temp_dir().join(format!(
             "{}-agent-{}.log",
@@ -230,7 +242,15 @@ impl AgentProcess {
             "{}.status.json",
             pin_dir.file_name().unwrap_or_default().to_string_lossy()
         ));
-        let child = std::process::Command::new(agent_binary())
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = std::process::Command::new(program);
+                c.args(args).arg(agent_binary());
+                c
+            }
+            None => std::process::Command::new(agent_binary()),
+        };
+        let child = cmd
             .args(["run", "--node-name", node, "--manifests"])
             .arg(dir.path())
             .arg("--pin-dir")
@@ -262,6 +282,11 @@ impl AgentProcess {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// The exit status if the agent has exited, without waiting.
+    pub fn try_exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Waits until the agent exits by itself and returns its exit status (panics with its log
