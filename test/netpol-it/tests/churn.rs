@@ -17,7 +17,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::{tc::TcAttachType, SchedClassifier};
 use netpol_it::{
     agent::AgentProcess,
     lab::{self, Lab},
@@ -97,12 +96,6 @@ fn footprint(pins: &std::path::Path) -> Footprint {
         ports: map_keys(pins, "np_ports").len(),
         links: std::fs::read_dir(pins.join("links")).map_or(0, |d| d.count()),
     }
-}
-
-/// Programs attached with TCX to `iface` in each direction.
-fn tcx_programs(iface: &str) -> (usize, usize) {
-    let n = |at| SchedClassifier::query_tcx(iface, at).map_or(0, |(_, p)| p.len());
-    (n(TcAttachType::Ingress), n(TcAttachType::Egress))
 }
 
 struct ChurnPod {
@@ -272,7 +265,7 @@ fn churn_converges_and_leaves_nothing_behind() {
     assert_eq!(after, base, "policy/endpoint maps and pinned links back at the baseline");
     assert_eq!(stale_counters, 0, "counter entries of deleted interfaces were removed");
     for p in lab.pods() {
-        assert_eq!(tcx_programs(&p.host_if), (1, 1), "exactly our programs on {}", p.host_if);
+        assert_eq!(lab::tcx_programs(&p.host_if), (1, 1), "exactly our programs on {}", p.host_if);
     }
     // The allocator keeps some memory; growth beyond half the baseline would be a leak.
     assert!(rss <= base_rss + base_rss / 2, "agent RSS {base_rss} KiB → {rss} KiB");

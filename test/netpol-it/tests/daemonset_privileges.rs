@@ -10,7 +10,6 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::{tc::TcAttachType, SchedClassifier};
 use netpol_it::{
     agent::{agent_binary, sample, AgentProcess},
     lab::Lab,
@@ -82,12 +81,6 @@ fn setpriv(caps: &[String], no_new_privs: bool) -> Vec<String> {
     args
 }
 
-/// Programs attached with TCX to `iface` (ingress, egress).
-fn tcx_programs(iface: &str) -> (usize, usize) {
-    let n = |at| SchedClassifier::query_tcx(iface, at).map_or(0, |(_, p)| p.len());
-    (n(TcAttachType::Ingress), n(TcAttachType::Egress))
-}
-
 struct Node {
     pins: PathBuf,
     dir: ManifestDir,
@@ -143,7 +136,11 @@ fn agent_and_uninstall_work_with_exactly_the_daemonset_capabilities() {
     agent.wait_ready();
     eventually(&node.client, node.to(80), true, "the allowed port");
     eventually(&node.client, node.to(81), false, "the denied port");
-    assert_eq!(tcx_programs(&node.server.host_if), (1, 1), "attached with these capabilities");
+    assert_eq!(
+        netpol_it::lab::tcx_programs(&node.server.host_if),
+        (1, 1),
+        "attached with these capabilities"
+    );
     // Counters are published once a second.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let drops = loop {
@@ -163,7 +160,11 @@ fn agent_and_uninstall_work_with_exactly_the_daemonset_capabilities() {
     assert!(agent.terminate().success(), "the agent stops cleanly on SIGTERM");
     let mut agent = AgentProcess::start_wrapped(&node.dir, NODE, &node.pins, &[], &wrapper);
     agent.wait_ready();
-    assert_eq!(tcx_programs(&node.server.host_if), (1, 1), "adopted, not attached twice");
+    assert_eq!(
+        netpol_it::lab::tcx_programs(&node.server.host_if),
+        (1, 1),
+        "adopted, not attached twice"
+    );
     eventually(&node.client, node.to(81), false, "denied after the restart");
     assert!(agent.terminate().success(), "the agent stops cleanly on SIGTERM");
     eventually(&node.client, node.to(81), false, "still denied after the agent stopped");
@@ -188,7 +189,11 @@ fn agent_and_uninstall_work_with_exactly_the_daemonset_capabilities() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "uninstall with the DaemonSet's capabilities: {log}");
     assert!(!node.pins.exists(), "uninstall removed the pins");
-    assert_eq!(tcx_programs(&node.server.host_if), (0, 0), "uninstall detached the programs");
+    assert_eq!(
+        netpol_it::lab::tcx_programs(&node.server.host_if),
+        (0, 0),
+        "uninstall detached the programs"
+    );
     eventually(&node.client, node.to(81), true, "reachable once netpol is gone");
 }
 
@@ -208,7 +213,11 @@ fn sys_admin_is_needed_to_restart_and_covers_the_other_three() {
     let mut first = AgentProcess::start_wrapped(&node.dir, NODE, &node.pins, &[], &only);
     first.wait_ready();
     eventually(&node.client, node.to(81), false, "denied by an agent with SYS_ADMIN alone");
-    assert_eq!(tcx_programs(&node.server.host_if), (1, 1), "attached with SYS_ADMIN alone");
+    assert_eq!(
+        netpol_it::lab::tcx_programs(&node.server.host_if),
+        (1, 1),
+        "attached with SYS_ADMIN alone"
+    );
     assert!(first.terminate().success());
 
     let fewer: Vec<String> = caps.iter().filter(|c| *c != "SYS_ADMIN").cloned().collect();
@@ -233,7 +242,7 @@ fn sys_admin_is_needed_to_restart_and_covers_the_other_three() {
         "the log says why (EPERM reading the attached programs):\n{log}"
     );
     // The predecessor's programs stay attached and keep enforcing.
-    assert_eq!(tcx_programs(&node.server.host_if), (1, 1));
+    assert_eq!(netpol_it::lab::tcx_programs(&node.server.host_if), (1, 1));
     eventually(&node.client, node.to(81), false, "still denied");
     eventually(&node.client, node.to(80), true, "still allowed");
 }
