@@ -69,7 +69,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
 }
 
 /// `cargo xtask soak`: the long versions of the reliability tests — 1,000,000 fuzzed frames
-/// with a fresh seed, restarts under traffic, conntrack pressure and 10 minutes of churn.
+/// with a fresh seed, restarts and upgrades under traffic, conntrack pressure and 10 minutes of
+/// churn.
 pub fn soak() -> Result<()> {
     let missing = preflight::missing(preflight::Needs { build: true, privileged: true });
     if !missing.is_empty() {
