@@ -76,7 +76,8 @@ pub struct FragKey {
     pub src_addr: [u8; 16],
     /// Destination address.
     pub dst_addr: [u8; 16],
-    /// IP protocol of the datagram.
+    /// IPv4 protocol, or the Next Header of the IPv6 fragment header (the same in every
+    /// fragment of the datagram).
     pub proto: u8,
     /// Always zero.
     pub _pad: [u8; 3],

@@ -258,7 +258,7 @@ fn frag_key(ifindex: u32, flow: &Flow) -> FragKey {
         id: flow.frag_id,
         src_addr: flow.src,
         dst_addr: flow.dst,
-        proto: flow.proto,
+        proto: flow.frag_proto,
         _pad: [0; 3],
     }
 }

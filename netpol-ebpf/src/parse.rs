@@ -66,6 +66,10 @@ pub struct Flow {
     /// The packet is the first fragment of a fragmented datagram.
     pub first_fragment: bool,
     pub frag_id: u32,
+    /// What every fragment of the datagram carries alike, to find its first fragment: IPv4's
+    /// protocol, or the Next Header of IPv6's fragment header (which names an extension header
+    /// when one follows it, unlike `proto`, the transport protocol of the first fragment).
+    pub frag_proto: u8,
     /// Only for [`FlowKind::IcmpError`].
     pub inner: Tuple,
 }
@@ -82,6 +86,7 @@ impl Flow {
         initiates: true,
         first_fragment: false,
         frag_id: 0,
+        frag_proto: 0,
         inner: Tuple::EMPTY,
     };
 }
@@ -238,6 +243,7 @@ fn parse_ipv4(ctx: &TcContext, l3: usize, flow: &mut Flow) -> Result<(), Malform
     flow.src = v4_mapped(ip.src_addr);
     flow.dst = v4_mapped(ip.dst_addr);
     flow.proto = ip.proto;
+    flow.frag_proto = ip.proto;
     flow.first_fragment = more && offset == 0;
     flow.frag_id = u16::from_be_bytes(ip.id) as u32;
     if offset != 0 {
@@ -273,6 +279,7 @@ fn parse_ipv6(ctx: &TcContext, l3: usize, flow: &mut Flow) -> Result<Packet, Mal
             44 => {
                 let h: [u8; 8] = load(ctx, off)?;
                 flow.proto = h[0];
+                flow.frag_proto = h[0];
                 off += 8;
                 let frag = u16::from_be_bytes([h[2], h[3]]);
                 flow.frag_id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);

@@ -120,6 +120,20 @@ impl Frame {
         self
     }
 
+    /// Adds an IPv6 fragment header (after the extension headers added so far): `more`
+    /// fragments follow, `offset` in bytes (multiple of 8). Its Next Header is that of the
+    /// header added next (or the transport's); for a non-first fragment (offset > 0) the
+    /// transport header is left out, as for IPv4.
+    pub fn fragment6(mut self, id: u32, more: bool, offset: u16) -> Frame {
+        let field = (offset / 8) << 3 | u16::from(more);
+        let mut body = vec![0u8];
+        body.extend_from_slice(&field.to_be_bytes());
+        body.extend_from_slice(&id.to_be_bytes());
+        self.ext.push((44, body));
+        self.frag.0 = offset / 8;
+        self
+    }
+
     /// Adds an 802.1Q tag.
     pub fn vlan(mut self, id: u16) -> Frame {
         self.vlan = Some(id);

@@ -190,6 +190,8 @@ struct Parsed {
     initiates: bool,
     first_fragment: bool,
     frag_id: u32,
+    /// IPv4's protocol or the Next Header of IPv6's fragment header: alike in every fragment.
+    frag_proto: u8,
 }
 
 #[derive(Debug)]
@@ -240,6 +242,7 @@ fn reference_parse(b: &[u8]) -> Option<Class> {
         initiates: true,
         first_fragment: false,
         frag_id: 0,
+        frag_proto: 0,
     };
     let l4 = match et {
         0x0800 => {
@@ -252,6 +255,7 @@ fn reference_parse(b: &[u8]) -> Option<Class> {
             p.t.src = v4map(&ip[12..16]);
             p.t.dst = v4map(&ip[16..20]);
             p.t.proto = ip[9];
+            p.frag_proto = ip[9];
             let frag = be16(&ip[6..]);
             p.first_fragment = frag & 0x2000 != 0 && frag & 0x1fff == 0;
             p.frag_id = be16(&ip[4..]) as u32;
@@ -281,6 +285,7 @@ fn reference_parse(b: &[u8]) -> Option<Class> {
                     44 => {
                         let h = at(b, off, 8)?;
                         p.t.proto = h[0];
+                        p.frag_proto = h[0];
                         off += 8;
                         let frag = be16(&h[2..]);
                         p.frag_id = u32::from_be_bytes(h[4..8].try_into().unwrap());
@@ -430,7 +435,7 @@ impl Reference {
             Class::Ip(p) => match p.kind {
                 Kind::Normal => self.flow(ep, dir, &p),
                 Kind::Fragment => {
-                    if self.frags.contains(&(p.t.src, p.t.dst, p.frag_id, p.t.proto)) {
+                    if self.frags.contains(&(p.t.src, p.t.dst, p.frag_id, p.frag_proto)) {
                         Reason::AllowConntrack
                     } else {
                         Reason::DenyFragment
@@ -466,7 +471,7 @@ impl Reference {
                     e.syn_sent = false;
                 }
                 if p.first_fragment {
-                    self.frags.insert((p.t.src, p.t.dst, p.frag_id, p.t.proto));
+                    self.frags.insert((p.t.src, p.t.dst, p.frag_id, p.frag_proto));
                 }
                 return if e.verdict == Verdict::Audit {
                     Reason::Audit
@@ -498,7 +503,7 @@ impl Reference {
         let syn_sent = p.t.proto == 6 && p.initiates;
         self.ct.insert(k, Entry { generation: ep.generation, origin, syn_sent, verdict });
         if p.first_fragment {
-            self.frags.insert((p.t.src, p.t.dst, p.frag_id, p.t.proto));
+            self.frags.insert((p.t.src, p.t.dst, p.frag_id, p.frag_proto));
         }
         reason
     }

@@ -237,6 +237,30 @@ fn fragments_follow_their_first_fragment() {
     expect(&mut f, TO, to(STRANGER, udp(3, 53)).fragment(79, false, 8), DROP, IN, DenyFragment);
 }
 
+/// RFC 8200: the fragmentable part may start with an extension header (destination options
+/// here), so the fragment header's Next Header names it, not the transport protocol. Later
+/// fragments carry only the fragment header; they must still find their first fragment.
+#[test]
+fn ipv6_fragments_with_an_extension_header_after_the_fragment_header() {
+    let mut f = fixture("frag6");
+    let to = |l4| Frame::new(v6(ALLOWED6), v6(POD6), l4);
+    // The rest of a datagram whose fragmentable part starts with destination options (60).
+    let later = |id, port| {
+        let mut b = to(syn(9, port)).fragment6(id, false, 16).bytes();
+        // Ethernet 14 + IPv6 40: the fragment header's Next Header, as in the first fragment.
+        b[14 + 40] = 60;
+        b
+    };
+    expect(&mut f, TO, to(syn(9, 80)).fragment6(900, true, 0).ext(60), PASS, IN, AllowPolicy);
+    expect_raw(&mut f, &later(900, 80), PASS, Reason::AllowConntrack);
+    // A denied datagram's later fragments stay dropped.
+    expect(&mut f, TO, to(syn(9, 81)).fragment6(901, true, 0).ext(60), DROP, IN, DenyPolicy);
+    expect_raw(&mut f, &later(901, 81), DROP, Reason::DenyFragment);
+    // Without the extension header, as before.
+    expect(&mut f, TO, to(syn(10, 80)).fragment6(902, true, 0), PASS, IN, AllowPolicy);
+    expect(&mut f, TO, to(syn(10, 80)).fragment6(902, false, 16), PASS, IN, AllowConntrack);
+}
+
 #[test]
 fn conntrack_replies_pickup_and_policy_changes() {
     let mut f = fixture("conntrack");
