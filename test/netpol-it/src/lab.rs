@@ -281,6 +281,14 @@ pub fn ifindex(name: &str) -> Result<u32> {
     s.trim().parse().with_context(|| format!("parsing the ifindex of {name}"))
 }
 
+/// Programs attached with TCX to interface `iface` (ingress, egress); (0, 0) if it has none or
+/// does not exist.
+pub fn tcx_programs(iface: &str) -> (usize, usize) {
+    use aya::programs::{tc::TcAttachType, SchedClassifier};
+    let n = |at| SchedClassifier::query_tcx(iface, at).map_or(0, |(_, p)| p.len());
+    (n(TcAttachType::Ingress), n(TcAttachType::Egress))
+}
+
 #[cfg(test)]
 mod tests {
     use super::{lab_id, owner};
@@ -297,12 +305,4 @@ mod tests {
         }
         assert_eq!(owner("7"), None);
     }
-}
-
-/// Programs attached with TCX to interface `iface` (ingress, egress); (0, 0) if it has none or
-/// does not exist.
-pub fn tcx_programs(iface: &str) -> (usize, usize) {
-    use aya::programs::{tc::TcAttachType, SchedClassifier};
-    let n = |at| SchedClassifier::query_tcx(iface, at).map_or(0, |(_, p)| p.len());
-    (n(TcAttachType::Ingress), n(TcAttachType::Egress))
 }
