@@ -52,8 +52,8 @@ fn contains(outer: Prefix, inner: Prefix) -> bool {
 }
 
 /// Builds the peer set of `items` (port entries in `entries`), adding every port set it needs to
-/// `port_sets`. Cost: O(keys × distinct range lengths), not O(keys × items), so thousands of
-/// peer pod addresses stay cheap.
+/// `port_sets`. Cost: O(keys × distinct range lengths × log items), not O(keys × items), so
+/// thousands of peer pod addresses stay cheap.
 pub fn build(
     items: &[Item],
     entries: &[Vec<(PortKey, u32)>],
