@@ -184,6 +184,15 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Removes a test's pin directory (maps and links) when dropped, also when the test fails.
+pub struct RemovePins(pub PathBuf);
+
+impl Drop for RemovePins {
+    fn drop(&mut self) {
+        let _ = netpol_agent::dataplane::remove_pins(&self.0);
+    }
+}
+
 /// The real `netpol-agent run` binary as a child process, so a test can `kill -9` it: the
 /// crash an in-process agent cannot simulate. Killed (SIGKILL) on drop; pins are left for the
 /// caller (a restart adopts them), and removed by [`AgentProcess::remove_pins`].

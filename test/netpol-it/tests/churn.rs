@@ -18,7 +18,7 @@ use std::{
 };
 
 use netpol_it::{
-    agent::AgentProcess,
+    agent::{AgentProcess, RemovePins},
     lab::{self, Lab},
     manifests::{namespace, pod, ManifestDir},
     netns::in_netns,
@@ -270,12 +270,4 @@ fn churn_converges_and_leaves_nothing_behind() {
     // The allocator keeps some memory; growth beyond half the baseline would be a leak.
     assert!(rss <= base_rss + base_rss / 2, "agent RSS {base_rss} KiB → {rss} KiB");
     assert!(tcp_echo(&client.netns, keeper_to, Duration::from_millis(500)).unwrap());
-}
-
-struct RemovePins(std::path::PathBuf);
-
-impl Drop for RemovePins {
-    fn drop(&mut self) {
-        let _ = netpol_agent::dataplane::remove_pins(&self.0);
-    }
 }

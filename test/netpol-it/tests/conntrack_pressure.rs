@@ -11,7 +11,7 @@ use std::{
 
 use netpol_common::ct::{CtKey, CtValue};
 use netpol_it::{
-    agent::{sample, AgentProcess},
+    agent::{sample, AgentProcess, RemovePins},
     lab::Lab,
     manifests::{namespace, pod_with_protocols, ManifestDir},
     netns::in_netns,
@@ -161,12 +161,4 @@ fn established_flows_survive_eviction_and_the_map_stays_bounded() {
     let back = SocketAddr::from((client.ip, 80));
     let _client_http = TcpServer::start(&client.netns, 80).unwrap();
     assert!(!netpol_it::probe::tcp_echo(&server.netns, back, Duration::from_millis(500)).unwrap());
-}
-
-struct RemovePins(std::path::PathBuf);
-
-impl Drop for RemovePins {
-    fn drop(&mut self) {
-        let _ = netpol_agent::dataplane::remove_pins(&self.0);
-    }
 }

@@ -18,7 +18,7 @@ use std::{
 };
 
 use netpol_it::{
-    agent::AgentProcess,
+    agent::{AgentProcess, RemovePins},
     lab::{Lab, Pod},
     manifests::{namespace, pod_with_protocols, ManifestDir},
     netns::in_netns,
@@ -492,12 +492,4 @@ fn variant_counter(iface: &str) -> Option<u64> {
             PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map)).ok()?;
         Some(arr.get(&0, 0).ok()?.iter().sum())
     })
-}
-
-struct RemovePins(std::path::PathBuf);
-
-impl Drop for RemovePins {
-    fn drop(&mut self) {
-        let _ = netpol_agent::dataplane::remove_pins(&self.0);
-    }
 }
