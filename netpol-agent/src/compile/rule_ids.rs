@@ -79,6 +79,21 @@ pub fn assign(state: &ClusterState) -> (BTreeMap<RuleOrigin, u32>, BTreeMap<u32,
     let mut taken: HashSet<u32> = HashSet::from([RULE_NONE, HOST_RULE_ID]);
     by_origin.insert(RuleOrigin::NodeToPod, HOST_RULE_ID);
     by_id.insert(HOST_RULE_ID, RuleOrigin::NodeToPod);
+    // The origin's hash, rehashed with the next seed until it is free. An origin seen before
+    // keeps its id (the API forbids duplicate Service ports; they are tolerated).
+    let mut add = |origin: RuleOrigin| {
+        if by_origin.contains_key(&origin) {
+            return;
+        }
+        let mut attempt = 0;
+        let mut id = hash(&origin, attempt);
+        while !taken.insert(id) {
+            attempt += 1;
+            id = hash(&origin, attempt);
+        }
+        by_id.insert(id, origin.clone());
+        by_origin.insert(origin, id);
+    };
     let np = state.policies.iter().map(|(k, p)| {
         (
             Tier::NetworkPolicy,
@@ -98,14 +113,7 @@ pub fn assign(state: &ClusterState) -> (BTreeMap<RuleOrigin, u32>, BTreeMap<u32,
                     direction,
                     index: index as u32,
                 };
-                let mut attempt = 0;
-                let mut id = hash(&origin, attempt);
-                while !taken.insert(id) {
-                    attempt += 1;
-                    id = hash(&origin, attempt);
-                }
-                by_id.insert(id, origin.clone());
-                by_origin.insert(origin, id);
+                add(origin);
             }
         }
     }
@@ -113,17 +121,7 @@ pub fn assign(state: &ClusterState) -> (BTreeMap<RuleOrigin, u32>, BTreeMap<u32,
         for p in &service.ports {
             let origin =
                 RuleOrigin::Service { service: key.clone(), protocol: p.protocol, port: p.port };
-            if by_origin.contains_key(&origin) {
-                continue; // the API forbids duplicate ports; tolerate them
-            }
-            let mut attempt = 0;
-            let mut id = hash(&origin, attempt);
-            while !taken.insert(id) {
-                attempt += 1;
-                id = hash(&origin, attempt);
-            }
-            by_id.insert(id, origin.clone());
-            by_origin.insert(origin, id);
+            add(origin);
         }
     }
     (by_origin, by_id)
