@@ -1,4 +1,5 @@
-//! The decision for one packet: endpoint → parse → conntrack → policy → counters and events.
+//! The decision for one packet: endpoint → established-flow fast path, or parse → conntrack →
+//! policy → counters and events.
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_coarse_ns,
@@ -18,6 +19,7 @@ use netpol_common::{
 use crate::{
     counters::{count, count_rule, stat},
     events::emit,
+    fastpath,
     maps::{CT_MAP, EP_MAP, FRAG_MAP},
     parse::{parse, Flow, FlowKind, Packet, PROTO_TCP, PROTO_UDP},
     policy::evaluate,
@@ -39,16 +41,9 @@ pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
         stat(STAT_NO_ENDPOINT);
         return UNKNOWN_ENDPOINT_VERDICT;
     };
-    let ep = *ep;
-    let mut flow = Flow::EMPTY;
-    let reason = match parse(ctx.skb.skb, &mut flow) {
-        Packet::Malformed => Reason::DenyMalformed,
-        Packet::Control => Reason::AllowNonIp,
-        Packet::Ip => match flow.kind {
-            FlowKind::Normal => decide_flow(ifindex, dir, &ep, &flow),
-            FlowKind::Fragment => decide_fragment(ifindex, &flow),
-            FlowKind::IcmpError => decide_icmp_error(ifindex, dir, &ep, &flow),
-        },
+    let reason = match fastpath::established(ctx.skb.skb, ifindex, dir, ep.generation) {
+        Some(reason) => reason,
+        None => decide(ctx, ifindex, dir, ep),
     };
     count(ifindex, dir, reason, ctx.len());
     #[cfg(feature = "upgrade-variant")]
@@ -60,6 +55,24 @@ pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
         TC_DROP
     } else {
         TC_PASS
+    }
+}
+
+/// The general path: parses any frame and decides it from conntrack and the policy maps.
+#[inline(always)]
+fn decide(ctx: &TcContext, ifindex: u32, dir: u8, ep: &Endpoint) -> Reason {
+    // A copy: the agent may replace the entry meanwhile, and one packet must be decided by
+    // one version of it.
+    let ep = *ep;
+    let mut flow = Flow::EMPTY;
+    match parse(ctx.skb.skb, &mut flow) {
+        Packet::Malformed => Reason::DenyMalformed,
+        Packet::Control => Reason::AllowNonIp,
+        Packet::Ip => match flow.kind {
+            FlowKind::Normal => decide_flow(ifindex, dir, &ep, &flow),
+            FlowKind::Fragment => decide_fragment(ifindex, &flow),
+            FlowKind::IcmpError => decide_icmp_error(ifindex, dir, &ep, &flow),
+        },
     }
 }
 

@@ -10,6 +10,7 @@
 mod counters;
 mod datapath;
 mod events;
+mod fastpath;
 mod maps;
 mod parse;
 mod policy;

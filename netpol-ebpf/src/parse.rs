@@ -110,7 +110,7 @@ pub struct Malformed;
 /// free to cache `skb->data` it spills it and later zero-extends the reloaded pointer with a
 /// shift, which the verifier rejects ("pointer arithmetic with <<= operator prohibited").
 #[inline(always)]
-fn bounds(ctx: &TcContext) -> (usize, usize) {
+pub(crate) fn bounds(ctx: &TcContext) -> (usize, usize) {
     let skb = ctx.skb.skb;
     // SAFETY: `skb` is the program's context pointer, valid for the whole run.
     unsafe {

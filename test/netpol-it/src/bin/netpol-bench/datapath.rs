@@ -17,6 +17,7 @@ use std::{net::Ipv4Addr, time::Duration, time::Instant};
 use anyhow::{Context as _, Result};
 use netpol_agent::{
     compile::{compile, CompileOptions},
+    dataplane::DataplaneOptions,
     layout::{KernelMaps, Layout},
 };
 use netpol_common::maps;
@@ -51,6 +52,15 @@ const FULL: Plan = Plan {
 };
 const QUICK: Plan =
     Plan { rules: &[1, 10], peers: &[10], repeat: 1_000, single_runs: 20, rounds: 1 };
+
+/// The programs under test: the object built into the agent, or the one named by
+/// `NETPOL_BENCH_OBJECT` (to compare a variant build against the floor of the same run).
+fn fixture(name: &str) -> Fixture {
+    let object = std::env::var_os("NETPOL_BENCH_OBJECT").map(std::path::PathBuf::from);
+    let opts =
+        DataplaneOptions { events_per_sec: 1000, events_burst: 1000, object, ..Default::default() };
+    Fixture::with_options(name, opts)
+}
 
 fn frame(src: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     Frame::new(src, SERVER_IP, L4::Tcp { sport, dport, flags }).bytes()
@@ -126,7 +136,7 @@ fn measure(plan: &Plan, rules: u32, peers: u32) -> Result<Row> {
     let compiled = compile(&state, &CompileOptions::new(ONE_ENDPOINT_NODE));
     let maps = Layout::new().update(&compiled)?;
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
-    let mut f = Fixture::new(&format!("bench-{rules}-{peers}"));
+    let mut f = fixture(&format!("bench-{rules}-{peers}"));
     write_maps(&mut f, &maps)?;
 
     let allowed = peer_ip(0);
@@ -172,7 +182,7 @@ fn measure(plan: &Plan, rules: u32, peers: u32) -> Result<Row> {
 pub fn spin(secs: u64) -> Result<serde_json::Value> {
     let state = one_endpoint(1_000, 1_000);
     let maps = Layout::new().update(&compile(&state, &CompileOptions::new(ONE_ENDPOINT_NODE)))?;
-    let mut f = Fixture::new("bench-spin");
+    let mut f = fixture("bench-spin");
     write_maps(&mut f, &maps)?;
     let allowed = peer_ip(0);
     let (r, _) =

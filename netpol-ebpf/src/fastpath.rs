@@ -1,0 +1,169 @@
+//! The established-flow fast path: most packets belong to a tracked, allowed TCP or UDP flow in
+//! an untagged frame without IPv4 options or IPv6 extension headers. Those are decided here with
+//! a handful of word loads and one conntrack lookup, inlined into the program: no `Flow` to fill,
+//! no BPF subprogram call (each call and return costs several nanoseconds behind the kernel's
+//! return-thunk mitigations), no policy lookup.
+//!
+//! Anything else — another shape, a conntrack miss, a flow decided under an older endpoint
+//! generation, a deny tombstone, a TCP SYN — returns `None` and goes through the general path
+//! ([`crate::parse`], [`crate::datapath`]), which decides every packet on its own; the fast path
+//! only ever agrees with it sooner. The fuzzer (`test/netpol-it/tests/fuzz_packets.rs`) checks
+//! both paths against one reference evaluator.
+use aya_ebpf::{bindings::__sk_buff, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use netpol_common::{
+    counters::Reason,
+    ct::{tcp_flags, tcp_next_state, CtKey, CT_VERDICT_ALLOW, CT_VERDICT_AUDIT},
+    DIR_EGRESS,
+};
+
+use crate::{
+    maps::CT_MAP,
+    parse::{bounds, PROTO_TCP, PROTO_UDP},
+};
+
+const ETH_LEN: usize = 14;
+const IPV4_LEN: usize = 20;
+const IPV6_LEN: usize = 40;
+const TCP_LEN: usize = 20;
+const UDP_LEN: usize = 8;
+/// EtherType IPv4 and IPv6 as they appear in memory (big-endian), read as a little-endian u16.
+const ETH_P_IP_WIRE: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6_WIRE: u16 = 0x86ddu16.to_be();
+
+/// Reads a `T` at `addr` inside the linear packet data.
+///
+/// # Safety
+/// `addr .. addr + size_of::<T>()` must lie inside the packet data (checked against `data_end`
+/// by the caller, which is also what the verifier requires).
+#[inline(always)]
+unsafe fn at<T: Copy>(addr: usize) -> T {
+    // `read_unaligned`: headers sit at any byte offset, so LLVM assembles words from byte loads.
+    // (bpf-linker's `+allows-misaligned-mem-access` would make them word loads, but it also
+    // misaligns stack slots, which the verifier rejects.)
+    unsafe { core::ptr::read_unaligned(addr as *const T) }
+}
+
+/// An IPv4 address as the words of its IPv4-mapped IPv6 form, like `netpol_common::v4_mapped`.
+#[inline(always)]
+fn v4_mapped(word: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), word]
+}
+
+/// The conntrack key, assembled as the words of its `repr(C)` layout (ifindex; local and remote
+/// port; local address; remote address; protocol and padding) so it costs eleven stores: built
+/// field by field, LLVM calls `memset` for the zero padding and copies addresses byte by byte.
+#[inline(always)]
+fn ct_key(ifindex: u32, ports: [u16; 2], local: [u32; 4], remote: [u32; 4], proto: u8) -> CtKey {
+    let [p0, p1] = ports[0].to_ne_bytes();
+    let [p2, p3] = ports[1].to_ne_bytes();
+    let words: [u32; 11] = [
+        ifindex,
+        u32::from_ne_bytes([p0, p1, p2, p3]),
+        local[0],
+        local[1],
+        local[2],
+        local[3],
+        remote[0],
+        remote[1],
+        remote[2],
+        remote[3],
+        u32::from_ne_bytes([proto, 0, 0, 0]),
+    ];
+    // SAFETY: CtKey is `repr(C)`, 44 bytes (asserted in netpol-common) without padding between
+    // these fields, and every bit pattern is a valid CtKey.
+    unsafe { core::mem::transmute::<[u32; 11], CtKey>(words) }
+}
+
+/// The verdict of a packet of an established flow, or `None` for the general path. A BPF
+/// subprogram: inlined, its spilled registers and key would add to the general path's stack,
+/// and BPF has 512 bytes for the deepest chain of calls.
+#[inline(never)]
+pub fn established(skb: *mut __sk_buff, ifindex: u32, dir: u8, generation: u32) -> Option<Reason> {
+    let ctx = TcContext::new(skb);
+    let (start, end) = bounds(&ctx);
+    if start + ETH_LEN + IPV4_LEN > end {
+        return None;
+    }
+    let len = ctx.len() as usize;
+    // SAFETY (every `at` below): each read lies below a bound checked against `end` before it.
+    let ethertype: u16 = unsafe { at(start + 12) };
+    let ip = start + ETH_LEN;
+    let (proto, src, dst, l4) = if ethertype == ETH_P_IP_WIRE {
+        // Version 4 with a 20-byte header, a total length the general parser accepts, and
+        // neither a fragment offset nor more fragments (DF and the reserved bit may be set).
+        let vihl: u8 = unsafe { at(ip) };
+        let tot_len = u16::from_be(unsafe { at(ip + 2) }) as usize;
+        let frags = u16::from_be(unsafe { at(ip + 6) });
+        if vihl != 0x45 || tot_len < IPV4_LEN || ETH_LEN + tot_len > len || frags & 0x3fff != 0 {
+            return None;
+        }
+        let proto: u8 = unsafe { at(ip + 9) };
+        let (src, dst) = (v4_mapped(unsafe { at(ip + 12) }), v4_mapped(unsafe { at(ip + 16) }));
+        (proto, src, dst, ip + IPV4_LEN)
+    } else if ethertype == ETH_P_IPV6_WIRE {
+        if ip + IPV6_LEN > end {
+            return None;
+        }
+        let version: u8 = unsafe { at(ip) };
+        let payload = u16::from_be(unsafe { at(ip + 4) }) as usize;
+        if version >> 4 != 6 || ETH_LEN + IPV6_LEN + payload > len {
+            return None;
+        }
+        // The next header must be the transport header itself: no extension headers.
+        let proto: u8 = unsafe { at(ip + 6) };
+        let src: [u32; 4] = unsafe { at(ip + 8) };
+        let dst: [u32; 4] = unsafe { at(ip + 24) };
+        (proto, src, dst, ip + IPV6_LEN)
+    } else {
+        return None;
+    };
+
+    let mut flags = 0u8;
+    let ports: [u16; 2] = match proto {
+        PROTO_TCP => {
+            if l4 + TCP_LEN > end {
+                return None;
+            }
+            let off_flags: [u8; 2] = unsafe { at(l4 + 12) };
+            flags = off_flags[1];
+            // A SYN may open a new connection on a finished flow's ports: the general path
+            // decides it. A header shorter than 20 bytes is malformed.
+            if off_flags[0] >> 4 < 5 || flags & tcp_flags::SYN != 0 {
+                return None;
+            }
+            unsafe { at(l4) }
+        }
+        PROTO_UDP => {
+            if l4 + UDP_LEN > end {
+                return None;
+            }
+            unsafe { at(l4) }
+        }
+        _ => return None,
+    };
+    let (sport, dport) = (u16::from_be(ports[0]), u16::from_be(ports[1]));
+    let key = if dir == DIR_EGRESS {
+        ct_key(ifindex, [sport, dport], src, dst, proto)
+    } else {
+        ct_key(ifindex, [dport, sport], dst, src, proto)
+    };
+
+    let ct = CT_MAP.get_ptr_mut(&key)?;
+    // SAFETY: a conntrack value; concurrent writers on other CPUs only race on fields whose
+    // torn values are harmless (a timestamp, a TCP state), as in the general path.
+    let ct = unsafe { &mut *ct };
+    let reason = match ct.verdict {
+        CT_VERDICT_ALLOW => Reason::AllowConntrack,
+        CT_VERDICT_AUDIT => Reason::Audit,
+        _ => return None,
+    };
+    if ct.generation != generation {
+        return None;
+    }
+    // See `datapath::decide_flow` for the choice of the coarse clock.
+    ct.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    if proto == PROTO_TCP {
+        ct.state = tcp_next_state(ct.state, flags, ct.origin != dir);
+    }
+    Some(reason)
+}
