@@ -62,6 +62,23 @@ impl Reason {
         }
     }
 
+    /// Position in [`Reason::ALL`]: the reason's counter within a direction's block of
+    /// [`crate::maps::SLOT_COUNTERS`].
+    pub const fn index(self) -> u32 {
+        match self {
+            Reason::AllowPolicy => 0,
+            Reason::AllowConntrack => 1,
+            Reason::AllowUnpoliced => 2,
+            Reason::AllowNonIp => 3,
+            Reason::Audit => 4,
+            Reason::DenyPolicy => 5,
+            Reason::DenyPolicyChanged => 6,
+            Reason::DenyMalformed => 7,
+            Reason::DenyFragment => 8,
+            Reason::DenyConntrackFull => 9,
+        }
+    }
+
     /// The reason with this numeric value.
     pub const fn from_u8(v: u8) -> Option<Reason> {
         let mut i = 0;
@@ -89,6 +106,24 @@ pub struct CounterKey {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<CounterKey>() == 8);
+
+/// Endpoints whose counters live in [`crate::maps::SLOT_COUNTERS`] (per-CPU array: one indexed
+/// load per packet) rather than in [`crate::maps::COUNTERS`] (per-CPU hash: a hash lookup per
+/// packet, ~25 ns). Slot 0 is never assigned; an endpoint beyond this many, on a node with more
+/// pods than any kubelet runs, falls back to the hash map.
+pub const COUNTER_SLOTS: u32 = 2048;
+/// [`Endpoint::counter_slot`](crate::ep::Endpoint::counter_slot) of an endpoint counted in
+/// [`crate::maps::COUNTERS`].
+pub const NO_COUNTER_SLOT: u32 = 0;
+/// Counters per slot: one per direction and [`Reason`].
+pub const COUNTERS_PER_SLOT: u32 = 2 * Reason::ALL.len() as u32;
+
+/// Index in [`crate::maps::SLOT_COUNTERS`] of the counter of `reason` in direction `dir` for the
+/// endpoint in `slot`.
+#[inline(always)]
+pub const fn slot_counter_index(slot: u32, dir: u8, reason: Reason) -> u32 {
+    slot * COUNTERS_PER_SLOT + (dir as u32 & 1) * Reason::ALL.len() as u32 + reason.index()
+}
 
 /// Value of [`crate::maps::COUNTERS`] and [`crate::maps::RULE_COUNTERS`] (one per CPU).
 #[repr(C)]
@@ -125,11 +160,26 @@ mod tests {
 
     #[test]
     fn reasons_round_trip_and_classify() {
-        for r in Reason::ALL {
+        for (i, r) in Reason::ALL.into_iter().enumerate() {
             assert_eq!(Reason::from_u8(r as u8), Some(r));
+            assert_eq!(r.index() as usize, i);
         }
         assert_eq!(Reason::from_u8(0), None);
         assert!(Reason::DenyMalformed.is_drop());
         assert!(!Reason::Audit.is_drop());
+    }
+
+    #[test]
+    fn slot_counter_indices_are_distinct_and_in_range() {
+        let mut seen = std::collections::BTreeSet::new();
+        for slot in [1, 2, COUNTER_SLOTS - 1] {
+            for dir in [crate::DIR_INGRESS, crate::DIR_EGRESS] {
+                for r in Reason::ALL {
+                    let i = slot_counter_index(slot, dir, r);
+                    assert!(i < COUNTER_SLOTS * COUNTERS_PER_SLOT);
+                    assert!(seen.insert(i), "{slot} {dir} {r:?}");
+                }
+            }
+        }
     }
 }

@@ -42,8 +42,12 @@ pub struct Endpoint {
     pub egress_np: u32,
     /// Baseline-tier set for traffic leaving the pod.
     pub egress_baseline: u32,
+    /// This endpoint's block of counters in [`crate::maps::SLOT_COUNTERS`], assigned by the
+    /// agent's dataplane (not the compiler) for as long as the interface is enforced;
+    /// [`crate::counters::NO_COUNTER_SLOT`]: counted in [`crate::maps::COUNTERS`] instead.
+    pub counter_slot: u32,
 }
-const _: () = assert!(core::mem::size_of::<Endpoint>() == 32);
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 36);
 
 /// Which tier a set belongs to; index into [`Endpoint::sets`].
 #[repr(u8)]

@@ -18,8 +18,12 @@ pub const PORTS: &str = "np_ports";
 pub const CT: &str = "np_ct";
 /// LRU HASH [`crate::ct::FragKey`] → [`crate::ct::FragValue`]: datagrams whose first fragment passed.
 pub const FRAG: &str = "np_frag";
-/// PERCPU HASH (ifindex, direction, reason) → packets and bytes.
+/// PERCPU HASH (ifindex, direction, reason) → packets and bytes, of endpoints without a counter
+/// slot.
 pub const COUNTERS: &str = "np_cnt";
+/// PERCPU ARRAY [`crate::counters::slot_counter_index`] → packets and bytes: the counters of
+/// endpoints with a counter slot (all of them, up to [`crate::counters::COUNTER_SLOTS`]).
+pub const SLOT_COUNTERS: &str = "np_cnt_slot";
 /// PERCPU HASH rule id → packets and bytes of the new flows it decided.
 pub const RULE_COUNTERS: &str = "np_rule_cnt";
 /// PERCPU ARRAY of global statistics (`STAT_*`).
@@ -32,8 +36,20 @@ pub const EVENT_RATE: &str = "np_ev_rate";
 pub const CONFIG: &str = "np_cfg";
 
 /// Every pinned map, for inspection and uninstall.
-pub const ALL: [&str; 11] =
-    [EP, PEER, PORTS, CT, FRAG, COUNTERS, RULE_COUNTERS, STATS, EVENTS, EVENT_RATE, CONFIG];
+pub const ALL: [&str; 12] = [
+    EP,
+    PEER,
+    PORTS,
+    CT,
+    FRAG,
+    COUNTERS,
+    SLOT_COUNTERS,
+    RULE_COUNTERS,
+    STATS,
+    EVENTS,
+    EVENT_RATE,
+    CONFIG,
+];
 
 /// Capacity of [`EP`]: pods per node.
 pub const EP_MAX: usize = 16_384;

@@ -1,10 +1,25 @@
 //! Per-CPU counters: per (endpoint, direction, reason), per rule, and global statistics.
-use netpol_common::counters::{CounterKey, CounterValue, Reason, RuleCounterKey};
+use netpol_common::counters::{
+    slot_counter_index, CounterKey, CounterValue, Reason, RuleCounterKey, NO_COUNTER_SLOT,
+};
 
-use crate::maps::{COUNTER_MAP, RULE_COUNTER_MAP, STATS_MAP};
+use crate::maps::{COUNTER_MAP, RULE_COUNTER_MAP, SLOT_COUNTER_MAP, STATS_MAP};
 
+/// Counts a packet of the endpoint on `ifindex` whose counters are in `slot`: an indexed load
+/// in the per-CPU array (the verifier inlines it), or, for an endpoint without a slot, a lookup
+/// in the per-CPU hash map.
 #[inline(always)]
-pub fn count(ifindex: u32, dir: u8, reason: Reason, bytes: u32) {
+pub fn count(slot: u32, ifindex: u32, dir: u8, reason: Reason, bytes: u32) {
+    if slot != NO_COUNTER_SLOT {
+        if let Some(v) = SLOT_COUNTER_MAP.get_ptr_mut(slot_counter_index(slot, dir, reason)) {
+            // SAFETY: this CPU's copy; no other CPU writes it.
+            unsafe {
+                (*v).packets += 1;
+                (*v).bytes += bytes as u64;
+            }
+            return;
+        }
+    }
     let key = CounterKey { ifindex, direction: dir, reason: reason as u8, _pad: [0; 2] };
     add(&COUNTER_MAP, &key, bytes);
 }

@@ -1,7 +1,7 @@
 //! The decision for one packet: endpoint → established-flow fast path, or parse → conntrack →
 //! policy → counters and events.
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{__sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_coarse_ns,
     programs::TcContext,
 };
@@ -41,11 +41,12 @@ pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
         stat(STAT_NO_ENDPOINT);
         return UNKNOWN_ENDPOINT_VERDICT;
     };
+    let slot = ep.counter_slot;
     let reason = match fastpath::established(ctx.skb.skb, ifindex, dir, ep.generation) {
         Some(reason) => reason,
-        None => decide(ctx, ifindex, dir, ep),
+        None => decide(ctx.skb.skb, ifindex, dir, ep),
     };
-    count(ifindex, dir, reason, ctx.len());
+    count(slot, ifindex, dir, reason, ctx.len());
     #[cfg(feature = "upgrade-variant")]
     if let Some(v) = crate::maps::VARIANT_MAP.get_ptr_mut(0) {
         // SAFETY: a per-CPU slot, written only by this CPU.
@@ -58,14 +59,16 @@ pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
     }
 }
 
-/// The general path: parses any frame and decides it from conntrack and the policy maps.
-#[inline(always)]
-fn decide(ctx: &TcContext, ifindex: u32, dir: u8, ep: &Endpoint) -> Reason {
+/// The general path: parses any frame and decides it from conntrack and the policy maps. A BPF
+/// subprogram, like the fast path, so the program's own frame stays small: the deepest chain of
+/// frames (here → `decide_icmp_error` → `lookup_tier`) must fit BPF's 512 bytes of stack.
+#[inline(never)]
+fn decide(skb: *mut __sk_buff, ifindex: u32, dir: u8, ep: &Endpoint) -> Reason {
     // A copy: the agent may replace the entry meanwhile, and one packet must be decided by
     // one version of it.
     let ep = *ep;
     let mut flow = Flow::EMPTY;
-    match parse(ctx.skb.skb, &mut flow) {
+    match parse(skb, &mut flow) {
         Packet::Malformed => Reason::DenyMalformed,
         Packet::Control => Reason::AllowNonIp,
         Packet::Ip => match flow.kind {

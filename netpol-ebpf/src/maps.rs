@@ -5,7 +5,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use netpol_common::{
-    counters::{CounterKey, CounterValue, RuleCounterKey, STAT_SLOTS},
+    counters::{
+        CounterKey, CounterValue, RuleCounterKey, COUNTERS_PER_SLOT, COUNTER_SLOTS, STAT_SLOTS,
+    },
     ct::{CtKey, CtValue, FragKey, FragValue},
     ep::{Endpoint, EndpointKey},
     event::{Config, RateState},
@@ -31,6 +33,12 @@ pub static FRAG_MAP: LruHashMap<FragKey, FragValue, FRAG_MAX> = LruHashMap::new(
 #[btf_map(name = "np_cnt")]
 pub static COUNTER_MAP: PerCpuHashMap<CounterKey, CounterValue, COUNTERS_MAX> =
     PerCpuHashMap::new();
+
+#[btf_map(name = "np_cnt_slot")]
+pub static SLOT_COUNTER_MAP: PerCpuArray<
+    CounterValue,
+    { (COUNTER_SLOTS * COUNTERS_PER_SLOT) as usize },
+> = PerCpuArray::new();
 
 #[btf_map(name = "np_rule_cnt")]
 pub static RULE_COUNTER_MAP: PerCpuHashMap<RuleCounterKey, CounterValue, RULE_COUNTERS_MAX> =

@@ -3,8 +3,8 @@ use std::collections::BTreeMap;
 
 use aya::maps::{Map, MapData, PerCpuArray, PerCpuHashMap};
 use netpol_common::{
-    counters::{CounterKey, CounterValue, RuleCounterKey},
-    maps,
+    counters::{slot_counter_index, CounterKey, CounterValue, Reason, RuleCounterKey},
+    maps, DIR_EGRESS, DIR_INGRESS,
 };
 
 use super::{map_err, DataplaneError};
@@ -53,8 +53,36 @@ fn sum<'a>(values: impl Iterator<Item = &'a CounterValue>) -> CounterValue {
     })
 }
 
+/// The non-zero counters of one endpoint's block in `np_cnt_slot`, summed over CPUs, keyed as
+/// in `np_cnt` (by `ifindex`).
+pub(super) fn read_slot(
+    array: &PerCpuArray<&MapData, CounterValue>,
+    ifindex: u32,
+    slot: u32,
+) -> Result<Vec<(CounterKey, CounterValue)>, DataplaneError> {
+    let mut out = Vec::new();
+    for direction in [DIR_INGRESS, DIR_EGRESS] {
+        for reason in Reason::ALL {
+            let index = slot_counter_index(slot, direction, reason);
+            let values = array.get(&index, 0).map_err(map_err(maps::SLOT_COUNTERS, "get"))?;
+            let v = sum(values.iter());
+            if v != CounterValue::default() {
+                out.push((
+                    CounterKey { ifindex, direction, reason: reason as u8, _pad: [0; 2] },
+                    v,
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Sums every counter: the per-CPU hash `np_cnt`, plus the block in `np_cnt_slot` of each
+/// (ifindex, counter slot) in `slots`.
 pub(super) fn read(
     counters: &Map,
+    slot_counters: &Map,
+    slots: impl IntoIterator<Item = (u32, u32)>,
     rules: &Map,
     stats: &Map,
 ) -> Result<CounterSnapshot, DataplaneError> {
@@ -64,6 +92,15 @@ pub(super) fn read(
     for item in m.iter() {
         let (k, v) = item.map_err(map_err(maps::COUNTERS, "iterate"))?;
         snap.by_reason.insert(k, sum(v.iter()));
+    }
+    let a: PerCpuArray<&MapData, CounterValue> =
+        slot_counters.try_into().map_err(map_err(maps::SLOT_COUNTERS, "open"))?;
+    for (ifindex, slot) in slots {
+        for (k, v) in read_slot(&a, ifindex, slot)? {
+            let e = snap.by_reason.entry(k).or_default();
+            e.packets += v.packets;
+            e.bytes += v.bytes;
+        }
     }
     let m: PerCpuHashMap<&MapData, RuleCounterKey, CounterValue> =
         rules.try_into().map_err(map_err(maps::RULE_COUNTERS, "open"))?;

@@ -27,6 +27,7 @@ use aya::{
 };
 pub use counters::{CounterSnapshot, Stats};
 use netpol_common::{
+    counters::{COUNTER_SLOTS, NO_COUNTER_SLOT},
     ep::{Endpoint, EndpointKey},
     event::Config,
     maps,
@@ -75,6 +76,25 @@ pub enum DataplaneError {
         #[source]
         source: Box<ProgramError>,
     },
+    /// A pinned map was created by a build with another layout.
+    #[error(
+        "pinned map {path} has a {what} of {found} bytes where this build needs {expected}: it \
+         was created by an incompatible netpol build; run `netpol-agent uninstall` (or remove \
+         the pin directory) and start again"
+    )]
+    IncompatiblePin {
+        /// The pin.
+        path: PathBuf,
+        /// "key size" or "value size".
+        what: &'static str,
+        /// Size of the pinned map.
+        found: u32,
+        /// Size this build uses.
+        expected: u32,
+    },
+    /// The number of possible CPUs (the per-CPU maps' width) could not be read.
+    #[error("reading the possible CPUs from /sys/devices/system/cpu/possible")]
+    Cpus(#[source] std::io::Error),
     /// A map is missing from the object.
     #[error("map {name} is missing from the eBPF object")]
     MissingMap {
@@ -187,6 +207,9 @@ pub struct Dataplane {
     /// Counters of released interfaces, folded under ifindex 0 when their entries were deleted
     /// ([`Dataplane::forget_counters`]), so node-level totals never go down.
     retired: BTreeMap<netpol_common::counters::CounterKey, netpol_common::counters::CounterValue>,
+    /// Counter slot (`Endpoint::counter_slot`) of each interface that has one, from its endpoint
+    /// entry being written until its counters are forgotten. Rebuilt from `np_ep` on load.
+    slots: BTreeMap<u32, u32>,
 }
 
 impl Dataplane {
@@ -221,6 +244,7 @@ impl Dataplane {
                 .map_or_else(|| "built into netpol-agent".to_owned(), |p| p.display().to_string()),
             source: Box::new(e),
         })?;
+        check_pinned_layout(&opts.pin_dir)?;
         for name in [maps::PROG_FROM_POD, maps::PROG_TO_POD, maps::PROG_BENCH_FLOOR] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -234,7 +258,9 @@ impl Dataplane {
             pin_dir: opts.pin_dir.clone(),
             attached: BTreeMap::new(),
             retired: BTreeMap::new(),
+            slots: BTreeMap::new(),
         };
+        dp.slots = dp.endpoint_slots()?;
         dp.set_config(Config {
             events_per_sec: opts.events_per_sec,
             events_burst: opts.events_burst,
@@ -483,9 +509,69 @@ impl Dataplane {
         self.attached.iter().map(|(i, a)| (*i, a.name.as_str()))
     }
 
+    /// Counter slots of the endpoint entries in `np_ep` (pinned: a previous agent's included).
+    fn endpoint_slots(&self) -> Result<BTreeMap<u32, u32>> {
+        let name = maps::EP;
+        let m: HashMap<&MapData, EndpointKey, Endpoint> =
+            self.map(name)?.try_into().map_err(map_err(name, "open"))?;
+        let mut slots = BTreeMap::new();
+        for item in m.iter() {
+            match item {
+                Ok((k, v)) if v.counter_slot != NO_COUNTER_SLOT => {
+                    slots.insert(k.ifindex, v.counter_slot);
+                }
+                Ok(_) => {}
+                // Deleted while iterating.
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(map_err(name, "iterate")(e)),
+            }
+        }
+        Ok(slots)
+    }
+
+    /// The counter slot of `ifindex`: the one it holds, else the lowest free one, its counters
+    /// zeroed (an agent that died between removing an endpoint and forgetting its counters
+    /// left them behind), else none (the programs then count in the per-CPU hash `np_cnt`).
+    fn counter_slot(&mut self, ifindex: u32) -> Result<u32> {
+        if let Some(slot) = self.slots.get(&ifindex) {
+            return Ok(*slot);
+        }
+        let used: std::collections::BTreeSet<u32> = self.slots.values().copied().collect();
+        let Some(slot) = (1..COUNTER_SLOTS).find(|s| !used.contains(s)) else {
+            tracing::warn!(
+                ifindex,
+                "all {} counter slots are taken; counting this interface in np_cnt",
+                COUNTER_SLOTS - 1
+            );
+            return Ok(NO_COUNTER_SLOT);
+        };
+        self.zero_slot(slot)?;
+        self.slots.insert(ifindex, slot);
+        Ok(slot)
+    }
+
+    fn zero_slot(&mut self, slot: u32) -> Result<()> {
+        use aya::maps::{PerCpuArray, PerCpuValues};
+        use netpol_common::counters::{slot_counter_index, CounterValue, Reason};
+        let name = maps::SLOT_COUNTERS;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+        let mut a: PerCpuArray<&mut MapData, CounterValue> =
+            self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
+        for dir in [netpol_common::DIR_INGRESS, netpol_common::DIR_EGRESS] {
+            for reason in Reason::ALL {
+                let zeros = PerCpuValues::try_from(vec![CounterValue::default(); cpus])
+                    .map_err(|e| DataplaneError::Cpus(std::io::Error::other(e)))?;
+                a.set(slot_counter_index(slot, dir, reason), zeros, 0)
+                    .map_err(map_err(name, "update"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the endpoint entry of `ifindex` (one map update: a packet sees the old or the new
-    /// value, never a mix).
-    pub fn set_endpoint(&mut self, ifindex: u32, ep: Endpoint) -> Result<()> {
+    /// value, never a mix). Its `counter_slot` is this dataplane's to assign, whatever `ep` says.
+    pub fn set_endpoint(&mut self, ifindex: u32, mut ep: Endpoint) -> Result<()> {
+        ep.counter_slot = self.counter_slot(ifindex)?;
         let name = maps::EP;
         let mut m: HashMap<&mut MapData, EndpointKey, Endpoint> =
             self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
@@ -560,6 +646,8 @@ impl Dataplane {
     pub fn counters(&self) -> Result<CounterSnapshot> {
         let mut snap = counters::read(
             self.map(maps::COUNTERS)?,
+            self.map(maps::SLOT_COUNTERS)?,
+            self.slots.iter().map(|(i, s)| (*i, *s)),
             self.map(maps::RULE_COUNTERS)?,
             self.map(maps::STATS)?,
         )?;
@@ -571,13 +659,29 @@ impl Dataplane {
         Ok(snap)
     }
 
-    /// Deletes the counter entries of interface `ifindex` (released: detached and without an
-    /// endpoint entry), adding their values to those of interface 0 so node-level totals stay
-    /// monotonic. Without this, every pod that ever ran on the node would keep up to 20
-    /// entries in `np_cnt` until it filled. Returns how many entries were deleted.
+    /// Retires the counters of interface `ifindex` (released: detached and without an endpoint
+    /// entry), adding their values to those of interface 0 so node-level totals stay
+    /// monotonic: its `np_cnt` entries are deleted (without this, every pod that ever ran on the
+    /// node would keep up to 20 entries until the map filled) and its counter slot is zeroed and
+    /// freed. Returns how many non-zero counters were retired.
     pub fn forget_counters(&mut self, ifindex: u32) -> Result<usize> {
-        use aya::maps::PerCpuHashMap;
+        use aya::maps::{PerCpuArray, PerCpuHashMap};
         use netpol_common::counters::{CounterKey, CounterValue};
+        let mut retired = 0;
+        if let Some(slot) = self.slots.get(&ifindex).copied() {
+            let name = maps::SLOT_COUNTERS;
+            let a: PerCpuArray<&MapData, CounterValue> =
+                self.map(name)?.try_into().map_err(map_err(name, "open"))?;
+            let values = counters::read_slot(&a, ifindex, slot)?;
+            self.zero_slot(slot)?;
+            self.slots.remove(&ifindex);
+            for (k, v) in &values {
+                let e = self.retired.entry(CounterKey { ifindex: 0, ..*k }).or_default();
+                e.packets += v.packets;
+                e.bytes += v.bytes;
+            }
+            retired += values.len();
+        }
         let name = maps::COUNTERS;
         let mut m: PerCpuHashMap<&mut MapData, CounterKey, CounterValue> = self
             .ebpf
@@ -598,7 +702,7 @@ impl Dataplane {
             e.packets += packets;
             e.bytes += bytes;
         }
-        Ok(gone.len())
+        Ok(retired + gone.len())
     }
 
     /// Runs a program once per `repeat` on `packet` with BPF_PROG_TEST_RUN (no interface
@@ -665,6 +769,50 @@ impl Dataplane {
         }
         Ok(())
     }
+}
+
+/// Key and value sizes of every map whose entries the agent or the programs interpret.
+fn layout() -> [(&'static str, usize, usize); 11] {
+    use core::mem::size_of;
+    use netpol_common::{counters::*, ct::*, event::*};
+    let lpm = |data: usize| size_of::<u32>() + data;
+    [
+        (maps::EP, size_of::<EndpointKey>(), size_of::<Endpoint>()),
+        (maps::PEER, lpm(size_of::<PeerData>()), size_of::<PeerValue>()),
+        (maps::PORTS, lpm(size_of::<PortData>()), size_of::<PortValue>()),
+        (maps::CT, size_of::<CtKey>(), size_of::<CtValue>()),
+        (maps::FRAG, size_of::<FragKey>(), size_of::<FragValue>()),
+        (maps::COUNTERS, size_of::<CounterKey>(), size_of::<CounterValue>()),
+        (maps::SLOT_COUNTERS, size_of::<u32>(), size_of::<CounterValue>()),
+        (maps::RULE_COUNTERS, size_of::<RuleCounterKey>(), size_of::<CounterValue>()),
+        (maps::STATS, size_of::<u32>(), size_of::<u64>()),
+        (maps::EVENT_RATE, size_of::<u32>(), size_of::<RateState>()),
+        (maps::CONFIG, size_of::<u32>(), size_of::<Config>()),
+    ]
+}
+
+/// Refuses maps pinned by a build with another layout. aya reuses a pinned map by name without
+/// comparing it with the object's definition, so the programs would otherwise fail
+/// verification with an obscure out-of-bounds error, or the agent misread the entries.
+fn check_pinned_layout(pin_dir: &Path) -> Result<()> {
+    for (name, key, value) in layout() {
+        let path = pin_dir.join(name);
+        let data = MapData::from_pin(&path).map_err(map_err(name, "open pinned"))?;
+        let info = data.info().map_err(map_err(name, "info"))?;
+        for (what, found, expected) in
+            [("key size", info.key_size(), key), ("value size", info.value_size(), value)]
+        {
+            if found as usize != expected {
+                return Err(DataplaneError::IncompatiblePin {
+                    path,
+                    what,
+                    found,
+                    expected: expected as u32,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Deletes the pinned maps in `pin_dir` and the directory itself (uninstall, tests).

@@ -111,10 +111,13 @@ impl PinnedMaps {
         Ok(out)
     }
 
-    /// Per-CPU counters, summed.
+    /// Per-CPU counters, summed: the counter slots of the endpoints in `np_ep`, and `np_cnt`.
     pub fn counters(&self) -> Result<CounterSnapshot> {
+        let slots = self.endpoints()?.into_iter().map(|(i, ep)| (i, ep.counter_slot));
         super::counters::read(
             &self.map(maps::COUNTERS)?,
+            &self.map(maps::SLOT_COUNTERS)?,
+            slots.filter(|(_, s)| *s != netpol_common::counters::NO_COUNTER_SLOT),
             &self.map(maps::RULE_COUNTERS)?,
             &self.map(maps::STATS)?,
         )

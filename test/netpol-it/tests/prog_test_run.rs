@@ -3,7 +3,11 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use netpol_common::{
-    counters::Reason::{self, *},
+    counters::{
+        slot_counter_index,
+        Reason::{self, *},
+        COUNTER_SLOTS, NO_COUNTER_SLOT,
+    },
     ep::{Endpoint, EP_FLAG_AUDIT},
     maps::{PROG_FROM_POD as FROM, PROG_TO_POD as TO},
     policy::{PortData, PORT_FULL_BITS},
@@ -406,8 +410,63 @@ fn pinned_maps_carry_btf_field_names_for_bpftool() {
     assert!(ep.contains("\"ifindex\": 1") && ep.contains("\"ingress_np\": 1"), "{ep}");
     let ct = dump("np_ct");
     assert!(ct.contains("\"local_port\": 80") && ct.contains("\"generation\": 1"), "{ct}");
-    let cnt = dump("np_cnt");
-    assert!(cnt.contains("\"reason\"") && cnt.contains("\"packets\""), "{cnt}");
+    assert!(ep.contains("\"counter_slot\": 1"), "{ep}");
+    // The endpoint's counters: slot 1, ingress, policy_allow (the index docs/ARCHITECTURE.md
+    // tells operators to compute), one packet on one of the CPUs.
+    let index = slot_counter_index(1, IN, AllowPolicy);
+    assert_eq!(index, 20);
+    let path = f.pin_dir().join("np_cnt_slot");
+    let cnt = netpol_it::cmd::run(
+        "bpftool",
+        &["map", "lookup", "pinned", &path.to_string_lossy(), "key", "20", "0", "0", "0"],
+    )
+    .unwrap();
+    assert!(cnt.contains("\"packets\": 1"), "{cnt}");
+}
+
+#[test]
+fn endpoints_beyond_the_counter_slots_are_counted_in_the_hash_map() {
+    let mut f = fixture("slots-full");
+    // The test interface holds slot 1; other endpoints take the remaining ones.
+    for ifindex in 0..COUNTER_SLOTS - 2 {
+        f.dp.set_endpoint(100_000 + ifindex, Endpoint { generation: 1, ..Default::default() })
+            .unwrap();
+    }
+    // Forgetting the test interface frees slot 1; the next endpoint takes it.
+    f.dp.remove_endpoint(TEST_IFINDEX).unwrap();
+    f.dp.forget_counters(TEST_IFINDEX).unwrap();
+    f.dp.set_endpoint(99_999, Endpoint { generation: 1, ..Default::default() }).unwrap();
+    assert_eq!(f.dp.endpoint(99_999).unwrap().unwrap().counter_slot, 1);
+    // Every slot is taken now: the test interface is counted in np_cnt, as exactly as before.
+    set_endpoint(&mut f, 2, 0);
+    assert_eq!(f.dp.endpoint(TEST_IFINDEX).unwrap().unwrap().counter_slot, NO_COUNTER_SLOT);
+    expect(&mut f, TO, Frame::new(v4(ALLOWED), v4(POD), syn(1, 80)), PASS, IN, AllowPolicy);
+    expect(&mut f, TO, Frame::new(v4(ALLOWED), v4(POD), ack(1, 80)), PASS, IN, AllowConntrack);
+    expect(&mut f, TO, Frame::new(v4(STRANGER), v4(POD), syn(2, 80)), DROP, IN, DenyPolicy);
+    let path = f.pin_dir().join("np_cnt");
+    let cnt = netpol_it::cmd::run("bpftool", &["map", "dump", "pinned", &path.to_string_lossy()])
+        .unwrap();
+    assert!(cnt.contains("\"reason\": 2") && cnt.contains("\"reason\": 16"), "{cnt}");
+    // Forgetting it deletes those entries and keeps the node's totals.
+    f.dp.remove_endpoint(TEST_IFINDEX).unwrap();
+    assert_eq!(f.dp.forget_counters(TEST_IFINDEX).unwrap(), 3);
+    let after = f.dp.counters().unwrap();
+    assert_eq!(after.packets(0, IN, AllowConntrack), 1);
+    assert_eq!(after.packets(TEST_IFINDEX, IN, AllowConntrack), 0);
+}
+
+#[test]
+fn a_reused_counter_slot_starts_from_zero() {
+    let mut f = fixture("slot-reuse");
+    expect(&mut f, TO, Frame::new(v4(ALLOWED), v4(POD), syn(1, 80)), PASS, IN, AllowPolicy);
+    f.dp.remove_endpoint(TEST_IFINDEX).unwrap();
+    assert_eq!(f.dp.forget_counters(TEST_IFINDEX).unwrap(), 1);
+    // Another interface gets the freed slot, with none of the old interface's counts.
+    f.dp.set_endpoint(77, Endpoint { generation: 1, ..Default::default() }).unwrap();
+    assert_eq!(f.dp.endpoint(77).unwrap().unwrap().counter_slot, 1);
+    let c = f.dp.counters().unwrap();
+    assert!(c.by_reason.keys().all(|k| k.ifindex != 77), "{:?}", c.by_reason);
+    assert_eq!(c.packets(0, IN, AllowPolicy), 1, "retired into the node's totals");
 }
 
 #[test]
@@ -430,4 +489,47 @@ fn forgetting_an_interface_deletes_its_counters_and_keeps_the_totals() {
     )
     .unwrap();
     assert!(cnt.trim() == "[]" || cnt.contains("Found 0 elements"), "{cnt}");
+}
+
+#[test]
+fn maps_pinned_with_another_layout_are_refused_by_name() {
+    netpol_it::require_root();
+    let dir =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-layout", std::process::id()));
+    let _cleanup = netpol_it::agent::RemovePins(dir.clone());
+    std::fs::create_dir_all(&dir).unwrap();
+    // np_ep as an earlier build pinned it: 32-byte values, before `counter_slot`.
+    let pin = dir.join("np_ep");
+    netpol_it::cmd::run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            &pin.to_string_lossy(),
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "32",
+            "entries",
+            "16",
+            "name",
+            "np_ep",
+        ],
+    )
+    .unwrap();
+    let opts =
+        netpol_agent::dataplane::DataplaneOptions { pin_dir: dir.clone(), ..Default::default() };
+    let err = match netpol_agent::dataplane::Dataplane::load(&opts) {
+        Ok(_) => panic!("a dataplane loaded over an incompatible np_ep"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(&pin.display().to_string())
+            && err.contains("value size of 32 bytes")
+            && err.contains("needs 36")
+            && err.contains("netpol-agent uninstall"),
+        "{err}"
+    );
 }
