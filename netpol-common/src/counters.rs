@@ -171,13 +171,17 @@ mod tests {
 
     #[test]
     fn slot_counter_indices_are_distinct_and_in_range() {
-        let mut seen = std::collections::BTreeSet::new();
+        // no_std: a fixed array instead of a set.
+        let mut seen = [u32::MAX; 3 * COUNTERS_PER_SLOT as usize];
+        let mut n = 0;
         for slot in [1, 2, COUNTER_SLOTS - 1] {
             for dir in [crate::DIR_INGRESS, crate::DIR_EGRESS] {
                 for r in Reason::ALL {
                     let i = slot_counter_index(slot, dir, r);
                     assert!(i < COUNTER_SLOTS * COUNTERS_PER_SLOT);
-                    assert!(seen.insert(i), "{slot} {dir} {r:?}");
+                    assert!(!seen[..n].contains(&i), "{slot} {dir} {r:?}");
+                    seen[n] = i;
+                    n += 1;
                 }
             }
         }
