@@ -2,6 +2,8 @@
 //! expires them. Deleting races with the datapath refreshing the same entry, so GC is two-phase:
 //! [`scan`] records the `last_seen_ns` of every expired entry, [`sweep`] re-reads each one and
 //! deletes it only if that time did not move (a packet in between keeps the flow).
+use std::collections::BTreeSet;
+
 use aya::maps::{HashMap, Map, MapData, MapError};
 use netpol_common::{
     ct::{CtKey, CtValue, Timeouts},
@@ -59,11 +61,14 @@ pub fn dump(map: &Map) -> Result<Vec<(CtKey, CtValue)>, DataplaneError> {
     Ok(out)
 }
 
-/// Phase one: entries idle for longer than their timeout at `now_ns`.
+/// Phase one: entries idle for longer than their timeout at `now_ns`, and, when `enforced` is
+/// given, every entry of an interface not in it (released: its pod is gone, and a later pod on
+/// a reused ifindex must not find its flows).
 pub fn scan(
     map: &Map,
     now_ns: u64,
     timeouts: &Timeouts,
+    enforced: Option<&BTreeSet<u32>>,
 ) -> Result<(u64, Vec<Expired>), DataplaneError> {
     let entries = dump(map)?;
     let expired = entries
@@ -71,6 +76,7 @@ pub fn scan(
         .filter(|(k, v)| {
             let idle = now_ns.saturating_sub(v.last_seen_ns);
             idle > timeouts.for_value(k.proto, v).saturating_mul(1_000_000_000)
+                || enforced.is_some_and(|e| !e.contains(&k.ifindex))
         })
         .map(|(k, v)| Expired { key: *k, last_seen_ns: v.last_seen_ns })
         .collect();

@@ -509,24 +509,36 @@ impl Dataplane {
         self.attached.iter().map(|(i, a)| (*i, a.name.as_str()))
     }
 
-    /// Counter slots of the endpoint entries in `np_ep` (pinned: a previous agent's included).
-    fn endpoint_slots(&self) -> Result<BTreeMap<u32, u32>> {
+    /// Every entry of `np_ep` (pinned: a previous agent's included).
+    fn endpoints(&self) -> Result<Vec<(u32, Endpoint)>> {
         let name = maps::EP;
         let m: HashMap<&MapData, EndpointKey, Endpoint> =
             self.map(name)?.try_into().map_err(map_err(name, "open"))?;
-        let mut slots = BTreeMap::new();
+        let mut out = Vec::new();
         for item in m.iter() {
             match item {
-                Ok((k, v)) if v.counter_slot != NO_COUNTER_SLOT => {
-                    slots.insert(k.ifindex, v.counter_slot);
-                }
-                Ok(_) => {}
+                Ok((k, v)) => out.push((k.ifindex, v)),
                 // Deleted while iterating.
                 Err(MapError::KeyNotFound) => continue,
                 Err(e) => return Err(map_err(name, "iterate")(e)),
             }
         }
-        Ok(slots)
+        Ok(out)
+    }
+
+    /// Interfaces with an endpoint entry.
+    fn endpoint_ifindexes(&self) -> Result<std::collections::BTreeSet<u32>> {
+        Ok(self.endpoints()?.into_iter().map(|(i, _)| i).collect())
+    }
+
+    /// Counter slots of the endpoint entries in `np_ep`.
+    fn endpoint_slots(&self) -> Result<BTreeMap<u32, u32>> {
+        Ok(self
+            .endpoints()?
+            .into_iter()
+            .filter(|(_, ep)| ep.counter_slot != NO_COUNTER_SLOT)
+            .map(|(i, ep)| (i, ep.counter_slot))
+            .collect())
     }
 
     /// The counter slot of `ifindex`: the one it holds, else the lowest free one, its counters
@@ -736,7 +748,11 @@ impl Dataplane {
         now_ns: u64,
         timeouts: &netpol_common::ct::Timeouts,
     ) -> Result<conntrack::GcStats> {
-        let (scanned, expired) = conntrack::scan(self.map(maps::CT)?, now_ns, timeouts)?;
+        // Entries of interfaces without an endpoint entry go too: the agent removes the entry
+        // when it releases an interface, after detaching the programs, so nothing refreshes them.
+        let enforced = self.endpoint_ifindexes()?;
+        let (scanned, expired) =
+            conntrack::scan(self.map(maps::CT)?, now_ns, timeouts, Some(&enforced))?;
         let mut stats = conntrack::sweep(self.map_mut(maps::CT)?, &expired)?;
         stats.scanned = scanned;
         Ok(stats)

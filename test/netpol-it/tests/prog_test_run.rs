@@ -533,3 +533,20 @@ fn maps_pinned_with_another_layout_are_refused_by_name() {
         "{err}"
     );
 }
+
+#[test]
+fn conntrack_entries_of_a_released_interface_are_collected_at_once() {
+    use netpol_agent::dataplane::conntrack::monotonic_ns;
+    let mut f = fixture("ct-released");
+    expect(&mut f, TO, Frame::new(v4(ALLOWED), v4(POD), syn(1, 80)), PASS, IN, AllowPolicy);
+    assert_eq!(f.dp.conntrack().unwrap().len(), 1);
+    let timeouts = netpol_common::ct::Timeouts::DEFAULT;
+    // Fresh and its interface enforced: kept.
+    let stats = f.dp.gc_conntrack(monotonic_ns(), &timeouts).unwrap();
+    assert_eq!((stats.deleted, f.dp.conntrack().unwrap().len()), (0, 1), "{stats:?}");
+    // Released (the agent detaches, then removes the endpoint entry): collected by the next
+    // pass although fresh, so a pod that later gets the same ifindex cannot inherit the flow.
+    f.dp.remove_endpoint(TEST_IFINDEX).unwrap();
+    let stats = f.dp.gc_conntrack(monotonic_ns(), &timeouts).unwrap();
+    assert_eq!((stats.deleted, f.dp.conntrack().unwrap().len()), (1, 0), "{stats:?}");
+}

@@ -211,9 +211,13 @@ fn conntrack_entries_expire_without_racing_the_datapath() {
     let dns = SocketAddr::from((server.ip, 53));
     assert!(udp_echo_from(&client.netns, 40053, dns, T).unwrap());
     let map = f.dp.raw_map_mut(netpol_common::maps::CT).unwrap();
-    let (_, expired) =
-        netpol_agent::dataplane::conntrack::scan(map, later + 61_000_000_000, &Timeouts::DEFAULT)
-            .unwrap();
+    let (_, expired) = netpol_agent::dataplane::conntrack::scan(
+        map,
+        later + 61_000_000_000,
+        &Timeouts::DEFAULT,
+        None,
+    )
+    .unwrap();
     assert_eq!(expired.len(), 1);
     std::thread::sleep(Duration::from_millis(5));
     assert!(udp_echo_from(&client.netns, 40053, dns, T).unwrap(), "refresh");
