@@ -33,6 +33,8 @@ struct State {
     down: bool,
     /// Requests answered (lists and watches), for tests that wait for a relist.
     lists: u64,
+    /// Lists answered per entry of [`PATHS`].
+    lists_per_kind: [u64; 5],
 }
 
 /// The fake server; stops on drop.
@@ -98,6 +100,13 @@ impl FakeApi {
     /// Lists served so far.
     pub fn lists(&self) -> u64 {
         self.state.0.lock().unwrap().lists
+    }
+
+    /// Lists served so far, per kind (Pods, Namespaces, NetworkPolicies, Services,
+    /// EndpointSlices): each of the client's watchers relists on its own schedule after an
+    /// outage, so "relisted" means every kind it listed before.
+    pub fn lists_per_kind(&self) -> [u64; 5] {
+        self.state.0.lock().unwrap().lists_per_kind
     }
 
     /// Its address.
@@ -196,6 +205,7 @@ fn serve(
         let body = {
             let mut s = state.0.lock().unwrap();
             s.lists += 1;
+            s.lists_per_kind[i] += 1;
             json!({"apiVersion": "v1", "kind": PATHS[i].1,
                    "metadata": {"resourceVersion": s.resource_version.to_string()},
                    "items": s.objects[i]})

@@ -104,10 +104,14 @@ fn api_server_loss_keeps_the_last_state_and_converges_after() {
     assert_eq!(source_up(&agent), 0.0, "still reported down");
 
     // Back: the agent relists and enforces the changed state.
-    let lists = api.lists();
+    let lists = api.lists_per_kind();
     api.set_down(false);
     let back = Instant::now();
-    wait_for("a relist", 60, || api.lists() > lists);
+    // Every watcher relists on its own backoff schedule; until the Pod watcher has, a pod change
+    // cannot reach the agent (the last check below relabels a pod).
+    wait_for("every kind relisted", 60, || {
+        api.lists_per_kind().iter().zip(&lists).all(|(now, before)| *before == 0 || now > before)
+    });
     wait_for("netpol_source_up 1", 60, || source_up(&agent) == 1.0);
     netpol_it::probe::eventually(&other, to, true, "other allowed after the outage");
     netpol_it::probe::eventually(&client, to, false, "client denied after the outage");
