@@ -1,8 +1,7 @@
 //! The established-flow fast path: most packets belong to a tracked, allowed TCP or UDP flow in
-//! an untagged frame without IPv4 options or IPv6 extension headers. Those are decided here with
-//! a handful of word loads and one conntrack lookup, inlined into the program: no `Flow` to fill,
-//! no BPF subprogram call (each call and return costs several nanoseconds behind the kernel's
-//! return-thunk mitigations), no policy lookup.
+//! an untagged frame without IPv4 options or IPv6 extension headers. Those are decided here from
+//! a few header fields and one conntrack lookup: no `Flow` to fill, no general parser, no policy
+//! lookup.
 //!
 //! Anything else — another shape, a conntrack miss, a flow decided under an older endpoint
 //! generation, a deny tombstone, a TCP SYN — returns `None` and goes through the general path
@@ -16,19 +15,23 @@ use netpol_common::{
     DIR_EGRESS,
 };
 
-use crate::{
-    maps::CT_MAP,
-    parse::{bounds, PROTO_TCP, PROTO_UDP},
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
 };
 
-const ETH_LEN: usize = 14;
-const IPV4_LEN: usize = 20;
-const IPV6_LEN: usize = 40;
-const TCP_LEN: usize = 20;
-const UDP_LEN: usize = 8;
-/// EtherType IPv4 and IPv6 as they appear in memory (big-endian), read as a little-endian u16.
-const ETH_P_IP_WIRE: u16 = 0x0800u16.to_be();
-const ETH_P_IPV6_WIRE: u16 = 0x86ddu16.to_be();
+use crate::{
+    maps::CT_MAP,
+    parse::{bounds, ETH_P_IP, ETH_P_IPV6, PROTO_TCP, PROTO_UDP},
+};
+
+const ETH_LEN: usize = EthHdr::LEN;
+const IPV4_LEN: usize = Ipv4Hdr::LEN;
+const IPV6_LEN: usize = Ipv6Hdr::LEN;
+const TCP_LEN: usize = TcpHdr::LEN;
+const UDP_LEN: usize = UdpHdr::LEN;
 
 /// Reads a `T` at `addr` inside the linear packet data.
 ///
@@ -75,8 +78,9 @@ fn ct_key(ifindex: u32, ports: [u16; 2], local: [u32; 4], remote: [u32; 4], prot
 }
 
 /// The verdict of a packet of an established flow, or `None` for the general path. A BPF
-/// subprogram: inlined, its spilled registers and key would add to the general path's stack,
-/// and BPF has 512 bytes for the deepest chain of calls.
+/// subprogram, though a call and return cost several nanoseconds behind the kernel's
+/// return-thunk mitigation: inlined, its spilled registers and key would add to the general
+/// path's stack, and BPF has 512 bytes for the deepest chain of calls.
 #[inline(never)]
 pub fn established(skb: *mut __sk_buff, ifindex: u32, dir: u8, generation: u32) -> Option<Reason> {
     let ctx = TcContext::new(skb);
@@ -86,9 +90,9 @@ pub fn established(skb: *mut __sk_buff, ifindex: u32, dir: u8, generation: u32) 
     }
     let len = ctx.len() as usize;
     // SAFETY (every `at` below): each read lies below a bound checked against `end` before it.
-    let ethertype: u16 = unsafe { at(start + 12) };
+    let ethertype = u16::from_be(unsafe { at(start + 12) });
     let ip = start + ETH_LEN;
-    let (proto, src, dst, l4) = if ethertype == ETH_P_IP_WIRE {
+    let (proto, src, dst, l4) = if ethertype == ETH_P_IP {
         // Version 4 with a 20-byte header, a total length the general parser accepts, and
         // neither a fragment offset nor more fragments (DF and the reserved bit may be set).
         let vihl: u8 = unsafe { at(ip) };
@@ -100,7 +104,7 @@ pub fn established(skb: *mut __sk_buff, ifindex: u32, dir: u8, generation: u32) 
         let proto: u8 = unsafe { at(ip + 9) };
         let (src, dst) = (v4_mapped(unsafe { at(ip + 12) }), v4_mapped(unsafe { at(ip + 16) }));
         (proto, src, dst, ip + IPV4_LEN)
-    } else if ethertype == ETH_P_IPV6_WIRE {
+    } else if ethertype == ETH_P_IPV6 {
         if ip + IPV6_LEN > end {
             return None;
         }
