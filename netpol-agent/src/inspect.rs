@@ -498,7 +498,8 @@ mod tests {
             origin: netpol_common::DIR_INGRESS,
             state: ct::CT_TCP_ESTABLISHED,
             verdict: ct::CT_VERDICT_ALLOW,
-            _pad: [0; 5],
+            slot: 1,
+            ..Default::default()
         };
         let f = flow(&k, &v, Some(&status), 6_000_000_000);
         assert_eq!(f.pod.as_deref(), Some("prod/db"));

@@ -59,7 +59,15 @@ pub struct CtValue {
     /// `CT_VERDICT_*`.
     pub verdict: u8,
     /// Always zero.
-    pub _pad: [u8; 5],
+    pub _pad0: u8,
+    /// The endpoint's slot ([`crate::ep::Endpoint::counter_slot`]) when the flow was last
+    /// decided: the established-flow fast path checks `generation` against
+    /// [`crate::maps::SLOT`] at this index instead of looking the endpoint up by ifindex.
+    /// [`crate::counters::NO_COUNTER_SLOT`] (also in entries written before this field existed):
+    /// the general path decides.
+    pub slot: u16,
+    /// Always zero.
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
 

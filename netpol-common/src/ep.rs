@@ -42,12 +42,32 @@ pub struct Endpoint {
     pub egress_np: u32,
     /// Baseline-tier set for traffic leaving the pod.
     pub egress_baseline: u32,
-    /// This endpoint's block of counters in [`crate::maps::SLOT_COUNTERS`], assigned by the
-    /// agent's dataplane (not the compiler) for as long as the interface is enforced;
-    /// [`crate::counters::NO_COUNTER_SLOT`]: counted in [`crate::maps::COUNTERS`] instead.
+    /// This endpoint's slot, assigned by the agent's dataplane (not the compiler) for as long
+    /// as the interface is enforced: its block of counters in [`crate::maps::SLOT_COUNTERS`]
+    /// and its [`SlotOwner`] entry in [`crate::maps::SLOT`].
+    /// [`crate::counters::NO_COUNTER_SLOT`]: counted in [`crate::maps::COUNTERS`] instead, and
+    /// every packet takes the general path.
     pub counter_slot: u32,
 }
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 36);
+// Conntrack entries record the slot in 16 bits.
+const _: () = assert!(crate::counters::COUNTER_SLOTS <= 1 << 16);
+
+/// Value of [`crate::maps::SLOT`] at an endpoint's slot: which interface holds the slot and
+/// the generation of its endpoint entry, written by the agent together with that entry.
+///
+/// It lets the established-flow fast path validate a conntrack hit with an indexed array load
+/// (inlined by the verifier) instead of a hash lookup of the endpoint by ifindex, which cost
+/// about a third of the path. A free slot is all zeros, so no conntrack entry matches it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SlotOwner {
+    /// Interface that holds the slot; 0: free.
+    pub ifindex: u32,
+    /// [`Endpoint::generation`] of that interface's entry.
+    pub generation: u32,
+}
+const _: () = assert!(core::mem::size_of::<SlotOwner>() == 8);
 
 /// Which tier a set belongs to; index into [`Endpoint::sets`].
 #[repr(u8)]

@@ -48,6 +48,7 @@ mod pod_impls {
     pod!(
         EndpointKey,
         Endpoint,
+        SlotOwner,
         PeerData,
         PeerValue,
         PortData,

@@ -24,6 +24,9 @@ pub const COUNTERS: &str = "np_cnt";
 /// PERCPU ARRAY [`crate::counters::slot_counter_index`] → packets and bytes: the counters of
 /// endpoints with a counter slot (all of them, up to [`crate::counters::COUNTER_SLOTS`]).
 pub const SLOT_COUNTERS: &str = "np_cnt_slot";
+/// ARRAY slot → [`crate::ep::SlotOwner`]: which interface holds each endpoint slot, and its
+/// endpoint generation (for the established-flow fast path).
+pub const SLOT: &str = "np_slot";
 /// PERCPU HASH rule id → packets and bytes of the new flows it decided.
 pub const RULE_COUNTERS: &str = "np_rule_cnt";
 /// PERCPU ARRAY of global statistics (`STAT_*`).
@@ -36,8 +39,9 @@ pub const EVENT_RATE: &str = "np_ev_rate";
 pub const CONFIG: &str = "np_cfg";
 
 /// Every pinned map, for inspection and uninstall.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 13] = [
     EP,
+    SLOT,
     PEER,
     PORTS,
     CT,

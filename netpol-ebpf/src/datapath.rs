@@ -37,16 +37,21 @@ const UNKNOWN_ENDPOINT_VERDICT: i32 = TC_PASS;
 #[inline(always)]
 pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(ep) = (unsafe { EP_MAP.get(EndpointKey { ifindex }) }) else {
-        stat(STAT_NO_ENDPOINT);
-        return UNKNOWN_ENDPOINT_VERDICT;
-    };
-    let slot = ep.counter_slot;
-    let reason = match fastpath::established(ctx.skb.skb, ifindex, dir, ep.generation) {
+    // Most packets belong to an established flow: the fast path decides and counts them from
+    // the conntrack entry and the endpoint's slot, without looking the endpoint up.
+    let reason = match fastpath::established(ctx.skb.skb, ifindex, dir) {
         Some(reason) => reason,
-        None => decide(ctx.skb.skb, ifindex, dir, ep),
+        None => {
+            let Some(ep) = (unsafe { EP_MAP.get(EndpointKey { ifindex }) }) else {
+                stat(STAT_NO_ENDPOINT);
+                return UNKNOWN_ENDPOINT_VERDICT;
+            };
+            let slot = ep.counter_slot;
+            let reason = decide(ctx.skb.skb, ifindex, dir, ep);
+            count(slot, ifindex, dir, reason, ctx.len());
+            reason
+        }
     };
-    count(slot, ifindex, dir, reason, ctx.len());
     #[cfg(feature = "upgrade-variant")]
     if let Some(v) = crate::maps::VARIANT_MAP.get_ptr_mut(0) {
         // SAFETY: a per-CPU slot, written only by this CPU.
@@ -182,6 +187,9 @@ fn track(
         ct.generation = ep.generation;
         ct.rule_id = d.rule_id;
     }
+    // The fast path validates the entry through this slot (an entry written before conntrack
+    // recorded slots holds 0, and a re-bound endpoint may hold another slot).
+    ct.slot = ep.counter_slot as u16;
     ct.last_seen_ns = now;
     if ct.verdict == CT_VERDICT_DENY {
         return Reason::DenyPolicyChanged;
@@ -255,7 +263,9 @@ fn new_flow(
         origin,
         state,
         verdict,
-        _pad: [0; 5],
+        _pad0: 0,
+        slot: ep.counter_slot as u16,
+        _pad: [0; 2],
     };
     if CT_MAP.insert(key, value, 0).is_err() {
         return Reason::DenyConntrackFull;

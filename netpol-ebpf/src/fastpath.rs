@@ -1,16 +1,18 @@
 //! The established-flow fast path: most packets belong to a tracked, allowed TCP or UDP flow in
-//! an untagged frame without IPv4 options or IPv6 extension headers. Those are decided here from
-//! a few header fields and one conntrack lookup: no `Flow` to fill, no general parser, no policy
-//! lookup.
+//! an untagged frame without IPv4 options or IPv6 extension headers. Those are decided and
+//! counted here from a few header fields, one conntrack lookup and the endpoint's slot in
+//! `np_slot` (an array load the verifier inlines): no endpoint lookup, no `Flow` to fill, no
+//! general parser, no policy lookup.
 //!
 //! Anything else — another shape, a conntrack miss, a flow decided under an older endpoint
-//! generation, a deny tombstone, a TCP SYN — returns `None` and goes through the general path
-//! ([`crate::parse`], [`crate::datapath`]), which decides every packet on its own; the fast path
-//! only ever agrees with it sooner. The fuzzer (`test/netpol-it/tests/fuzz_packets.rs`) checks
-//! both paths against one reference evaluator.
+//! generation or for an interface that no longer holds the slot, a deny tombstone, a TCP SYN —
+//! returns `None` and goes through the general path ([`crate::parse`], [`crate::datapath`]),
+//! which decides every packet on its own; the fast path only ever agrees with it sooner. The
+//! fuzzer (`test/netpol-it/tests/fuzz_packets.rs`) checks both paths against one reference
+//! evaluator.
 use aya_ebpf::{bindings::__sk_buff, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use netpol_common::{
-    counters::Reason,
+    counters::{Reason, NO_COUNTER_SLOT},
     ct::{tcp_flags, tcp_next_state, CtKey, CT_VERDICT_ALLOW, CT_VERDICT_AUDIT},
     DIR_EGRESS,
 };
@@ -23,7 +25,8 @@ use network_types::{
 };
 
 use crate::{
-    maps::CT_MAP,
+    counters::count,
+    maps::{CT_MAP, SLOT_MAP},
     parse::{bounds, ETH_P_IP, ETH_P_IPV6, PROTO_TCP, PROTO_UDP},
 };
 
@@ -77,12 +80,12 @@ fn ct_key(ifindex: u32, ports: [u16; 2], local: [u32; 4], remote: [u32; 4], prot
     unsafe { core::mem::transmute::<[u32; 11], CtKey>(words) }
 }
 
-/// The verdict of a packet of an established flow, or `None` for the general path. A BPF
-/// subprogram, though a call and return cost several nanoseconds behind the kernel's
+/// The verdict of a packet of an established flow, counted, or `None` for the general path. A
+/// BPF subprogram, though a call and return cost several nanoseconds behind the kernel's
 /// return-thunk mitigation: inlined, its spilled registers and key would add to the general
 /// path's stack, and BPF has 512 bytes for the deepest chain of calls.
 #[inline(never)]
-pub fn established(skb: *mut __sk_buff, ifindex: u32, dir: u8, generation: u32) -> Option<Reason> {
+pub fn established(skb: *mut __sk_buff, ifindex: u32, dir: u8) -> Option<Reason> {
     let ctx = TcContext::new(skb);
     let (start, end) = bounds(&ctx);
     if start + ETH_LEN + IPV4_LEN > end {
@@ -161,7 +164,15 @@ pub fn established(skb: *mut __sk_buff, ifindex: u32, dir: u8, generation: u32) 
         CT_VERDICT_AUDIT => Reason::Audit,
         _ => return None,
     };
-    if ct.generation != generation {
+    // The entry counts only if it was decided under the current generation of the endpoint
+    // that holds its slot now, and that endpoint is this interface's: the agent writes the
+    // slot's owner with every endpoint entry and clears it when the endpoint goes.
+    let slot = ct.slot as u32;
+    if slot == NO_COUNTER_SLOT {
+        return None;
+    }
+    let owner = SLOT_MAP.get(slot)?;
+    if owner.ifindex != ifindex || owner.generation != ct.generation {
         return None;
     }
     // See `datapath::decide_flow` for the choice of the coarse clock.
@@ -169,5 +180,6 @@ pub fn established(skb: *mut __sk_buff, ifindex: u32, dir: u8, generation: u32) 
     if proto == PROTO_TCP {
         ct.state = tcp_next_state(ct.state, flags, ct.origin != dir);
     }
+    count(slot, ifindex, dir, reason, len as u32);
     Some(reason)
 }

@@ -9,7 +9,7 @@ use netpol_common::{
         CounterKey, CounterValue, RuleCounterKey, COUNTERS_PER_SLOT, COUNTER_SLOTS, STAT_SLOTS,
     },
     ct::{CtKey, CtValue, FragKey, FragValue},
-    ep::{Endpoint, EndpointKey},
+    ep::{Endpoint, EndpointKey, SlotOwner},
     event::{Config, RateState},
     maps::*,
     policy::{PeerData, PeerValue, PortData, PortValue},
@@ -17,6 +17,9 @@ use netpol_common::{
 
 #[btf_map(name = "np_ep")]
 pub static EP_MAP: HashMap<EndpointKey, Endpoint, EP_MAX> = HashMap::new();
+
+#[btf_map(name = "np_slot")]
+pub static SLOT_MAP: Array<SlotOwner, { COUNTER_SLOTS as usize }> = Array::new();
 
 #[btf_map(name = "np_peer")]
 pub static PEER_MAP: LpmTrie<PeerData, PeerValue, PEER_MAX> = LpmTrie::new();

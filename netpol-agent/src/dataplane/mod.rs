@@ -28,7 +28,7 @@ use aya::{
 pub use counters::{CounterSnapshot, Stats};
 use netpol_common::{
     counters::{COUNTER_SLOTS, NO_COUNTER_SLOT},
-    ep::{Endpoint, EndpointKey},
+    ep::{Endpoint, EndpointKey, SlotOwner},
     event::Config,
     maps,
     policy::{PeerData, PeerValue, PortData, PortValue},
@@ -261,6 +261,7 @@ impl Dataplane {
             slots: BTreeMap::new(),
         };
         dp.slots = dp.endpoint_slots()?;
+        dp.sync_slot_owners()?;
         dp.set_config(Config {
             events_per_sec: opts.events_per_sec,
             events_burst: opts.events_burst,
@@ -562,6 +563,32 @@ impl Dataplane {
         Ok(slot)
     }
 
+    /// Rewrites every entry of `np_slot` from `np_ep`: the owner of each slot in use, zeros
+    /// for the others. An agent that died between writing an endpoint entry and its slot's
+    /// owner, or between removing them, left them out of step; maps pinned before `np_slot`
+    /// existed start with it empty.
+    fn sync_slot_owners(&mut self) -> Result<()> {
+        let owners: BTreeMap<u32, SlotOwner> = self
+            .endpoints()?
+            .into_iter()
+            .filter(|(i, ep)| self.slots.get(i) == Some(&ep.counter_slot))
+            .map(|(ifindex, ep)| {
+                (ep.counter_slot, SlotOwner { ifindex, generation: ep.generation })
+            })
+            .collect();
+        for slot in 1..COUNTER_SLOTS {
+            self.set_slot_owner(slot, owners.get(&slot).copied().unwrap_or_default())?;
+        }
+        Ok(())
+    }
+
+    fn set_slot_owner(&mut self, slot: u32, owner: SlotOwner) -> Result<()> {
+        let name = maps::SLOT;
+        let mut arr: Array<&mut MapData, SlotOwner> =
+            self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
+        arr.set(slot, owner, 0).map_err(map_err(name, "set"))
+    }
+
     fn zero_slot(&mut self, slot: u32) -> Result<()> {
         use aya::maps::{PerCpuArray, PerCpuValues};
         use netpol_common::counters::{slot_counter_index, CounterValue, Reason};
@@ -581,13 +608,23 @@ impl Dataplane {
     }
 
     /// Writes the endpoint entry of `ifindex` (one map update: a packet sees the old or the new
-    /// value, never a mix). Its `counter_slot` is this dataplane's to assign, whatever `ep` says.
+    /// value, never a mix), then its slot's owner with the new generation. Its `counter_slot` is
+    /// this dataplane's to assign, whatever `ep` says.
+    ///
+    /// Between the two writes the fast path still accepts flows decided under the previous
+    /// generation, as it did a moment earlier; the general path already stamps the new one,
+    /// which the fast path accepts once the owner is written.
     pub fn set_endpoint(&mut self, ifindex: u32, mut ep: Endpoint) -> Result<()> {
         ep.counter_slot = self.counter_slot(ifindex)?;
         let name = maps::EP;
         let mut m: HashMap<&mut MapData, EndpointKey, Endpoint> =
             self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
-        m.insert(EndpointKey { ifindex }, ep, 0).map_err(map_err(name, "insert"))
+        m.insert(EndpointKey { ifindex }, ep, 0).map_err(map_err(name, "insert"))?;
+        if ep.counter_slot != NO_COUNTER_SLOT {
+            let owner = SlotOwner { ifindex, generation: ep.generation };
+            self.set_slot_owner(ep.counter_slot, owner)?;
+        }
+        Ok(())
     }
 
     /// Reads the endpoint entry of `ifindex`.
@@ -602,8 +639,13 @@ impl Dataplane {
         }
     }
 
-    /// Removes the endpoint entry of `ifindex`.
+    /// Removes the endpoint entry of `ifindex` and frees its slot's owner, so the fast path no
+    /// longer accepts the interface's flows (its counters stay until
+    /// [`Dataplane::forget_counters`]).
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
+        if let Some(slot) = self.slots.get(&ifindex).copied() {
+            self.set_slot_owner(slot, SlotOwner::default())?;
+        }
         let name = maps::EP;
         let mut m: HashMap<&mut MapData, EndpointKey, Endpoint> =
             self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
@@ -685,6 +727,7 @@ impl Dataplane {
             let a: PerCpuArray<&MapData, CounterValue> =
                 self.map(name)?.try_into().map_err(map_err(name, "open"))?;
             let values = counters::read_slot(&a, ifindex, slot)?;
+            self.set_slot_owner(slot, SlotOwner::default())?;
             self.zero_slot(slot)?;
             self.slots.remove(&ifindex);
             for (k, v) in &values {
@@ -788,12 +831,13 @@ impl Dataplane {
 }
 
 /// Key and value sizes of every map whose entries the agent or the programs interpret.
-fn layout() -> [(&'static str, usize, usize); 11] {
+fn layout() -> [(&'static str, usize, usize); 12] {
     use core::mem::size_of;
     use netpol_common::{counters::*, ct::*, event::*};
     let lpm = |data: usize| size_of::<u32>() + data;
     [
         (maps::EP, size_of::<EndpointKey>(), size_of::<Endpoint>()),
+        (maps::SLOT, size_of::<u32>(), size_of::<SlotOwner>()),
         (maps::PEER, lpm(size_of::<PeerData>()), size_of::<PeerValue>()),
         (maps::PORTS, lpm(size_of::<PortData>()), size_of::<PortValue>()),
         (maps::CT, size_of::<CtKey>(), size_of::<CtValue>()),

@@ -360,6 +360,41 @@ fn unknown_endpoint_passes_and_is_counted() {
 }
 
 #[test]
+fn the_fast_path_accepts_a_flow_only_while_its_interface_holds_the_slot() {
+    let mut f = fixture("fast-slot");
+    expect(&mut f, TO, Frame::new(v4(ALLOWED), v4(POD), syn(1, 80)), PASS, IN, AllowPolicy);
+    let ack = Frame::new(v4(ALLOWED), v4(POD), ack(1, 80));
+    expect(&mut f, TO, ack.clone(), PASS, IN, AllowConntrack);
+    let no_endpoint = |f: &Fixture| f.dp.counters().unwrap().stats.no_endpoint;
+    // Released: the flow's conntrack entry is still there (until the next collection), but
+    // its packets find no endpoint, so neither path decides or counts them for the pod.
+    f.dp.remove_endpoint(TEST_IFINDEX).unwrap();
+    f.dp.forget_counters(TEST_IFINDEX).unwrap();
+    let before = no_endpoint(&f);
+    assert_eq!(f.run_frame(TO, &ack), (PASS, None));
+    assert_eq!(no_endpoint(&f), before + 1, "decided as if the pod were still there");
+    // Another interface takes the slot, with the same generation: still not this flow's.
+    f.dp.set_endpoint(77, Endpoint { generation: 1, ..Default::default() }).unwrap();
+    assert_eq!(f.dp.endpoint(77).unwrap().unwrap().counter_slot, 1);
+    assert_eq!(f.run_frame(TO, &ack), (PASS, None));
+    assert_eq!(no_endpoint(&f), before + 2, "accepted through a slot another interface holds");
+    // The interface is enforced again, on another slot, under a new generation whose policy
+    // no longer allows the peer: the general path re-decides the flow and cuts it.
+    f.dp.set_endpoint(
+        TEST_IFINDEX,
+        Endpoint {
+            generation: 2,
+            ingress_np: EGRESS_SET,
+            egress_np: EGRESS_SET,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(f.dp.endpoint(TEST_IFINDEX).unwrap().unwrap().counter_slot, 2);
+    expect(&mut f, TO, ack, DROP, IN, DenyPolicyChanged);
+}
+
+#[test]
 fn unpoliced_direction_allows_everything() {
     let mut f = fixture("unpoliced");
     f.dp.set_endpoint(
@@ -410,7 +445,16 @@ fn pinned_maps_carry_btf_field_names_for_bpftool() {
     assert!(ep.contains("\"ifindex\": 1") && ep.contains("\"ingress_np\": 1"), "{ep}");
     let ct = dump("np_ct");
     assert!(ct.contains("\"local_port\": 80") && ct.contains("\"generation\": 1"), "{ct}");
+    assert!(ct.contains("\"slot\": 1"), "{ct}");
     assert!(ep.contains("\"counter_slot\": 1"), "{ep}");
+    // Slot 1's owner, which the fast path checks a conntrack hit against.
+    let path = f.pin_dir().join("np_slot");
+    let owner = netpol_it::cmd::run(
+        "bpftool",
+        &["map", "lookup", "pinned", &path.to_string_lossy(), "key", "1", "0", "0", "0"],
+    )
+    .unwrap();
+    assert!(owner.contains("\"ifindex\": 1") && owner.contains("\"generation\": 1"), "{owner}");
     // The endpoint's counters: slot 1, ingress, policy_allow (the index docs/ARCHITECTURE.md
     // tells operators to compute), one packet on one of the CPUs.
     let index = slot_counter_index(1, IN, AllowPolicy);
