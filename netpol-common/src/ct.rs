@@ -46,7 +46,8 @@ pub const CT_VERDICT_DENY: u8 = 3;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtValue {
-    /// `bpf_ktime_get_ns()` of the last packet (either orientation).
+    /// `CLOCK_MONOTONIC_COARSE` time of the last packet (either orientation), refreshed at
+    /// most once per timer tick (see [`CtValue::tick`]).
     pub last_seen_ns: u64,
     /// Endpoint generation the flow was last decided under.
     pub generation: u32,
@@ -66,8 +67,9 @@ pub struct CtValue {
     /// [`crate::counters::NO_COUNTER_SLOT`] (also in entries written before this field existed):
     /// the general path decides.
     pub slot: u16,
-    /// Always zero.
-    pub _pad: [u8; 2],
+    /// Low 16 bits of the kernel's `jiffies` when `last_seen_ns` was written: the programs
+    /// read the clock again only once this changed (at most once per timer tick and flow).
+    pub tick: u16,
 }
 const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
 

@@ -2,7 +2,6 @@
 //! policy → counters and events.
 use aya_ebpf::{
     bindings::{__sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_coarse_ns,
     programs::TcContext,
 };
 use netpol_common::{
@@ -17,6 +16,7 @@ use netpol_common::{
 };
 
 use crate::{
+    clock,
     counters::{count, count_rule, stat},
     events::emit,
     fastpath,
@@ -137,7 +137,7 @@ fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
     // idle times in seconds, and the precise clock costs ~30 ns per packet in a VM (read_tsc
     // under kvm-clock), a tenth of the established path. It lags CLOCK_MONOTONIC, which the
     // agent's garbage collection reads, by at most a tick: entries look at most that much older.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock::now_ns();
     let audit = ep.flags & EP_FLAG_AUDIT != 0;
 
     let existing = CT_MAP.get_ptr_mut(&key);
@@ -191,6 +191,7 @@ fn track(
     // recorded slots holds 0, and a re-bound endpoint may hold another slot).
     ct.slot = ep.counter_slot as u16;
     ct.last_seen_ns = now;
+    ct.tick = clock::tick();
     if ct.verdict == CT_VERDICT_DENY {
         return Reason::DenyPolicyChanged;
     }
@@ -265,7 +266,7 @@ fn new_flow(
         verdict,
         _pad0: 0,
         slot: ep.counter_slot as u16,
-        _pad: [0; 2],
+        tick: clock::tick(),
     };
     if CT_MAP.insert(key, value, 0).is_err() {
         return Reason::DenyConntrackFull;

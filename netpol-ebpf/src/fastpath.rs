@@ -10,7 +10,7 @@
 //! which decides every packet on its own; the fast path only ever agrees with it sooner. The
 //! fuzzer (`test/netpol-it/tests/fuzz_packets.rs`) checks both paths against one reference
 //! evaluator.
-use aya_ebpf::{bindings::__sk_buff, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use netpol_common::{
     counters::{Reason, NO_COUNTER_SLOT},
     ct::{tcp_flags, tcp_next_state, CtKey, CT_VERDICT_ALLOW, CT_VERDICT_AUDIT},
@@ -25,6 +25,7 @@ use network_types::{
 };
 
 use crate::{
+    clock,
     counters::count,
     maps::{CT_MAP, SLOT_MAP},
     parse::{bounds, ETH_P_IP, ETH_P_IPV6, PROTO_TCP, PROTO_UDP},
@@ -175,8 +176,7 @@ pub fn established(skb: *mut __sk_buff, ifindex: u32, dir: u8) -> Option<Reason>
     if owner.ifindex != ifindex || owner.generation != ct.generation {
         return None;
     }
-    // See `datapath::decide_flow` for the choice of the coarse clock.
-    ct.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    clock::refresh(ct);
     if proto == PROTO_TCP {
         ct.state = tcp_next_state(ct.state, flags, ct.origin != dir);
     }

@@ -7,6 +7,7 @@
 // 44-byte conntrack key onto the 512-byte BPF stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod clock;
 mod counters;
 mod datapath;
 mod events;

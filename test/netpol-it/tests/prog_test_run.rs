@@ -395,6 +395,22 @@ fn the_fast_path_accepts_a_flow_only_while_its_interface_holds_the_slot() {
 }
 
 #[test]
+fn established_packets_refresh_their_flow_once_a_timer_tick_passed() {
+    use netpol_agent::dataplane::conntrack::monotonic_ns;
+    let mut f = fixture("ct-refresh");
+    expect(&mut f, TO, Frame::new(v4(ALLOWED), v4(POD), syn(1, 80)), PASS, IN, AllowPolicy);
+    let seen = |f: &Fixture| f.dp.conntrack().unwrap()[0].1.last_seen_ns;
+    let opened = seen(&f);
+    // 50 ms: several ticks at any HZ from 100 up.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let ack = Frame::new(v4(ALLOWED), v4(POD), ack(1, 80));
+    expect(&mut f, TO, ack, PASS, IN, AllowConntrack);
+    let refreshed = seen(&f);
+    assert!(refreshed >= opened + 40_000_000, "opened {opened}, then seen at {refreshed}");
+    assert!(refreshed <= monotonic_ns(), "the coarse clock is not ahead of CLOCK_MONOTONIC");
+}
+
+#[test]
 fn unpoliced_direction_allows_everything() {
     let mut f = fixture("unpoliced");
     f.dp.set_endpoint(
