@@ -31,7 +31,12 @@ pub const fn direction_name(dir: u8) -> &'static str {
 /// Turns an IPv4 address into the IPv4-mapped IPv6 form (`::ffff:a.b.c.d`) used in every key, so
 /// one map serves both families.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3]]
+    // Assembled from words: written byte by byte, the BPF target zeroes the first ten bytes
+    // with a call to `memset` (a BPF-to-BPF call per address on the general path).
+    let words: [u32; 4] =
+        [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes(octets)];
+    // SAFETY: arrays of plain integers of the same size; every bit pattern is valid.
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
 }
 
 /// Bits before the IPv4 part of an IPv4-mapped address.

@@ -1,5 +1,7 @@
 //! The decision for one packet: endpoint → established-flow fast path, or parse → conntrack →
 //! policy → counters and events.
+use core::{mem::MaybeUninit, ptr::addr_of_mut};
+
 use aya_ebpf::{
     bindings::{__sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC},
     programs::TcContext,
@@ -12,7 +14,7 @@ use netpol_common::{
     },
     ep::{Endpoint, EndpointKey, EP_FLAG_AUDIT},
     policy::RULE_NONE,
-    DIR_EGRESS,
+    DIR_EGRESS, DIR_INGRESS,
 };
 
 use crate::{
@@ -39,7 +41,12 @@ pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // Most packets belong to an established flow: the fast path decides and counts them from
     // the conntrack entry and the endpoint's slot, without looking the endpoint up.
-    let reason = match fastpath::established(ctx.skb.skb, ifindex, dir) {
+    let fast = if dir == DIR_EGRESS {
+        fastpath::established::<DIR_EGRESS>(ctx.skb.skb, ifindex)
+    } else {
+        fastpath::established::<DIR_INGRESS>(ctx.skb.skb, ifindex)
+    };
+    let reason = match fast {
         Some(reason) => reason,
         None => {
             let Some(ep) = (unsafe { EP_MAP.get(EndpointKey { ifindex }) }) else {
@@ -95,27 +102,38 @@ fn ct_key(
     dport: u16,
     proto: u8,
 ) -> CtKey {
-    if dir == DIR_EGRESS {
-        CtKey {
-            ifindex,
-            local_port: sport,
-            remote_port: dport,
-            local_addr: *src,
-            remote_addr: *dst,
-            proto,
-            _pad: [0; 3],
-        }
-    } else {
-        CtKey {
-            ifindex,
-            local_port: dport,
-            remote_port: sport,
-            local_addr: *dst,
-            remote_addr: *src,
-            proto,
-            _pad: [0; 3],
-        }
+    let (local, remote, ports) =
+        if dir == DIR_EGRESS { (src, dst, (sport, dport)) } else { (dst, src, (dport, sport)) };
+    let mut key = MaybeUninit::<CtKey>::uninit();
+    let k = key.as_mut_ptr();
+    // SAFETY: every byte of the key is written below, through pointers to its fields.
+    unsafe {
+        addr_of_mut!((*k).ifindex).write(ifindex);
+        addr_of_mut!((*k).local_port).write(ports.0);
+        addr_of_mut!((*k).remote_port).write(ports.1);
+        addr_of_mut!((*k).local_addr).write(*local);
+        addr_of_mut!((*k).remote_addr).write(*remote);
+        write_proto_and_pad(addr_of_mut!((*k).proto), proto);
+        key.assume_init()
     }
+}
+
+/// Writes `proto` and the three zero padding bytes after it as one word. (Written as a
+/// `[0; 3]` field, the padding costs a call to `memset` on the BPF target.)
+///
+/// # Safety
+/// `at` must point at a 4-byte aligned `proto` field followed by three padding bytes, as in
+/// `CtKey` and `FragKey`.
+#[inline(always)]
+unsafe fn write_proto_and_pad(at: *mut u8, proto: u8) {
+    // The layouts that promise makes: `proto` word-aligned and last, three bytes before the end.
+    const _: () = assert!(
+        core::mem::offset_of!(CtKey, proto) % 4 == 0
+            && core::mem::offset_of!(CtKey, proto) + 4 == core::mem::size_of::<CtKey>()
+            && core::mem::offset_of!(FragKey, proto) % 4 == 0
+            && core::mem::offset_of!(FragKey, proto) + 4 == core::mem::size_of::<FragKey>()
+    );
+    unsafe { (at as *mut u32).write(u32::from_ne_bytes([proto, 0, 0, 0])) }
 }
 
 /// Destination port of a connection opened in direction `origin`: the peer's port for egress,
@@ -280,13 +298,16 @@ fn new_flow(
 
 #[inline(always)]
 fn frag_key(ifindex: u32, flow: &Flow) -> FragKey {
-    FragKey {
-        ifindex,
-        id: flow.frag_id,
-        src_addr: flow.src,
-        dst_addr: flow.dst,
-        proto: flow.frag_proto,
-        _pad: [0; 3],
+    let mut key = MaybeUninit::<FragKey>::uninit();
+    let k = key.as_mut_ptr();
+    // SAFETY: every byte of the key is written below, as in `ct_key`.
+    unsafe {
+        addr_of_mut!((*k).ifindex).write(ifindex);
+        addr_of_mut!((*k).id).write(flow.frag_id);
+        addr_of_mut!((*k).src_addr).write(flow.src);
+        addr_of_mut!((*k).dst_addr).write(flow.dst);
+        write_proto_and_pad(addr_of_mut!((*k).proto), flow.frag_proto);
+        key.assume_init()
     }
 }
 

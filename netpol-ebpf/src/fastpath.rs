@@ -37,17 +37,23 @@ const IPV6_LEN: usize = Ipv6Hdr::LEN;
 const TCP_LEN: usize = TcpHdr::LEN;
 const UDP_LEN: usize = UdpHdr::LEN;
 
-/// Reads a `T` at `addr` inside the linear packet data.
+/// Reads a `T` at `addr` inside the linear packet data with one load of `T`'s width.
 ///
 /// # Safety
 /// `addr .. addr + size_of::<T>()` must lie inside the packet data (checked against `data_end`
-/// by the caller, which is also what the verifier requires).
+/// by the caller, which is also what the verifier requires), and `addr` must be aligned for
+/// `T` in the verifier's model of packet data, which assumes `data` sits 2 bytes past a 4-byte
+/// boundary (`NET_IP_ALIGN`) so that the IP header behind a 14-byte Ethernet header is
+/// aligned. Every read here is a field at its natural offset in such a frame.
+///
+/// The real address may be misaligned (x86-64 does not align `data`), as in every C program
+/// that reads `iph->saddr`: the verifier allows misaligned packet loads on architectures with
+/// efficient unaligned access, and checks the `NET_IP_ALIGN` model on the others. An
+/// unaligned read (`read_unaligned`) costs more: LLVM's BPF target assembles it from byte
+/// loads, which made this function three times longer, and it was the path's largest cost.
 #[inline(always)]
 unsafe fn at<T: Copy>(addr: usize) -> T {
-    // `read_unaligned`: headers sit at any byte offset, so LLVM assembles words from byte loads.
-    // (bpf-linker's `+allows-misaligned-mem-access` would make them word loads, but it also
-    // misaligns stack slots, which the verifier rejects.)
-    unsafe { core::ptr::read_unaligned(addr as *const T) }
+    unsafe { core::ptr::read(addr as *const T) }
 }
 
 /// An IPv4 address as the words of its IPv4-mapped IPv6 form, like `netpol_common::v4_mapped`.
@@ -81,12 +87,13 @@ fn ct_key(ifindex: u32, ports: [u16; 2], local: [u32; 4], remote: [u32; 4], prot
     unsafe { core::mem::transmute::<[u32; 11], CtKey>(words) }
 }
 
-/// The verdict of a packet of an established flow, counted, or `None` for the general path. A
-/// BPF subprogram, though a call and return cost several nanoseconds behind the kernel's
-/// return-thunk mitigation: inlined, its spilled registers and key would add to the general
-/// path's stack, and BPF has 512 bytes for the deepest chain of calls.
+/// The verdict of a packet of an established flow, counted, or `None` for the general path,
+/// for packets in direction `DIR` (one copy per program, so orienting the key costs no
+/// branches). A BPF subprogram, though a call and return cost several nanoseconds behind the
+/// kernel's return-thunk mitigation: inlined, its spilled registers and key would add to the
+/// general path's stack, and BPF has 512 bytes for the deepest chain of calls.
 #[inline(never)]
-pub fn established(skb: *mut __sk_buff, ifindex: u32, dir: u8) -> Option<Reason> {
+pub fn established<const DIR: u8>(skb: *mut __sk_buff, ifindex: u32) -> Option<Reason> {
     let ctx = TcContext::new(skb);
     let (start, end) = bounds(&ctx);
     if start + ETH_LEN + IPV4_LEN > end {
@@ -150,7 +157,7 @@ pub fn established(skb: *mut __sk_buff, ifindex: u32, dir: u8) -> Option<Reason>
         _ => return None,
     };
     let (sport, dport) = (u16::from_be(ports[0]), u16::from_be(ports[1]));
-    let key = if dir == DIR_EGRESS {
+    let key = if DIR == DIR_EGRESS {
         ct_key(ifindex, [sport, dport], src, dst, proto)
     } else {
         ct_key(ifindex, [dport, sport], dst, src, proto)
@@ -178,8 +185,8 @@ pub fn established(skb: *mut __sk_buff, ifindex: u32, dir: u8) -> Option<Reason>
     }
     clock::refresh(ct);
     if proto == PROTO_TCP {
-        ct.state = tcp_next_state(ct.state, flags, ct.origin != dir);
+        ct.state = tcp_next_state(ct.state, flags, ct.origin != DIR);
     }
-    count(slot, ifindex, dir, reason, len as u32);
+    count(slot, ifindex, DIR, reason, len as u32);
     Some(reason)
 }

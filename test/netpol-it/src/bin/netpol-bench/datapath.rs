@@ -177,9 +177,18 @@ fn measure(plan: &Plan, rules: u32, peers: u32) -> Result<Row> {
     })
 }
 
-/// For profiling (`perf record -a` meanwhile): established ACKs through `to_pod` for `secs`
-/// seconds, 1,000 rules and 1,000 peers. Returns the mean ns per packet.
-pub fn spin(secs: u64) -> Result<serde_json::Value> {
+/// Which packets [`spin`] sends.
+#[derive(Clone, Copy, Debug)]
+pub enum Spin {
+    /// ACKs of an established flow.
+    Established,
+    /// SYNs from a peer no rule allows.
+    Denied,
+}
+
+/// For profiling (`perf record -a` meanwhile): `packets` through `to_pod` for `secs` seconds,
+/// 1,000 rules and 1,000 peers. Returns the mean ns per packet.
+pub fn spin(secs: u64, packets: Spin) -> Result<serde_json::Value> {
     let state = one_endpoint(1_000, 1_000);
     let maps = Layout::new().update(&compile(&state, &CompileOptions::new(ONE_ENDPOINT_NODE)))?;
     let mut f = fixture("bench-spin");
@@ -188,15 +197,18 @@ pub fn spin(secs: u64) -> Result<serde_json::Value> {
     let (r, _) =
         f.dp.test_run(maps::PROG_TO_POD, &frame(allowed, 1, FIRST_RULE_PORT, tcp::SYN), 1)?;
     anyhow::ensure!(r == PASS, "opening SYN not passed");
-    let ack = frame(allowed, 1, FIRST_RULE_PORT, tcp::ACK);
+    let (pkt, expect) = match packets {
+        Spin::Established => (frame(allowed, 1, FIRST_RULE_PORT, tcp::ACK), PASS),
+        Spin::Denied => (frame(Ipv4Addr::new(10, 200, 0, 1), 2, FIRST_RULE_PORT, tcp::SYN), DROP),
+    };
     let until = Instant::now() + Duration::from_secs(secs);
     let mut v = Vec::new();
     while Instant::now() < until {
-        v.push(batched(&mut f, maps::PROG_TO_POD, &ack, 1_000_000, PASS)?);
+        v.push(batched(&mut f, maps::PROG_TO_POD, &pkt, 1_000_000, expect)?);
     }
     let ns = median(&mut v);
-    println!("established: {ns:.1} ns/packet (median of {} runs of 1,000,000)", v.len());
-    Ok(json!({ "benchmark": "spin", "established_ns": ns }))
+    println!("{packets:?}: {ns:.1} ns/packet (median of {} runs of 1,000,000)", v.len());
+    Ok(json!({ "benchmark": "spin", "packets": format!("{packets:?}"), "ns": ns }))
 }
 
 fn verdict(met: bool) -> &'static str {

@@ -78,8 +78,9 @@ fn main() -> Result<()> {
         "compile" => compile::run(size)?,
         "apply" => apply::run(size)?,
         "veth" => veth::run(size)?,
-        // Not a benchmark: a steady load to profile with `perf record -a` meanwhile.
-        "spin" => datapath::spin(10)?,
+        // Not benchmarks: a steady load to profile with `perf record -a` meanwhile.
+        "spin" => datapath::spin(10, datapath::Spin::Established)?,
+        "spin-denied" => datapath::spin(10, datapath::Spin::Denied)?,
         other => {
             anyhow::bail!("unknown benchmark {other:?}; available: datapath, compile, apply, veth")
         }
