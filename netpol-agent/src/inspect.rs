@@ -271,8 +271,10 @@ pub struct FlowReport {
     pub ifindex: u32,
     /// Protocol name.
     pub protocol: String,
-    /// The pod's address.
-    pub local_addr: IpAddr,
+    /// The pod's address of the peer's family, from the status file (conntrack keys do not
+    /// hold it: the interface identifies the pod, and policy never depends on which of its
+    /// addresses a packet uses).
+    pub local_addr: Option<IpAddr>,
     /// The pod's port.
     pub local_port: u16,
     /// The peer's address.
@@ -311,13 +313,16 @@ pub fn proto_name(p: u8) -> String {
 }
 
 fn flow(k: &CtKey, v: &CtValue, status: Option<&Status>, now_ns: u64) -> FlowReport {
+    let endpoint = status.and_then(|s| s.endpoint_by_ifindex(k.ifindex));
+    let remote = key_addr(k.remote_addr);
     FlowReport {
-        pod: status.and_then(|s| s.endpoint_by_ifindex(k.ifindex)).map(|e| e.pod()),
+        pod: endpoint.map(|e| e.pod()),
         ifindex: k.ifindex,
         protocol: proto_name(k.proto),
-        local_addr: key_addr(k.local_addr),
+        local_addr: endpoint
+            .and_then(|e| e.ips.iter().find(|ip| ip.is_ipv4() == remote.is_ipv4()).copied()),
         local_port: k.local_port,
-        remote_addr: key_addr(k.remote_addr),
+        remote_addr: remote,
         remote_port: k.remote_port,
         origin: if v.origin == DIR_EGRESS { "outbound" } else { "inbound" },
         state: match v.state {
@@ -368,9 +373,10 @@ pub fn render_conntrack(flows: &[FlowReport]) -> String {
         "pod", "proto", "local", "remote", "origin", "state", "verdict", "age"
     );
     for f in flows {
-        let ep = |a: IpAddr, p: u16| match a {
-            IpAddr::V6(_) => format!("[{a}]:{p}"),
-            IpAddr::V4(_) => format!("{a}:{p}"),
+        let ep = |a: Option<IpAddr>, p: u16| match a {
+            Some(a @ IpAddr::V6(_)) => format!("[{a}]:{p}"),
+            Some(a @ IpAddr::V4(_)) => format!("{a}:{p}"),
+            None => format!("*:{p}"),
         };
         let _ = writeln!(
             s,
@@ -378,7 +384,7 @@ pub fn render_conntrack(flows: &[FlowReport]) -> String {
             f.pod.clone().unwrap_or_else(|| format!("ifindex {}", f.ifindex)),
             f.protocol,
             ep(f.local_addr, f.local_port),
-            ep(f.remote_addr, f.remote_port),
+            ep(Some(f.remote_addr), f.remote_port),
             f.origin,
             f.state,
             f.verdict,
@@ -486,7 +492,6 @@ mod tests {
             ifindex: 7,
             local_port: 80,
             remote_port: 40000,
-            local_addr: netpol_common::v4_mapped([10, 0, 0, 2]),
             remote_addr: netpol_common::v4_mapped([10, 0, 0, 1]),
             proto: 6,
             _pad: [0; 3],

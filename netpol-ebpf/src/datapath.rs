@@ -102,8 +102,8 @@ fn ct_key(
     dport: u16,
     proto: u8,
 ) -> CtKey {
-    let (local, remote, ports) =
-        if dir == DIR_EGRESS { (src, dst, (sport, dport)) } else { (dst, src, (dport, sport)) };
+    let (remote, ports) =
+        if dir == DIR_EGRESS { (dst, (sport, dport)) } else { (src, (dport, sport)) };
     let mut key = MaybeUninit::<CtKey>::uninit();
     let k = key.as_mut_ptr();
     // SAFETY: every byte of the key is written below, through pointers to its fields.
@@ -111,7 +111,6 @@ fn ct_key(
         addr_of_mut!((*k).ifindex).write(ifindex);
         addr_of_mut!((*k).local_port).write(ports.0);
         addr_of_mut!((*k).remote_port).write(ports.1);
-        addr_of_mut!((*k).local_addr).write(*local);
         addr_of_mut!((*k).remote_addr).write(*remote);
         write_proto_and_pad(addr_of_mut!((*k).proto), proto);
         key.assume_init()

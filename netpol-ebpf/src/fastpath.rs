@@ -66,25 +66,21 @@ fn v4_mapped(word: u32) -> [u32; 4] {
 /// port; local address; remote address; protocol and padding) so it costs eleven stores: built
 /// field by field, LLVM calls `memset` for the zero padding and copies addresses byte by byte.
 #[inline(always)]
-fn ct_key(ifindex: u32, ports: [u16; 2], local: [u32; 4], remote: [u32; 4], proto: u8) -> CtKey {
+fn ct_key(ifindex: u32, ports: [u16; 2], remote: [u32; 4], proto: u8) -> CtKey {
     let [p0, p1] = ports[0].to_ne_bytes();
     let [p2, p3] = ports[1].to_ne_bytes();
-    let words: [u32; 11] = [
+    let words: [u32; 7] = [
         ifindex,
         u32::from_ne_bytes([p0, p1, p2, p3]),
-        local[0],
-        local[1],
-        local[2],
-        local[3],
         remote[0],
         remote[1],
         remote[2],
         remote[3],
         u32::from_ne_bytes([proto, 0, 0, 0]),
     ];
-    // SAFETY: CtKey is `repr(C)`, 44 bytes (asserted in netpol-common) without padding between
+    // SAFETY: CtKey is `repr(C)`, 28 bytes (asserted in netpol-common) without padding between
     // these fields, and every bit pattern is a valid CtKey.
-    unsafe { core::mem::transmute::<[u32; 11], CtKey>(words) }
+    unsafe { core::mem::transmute::<[u32; 7], CtKey>(words) }
 }
 
 /// The verdict of a packet of an established flow, counted, or `None` for the general path,
@@ -158,9 +154,9 @@ pub fn established<const DIR: u8>(skb: *mut __sk_buff, ifindex: u32) -> Option<R
     };
     let (sport, dport) = (u16::from_be(ports[0]), u16::from_be(ports[1]));
     let key = if DIR == DIR_EGRESS {
-        ct_key(ifindex, [sport, dport], src, dst, proto)
+        ct_key(ifindex, [sport, dport], dst, proto)
     } else {
-        ct_key(ifindex, [dport, sport], dst, src, proto)
+        ct_key(ifindex, [dport, sport], src, proto)
     };
 
     let ct = CT_MAP.get_ptr_mut(&key)?;

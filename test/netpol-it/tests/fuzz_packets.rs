@@ -395,7 +395,9 @@ fn inner_tuple(b: &[u8], off: usize, v6: bool) -> Option<Tuple> {
 // ---------------------------------------------------------------------------------------------
 // The reference decision, with its own conntrack and fragment tables.
 
-/// Conntrack key from the pod's side: (pod addr, pod port, peer addr, peer port, proto).
+/// Conntrack key from the pod's side: (pod addr, pod port, peer addr, peer port, proto). The
+/// pod's address is always zero: like `CtKey`, the key leaves it out (the interface identifies
+/// the pod), so packets of one pod that differ only in its own address share an entry.
 type Key = ([u8; 16], u16, [u8; 16], u16, u8);
 
 #[derive(Clone, Copy, PartialEq)]
@@ -421,9 +423,9 @@ struct Reference {
 
 fn key(dir: u8, t: &Tuple) -> Key {
     if dir == DIR_EGRESS {
-        (t.src, t.sport, t.dst, t.dport, t.proto)
+        ([0; 16], t.sport, t.dst, t.dport, t.proto)
     } else {
-        (t.dst, t.dport, t.src, t.sport, t.proto)
+        ([0; 16], t.dport, t.src, t.sport, t.proto)
     }
 }
 
