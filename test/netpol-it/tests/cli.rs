@@ -135,6 +135,8 @@ fn cli_reads_what_the_live_agent_enforces() {
         })
         .unwrap_or_else(|| panic!("allowed flow missing: {flows:#?}"));
     assert_eq!(inbound.verdict, "allow");
+    // The key holds no pod address; the report takes it from the status file.
+    assert_eq!(inbound.local_addr, Some(IpAddr::V4(back.ip)));
     assert_eq!(inbound.origin, "inbound");
     assert_eq!(inbound.protocol, "tcp");
     assert_eq!(inbound.rule.as_deref(), Some("prod/allow-frontend ingress rule 0"));
