@@ -1,5 +1,5 @@
-//! The decision for one packet: endpoint → established-flow fast path, or parse → conntrack →
-//! policy → counters and events.
+//! The decision for one packet: the established-flow fast path, or endpoint → parse →
+//! conntrack → policy → counters and events.
 use core::{mem::MaybeUninit, ptr::addr_of_mut};
 
 use aya_ebpf::{

@@ -63,8 +63,8 @@ fn v4_mapped(word: u32) -> [u32; 4] {
 }
 
 /// The conntrack key, assembled as the words of its `repr(C)` layout (ifindex; local and remote
-/// port; local address; remote address; protocol and padding) so it costs eleven stores: built
-/// field by field, LLVM calls `memset` for the zero padding and copies addresses byte by byte.
+/// port; remote address; protocol and padding) so it costs seven stores: built field by field,
+/// LLVM calls `memset` for the zero padding and copies the address byte by byte.
 #[inline(always)]
 fn ct_key(ifindex: u32, ports: [u16; 2], remote: [u32; 4], proto: u8) -> CtKey {
     let [p0, p1] = ports[0].to_ne_bytes();
