@@ -46,7 +46,7 @@ fn take_token(now: u64) -> bool {
 pub fn emit(ifindex: u32, dir: u8, generation: u32, rule_id: u32, reason: Reason, flow: &Flow) {
     // The bucket refills from the coarse clock (one tick of resolution: the timekeeper's last
     // update, no clock-source read): in a flood most packets only find the bucket empty, and
-    // the precise clock costs ~20 ns per packet in a VM (read_tsc under kvm-clock). The
+    // the precise clock costs ~30 ns per packet in a VM (read_tsc under kvm-clock). The
     // event's own timestamp is precise.
     if !take_token(crate::clock::now_ns()) {
         stat(STAT_EVENTS_RATE_LIMITED);
