@@ -289,9 +289,19 @@ impl Agent {
         for _ in 0..std::mem::take(&mut self.new_refusals) {
             metrics.reconcile_error("foreign_programs");
         }
-        use netpol_common::maps;
-        metrics.set_map_fill(maps::PEER, self.applied.peers.len(), maps::PEER_MAX);
-        metrics.set_map_fill(maps::PORTS, self.applied.ports.len(), maps::PORTS_MAX);
+        use netpol_common::{
+            maps,
+            policy::{PEER_FULL_BITS, PORT_FULL_BITS},
+        };
+        // Each stage's full-length entries live in its hash, the shorter ones in its trie.
+        let peers = &self.applied.peers;
+        let exact = peers.keys().filter(|(bits, _)| *bits == PEER_FULL_BITS).count();
+        metrics.set_map_fill(maps::PEER, peers.len() - exact, maps::PEER_MAX);
+        metrics.set_map_fill(maps::PEER_EXACT, exact, maps::PEER_EXACT_MAX);
+        let ports = &self.applied.ports;
+        let exact = ports.keys().filter(|(bits, _)| *bits == PORT_FULL_BITS).count();
+        metrics.set_map_fill(maps::PORTS, ports.len() - exact, maps::PORTS_MAX);
+        metrics.set_map_fill(maps::PORT_EXACT, exact, maps::PORT_EXACT_MAX);
         metrics.set_map_fill(maps::EP, enforced, maps::EP_MAX);
         // Conntrack pressure: entries left after the last GC pass against the capacity. Near
         // the capacity the kernel's LRU evicts the least recently used flows (which mid-flow

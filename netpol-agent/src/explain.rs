@@ -412,8 +412,9 @@ fn reason_text(rule: Option<&RuleOrigin>, policed: bool, allow: bool, dir: Direc
 }
 
 /// Explains `q` against this node's live maps: each end that is an endpoint of this node (found
-/// in `status`) is decided with its `np_ep` entry and the kernel's lookups in the pinned
-/// `np_peer`/`np_ports`; rule ids are attributed through the status file's rule origins.
+/// in `status`) is decided with its `np_ep` entry and the kernel's lookups in the pinned policy
+/// maps (`np_peer_exact`, `np_peer`, `np_port_exact`, `np_ports`); rule ids are attributed
+/// through the status file's rule origins.
 pub fn explain_live(
     pinned: &crate::dataplane::pinned::PinnedMaps,
     status: &crate::status::Status,

@@ -227,9 +227,9 @@ pub struct Status {
     pub pending: Vec<String>,
     /// Rule id → origin.
     pub rules: BTreeMap<u32, RuleStatus>,
-    /// Entries in `np_peer` as compiled.
+    /// Peer entries as compiled (`np_peer_exact` and `np_peer` together).
     pub peer_entries: usize,
-    /// Entries in `np_ports` as compiled.
+    /// Port entries as compiled (`np_port_exact` and `np_ports` together).
     pub port_entries: usize,
 }
 

@@ -18,6 +18,12 @@ pub const SET_NONE: u32 = 0;
 /// Would-be drops of this endpoint pass and are counted and reported as `audit`.
 pub const EP_FLAG_AUDIT: u32 = 1;
 
+/// Lowest bit of the peer sets' lookup skip bits in [`Endpoint::flags`]: two per set
+/// ([`crate::policy::SKIP_EXACT`], [`crate::policy::SKIP_TRIE`]), in the order ingress Admin,
+/// NetworkPolicy, Baseline, then egress. Peer sets never change under their id, so the bits
+/// change only with the set ids beside them, in the same map update.
+pub const EP_PEER_SKIPS_SHIFT: u32 = 8;
+
 /// Value of [`crate::maps::EP`]: written by the agent, read by both programs for every packet.
 ///
 /// The agent replaces the whole value in one map update when a pod's rules change, so a packet
@@ -28,7 +34,7 @@ pub const EP_FLAG_AUDIT: u32 = 1;
 pub struct Endpoint {
     /// Bumped on every change of this endpoint's sets or flags.
     pub generation: u32,
-    /// `EP_FLAG_*` bits.
+    /// [`EP_FLAG_AUDIT`], and the peer sets' lookup skip bits from [`EP_PEER_SKIPS_SHIFT`].
     pub flags: u32,
     /// Admin-tier set for traffic entering the pod ([`SET_NONE`] if none).
     pub ingress_admin: u32,
@@ -90,6 +96,24 @@ impl Endpoint {
         } else {
             [self.egress_admin, self.egress_np, self.egress_baseline]
         }
+    }
+
+    /// The lookup skip bits of the three peer sets of one direction, in evaluation order.
+    #[inline(always)]
+    pub const fn peer_skips(&self, dir: u8) -> [u32; 3] {
+        let base = Self::skips_shift(dir, 0);
+        [(self.flags >> base) & 3, (self.flags >> (base + 2)) & 3, (self.flags >> (base + 4)) & 3]
+    }
+
+    /// Sets the lookup skip bits of one tier's peer set and direction.
+    pub fn set_peer_skips(&mut self, dir: u8, tier: Tier, skips: u32) {
+        let shift = Self::skips_shift(dir, tier as u32);
+        self.flags = (self.flags & !(3 << shift)) | (skips & 3) << shift;
+    }
+
+    #[inline(always)]
+    const fn skips_shift(dir: u8, tier: u32) -> u32 {
+        EP_PEER_SKIPS_SHIFT + if dir == crate::DIR_INGRESS { 0 } else { 6 } + 2 * tier
     }
 
     /// Sets the id of one tier and direction.

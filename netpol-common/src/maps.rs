@@ -10,10 +10,16 @@ pub const PIN_DIR: &str = "/sys/fs/bpf/netpol/v1";
 
 /// HASH ifindex → [`crate::ep::Endpoint`].
 pub const EP: &str = "np_ep";
-/// LPM (set id, remote address) → port-set id.
+/// LPM (set id, remote address prefix) → port-set id: the peer-set entries shorter than a full
+/// address (ipBlocks, their `except` holes).
 pub const PEER: &str = "np_peer";
-/// LPM (port-set id, protocol, port) → action and rule id.
+/// HASH (set id, remote address) → port-set id: the full-length peer-set entries (pods).
+pub const PEER_EXACT: &str = "np_peer_exact";
+/// LPM (port-set id, protocol, port prefix) → action and rule id: the port-set entries shorter
+/// than a full key (any protocol, any port, `endPort` range blocks).
 pub const PORTS: &str = "np_ports";
+/// HASH (port-set id, protocol, port) → action and rule id: the full-length port-set entries.
+pub const PORT_EXACT: &str = "np_port_exact";
 /// LRU HASH [`crate::ct::CtKey`] → [`crate::ct::CtValue`].
 pub const CT: &str = "np_ct";
 /// LRU HASH [`crate::ct::FragKey`] → [`crate::ct::FragValue`]: datagrams whose first fragment passed.
@@ -39,11 +45,13 @@ pub const EVENT_RATE: &str = "np_ev_rate";
 pub const CONFIG: &str = "np_cfg";
 
 /// Every pinned map, for inspection and uninstall.
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 15] = [
     EP,
     SLOT,
     PEER,
+    PEER_EXACT,
     PORTS,
+    PORT_EXACT,
     CT,
     FRAG,
     COUNTERS,
@@ -59,8 +67,12 @@ pub const ALL: [&str; 13] = [
 pub const EP_MAX: usize = 16_384;
 /// Capacity of [`PEER`].
 pub const PEER_MAX: usize = 1 << 20;
+/// Capacity of [`PEER_EXACT`].
+pub const PEER_EXACT_MAX: usize = 1 << 20;
 /// Capacity of [`PORTS`].
 pub const PORTS_MAX: usize = 1 << 18;
+/// Capacity of [`PORT_EXACT`].
+pub const PORT_EXACT_MAX: usize = 1 << 18;
 /// Default capacity of [`CT`] (the agent can override it at load time).
 pub const CT_MAX: usize = 1 << 19;
 /// Capacity of [`FRAG`].

@@ -27,6 +27,24 @@ pub static PEER_MAP: LpmTrie<PeerData, PeerValue, PEER_MAX> = LpmTrie::new();
 #[btf_map(name = "np_ports")]
 pub static PORTS_MAP: LpmTrie<PortData, PortValue, PORTS_MAX> = LpmTrie::new();
 
+/// The exact-match hashes are allocated per entry, like the tries: sized for the worst case,
+/// they hold what a node's policies need.
+#[btf_map(name = "np_peer_exact")]
+pub static PEER_EXACT_MAP: HashMap<
+    PeerData,
+    PeerValue,
+    PEER_EXACT_MAX,
+    { aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+#[btf_map(name = "np_port_exact")]
+pub static PORT_EXACT_MAP: HashMap<
+    PortData,
+    PortValue,
+    PORT_EXACT_MAX,
+    { aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
 #[btf_map(name = "np_ct")]
 pub static CT_MAP: LruHashMap<CtKey, CtValue, CT_MAX> = LruHashMap::new();
 

@@ -1,14 +1,16 @@
-//! Policy lookup: per tier, one LPM lookup for the peer and one for the port, combined by
-//! `netpol_common::policy::decide` (the same function `netpol-agent explain` uses).
+//! Policy lookup: per tier, the peer, then the port, each in its exact-match hash and (on a miss,
+//! for sets with shorter entries) its trie, combined by `netpol_common::policy::decide` (the
+//! same function `netpol-agent explain` uses).
 use aya_ebpf::maps::lpm_trie::Key;
 use netpol_common::{
     ep::{Endpoint, SET_NONE},
     policy::{
-        decide, Decision, PeerData, PortData, PortValue, TierLookup, PEER_FULL_BITS, PORT_FULL_BITS,
+        decide, Decision, PeerData, PeerValue, PortData, PortValue, TierLookup, PEER_FULL_BITS,
+        PORT_FULL_BITS, SKIP_EXACT, SKIP_TRIE,
     },
 };
 
-use crate::maps::{PEER_MAP, PORTS_MAP};
+use crate::maps::{PEER_EXACT_MAP, PEER_MAP, PORTS_MAP, PORT_EXACT_MAP};
 
 const LOOKUP_NO_SET: u64 = 0;
 const LOOKUP_MISS: u64 = 1;
@@ -17,23 +19,46 @@ const LOOKUP_HIT: u64 = 2;
 /// One tier's two-stage lookup. A BPF subprogram (not inlined) so its keys occupy stack once,
 /// not once per call site; the result is packed into a u64 because BPF functions return one
 /// register: kind in bits 0..8, action in 8..16, rule id in 32..64.
+///
+/// Each stage tries its exact-match hash first: a full-length entry is the longest match there
+/// is, so a hit decides. `skips` are the peer set's skip bits, the peer entry carries the port
+/// set's. The hashes' values are replaced whole by the kernel (RCU) when the agent writes them,
+/// never modified in place, so reading them through a reference is sound.
 #[inline(never)]
-fn lookup_tier(set_id: u32, remote: &[u8; 16], proto: u8, port: u16) -> u64 {
+fn lookup_tier(set_id: u32, skips: u32, remote: &[u8; 16], proto: u8, port: u16) -> u64 {
     if set_id == SET_NONE {
         return LOOKUP_NO_SET;
     }
-    let peer = Key { prefix_len: PEER_FULL_BITS, data: PeerData { set_id, addr: *remote } };
-    let Some(pv) = PEER_MAP.get(&peer) else {
+    let peer = PeerData { set_id, addr: *remote };
+    let mut pv: Option<&PeerValue> = None;
+    if skips & SKIP_EXACT == 0 {
+        // SAFETY: see above.
+        pv = unsafe { PEER_EXACT_MAP.get(&peer) };
+    }
+    if pv.is_none() && skips & SKIP_TRIE == 0 {
+        pv = PEER_MAP.get(&Key { prefix_len: PEER_FULL_BITS, data: peer });
+    }
+    let Some(pv) = pv else {
         return LOOKUP_MISS;
     };
-    let key = Key {
-        prefix_len: PORT_FULL_BITS,
-        data: PortData { portset_id: pv.portset_id, proto, port: port.to_be_bytes(), _pad: 0 },
-    };
-    match PORTS_MAP.get(&key) {
-        Some(v) => LOOKUP_HIT | (v.action as u64) << 8 | (v.rule_id as u64) << 32,
-        None => LOOKUP_MISS,
+    let data = PortData { portset_id: pv.portset_id, proto, port: port.to_be_bytes(), _pad: 0 };
+    if pv.flags & SKIP_EXACT == 0 {
+        // SAFETY: see above.
+        if let Some(v) = unsafe { PORT_EXACT_MAP.get(&data) } {
+            return hit(v);
+        }
     }
+    if pv.flags & SKIP_TRIE == 0 {
+        if let Some(v) = PORTS_MAP.get(&Key { prefix_len: PORT_FULL_BITS, data }) {
+            return hit(v);
+        }
+    }
+    LOOKUP_MISS
+}
+
+#[inline(always)]
+fn hit(v: &PortValue) -> u64 {
+    LOOKUP_HIT | (v.action as u64) << 8 | (v.rule_id as u64) << 32
 }
 
 #[inline(always)]
@@ -54,9 +79,10 @@ fn unpack(v: u64) -> TierLookup {
 #[inline(always)]
 pub fn evaluate(ep: &Endpoint, dir: u8, remote: &[u8; 16], proto: u8, port: u16) -> Decision {
     let [admin, np, baseline] = ep.sets(dir);
+    let [admin_skips, np_skips, baseline_skips] = ep.peer_skips(dir);
     decide(
-        unpack(lookup_tier(admin, remote, proto, port)),
-        unpack(lookup_tier(np, remote, proto, port)),
-        unpack(lookup_tier(baseline, remote, proto, port)),
+        unpack(lookup_tier(admin, admin_skips, remote, proto, port)),
+        unpack(lookup_tier(np, np_skips, remote, proto, port)),
+        unpack(lookup_tier(baseline, baseline_skips, remote, proto, port)),
     )
 }

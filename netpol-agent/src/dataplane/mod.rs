@@ -23,7 +23,7 @@ use aya::{
         LinkOrder, ProgramError, SchedClassifier,
     },
     util::KernelVersion,
-    Btf, Ebpf, EbpfError, EbpfLoader,
+    Btf, Ebpf, EbpfError, EbpfLoader, Pod,
 };
 pub use counters::{CounterSnapshot, Stats};
 use netpol_common::{
@@ -31,7 +31,7 @@ use netpol_common::{
     ep::{Endpoint, EndpointKey, SlotOwner},
     event::Config,
     maps,
-    policy::{PeerData, PeerValue, PortData, PortValue},
+    policy::{PeerData, PeerValue, PortData, PortValue, PEER_FULL_BITS, PORT_FULL_BITS},
 };
 
 /// Errors of the dataplane.
@@ -656,38 +656,77 @@ impl Dataplane {
         }
     }
 
-    /// Inserts or replaces a peer entry (stage 1 of the policy lookup).
+    /// Inserts or replaces a peer entry (stage 1 of the policy lookup): a full-length one in the
+    /// exact-match hash, a shorter one in the trie.
     pub fn upsert_peer(&mut self, prefix_len: u32, data: PeerData, value: PeerValue) -> Result<()> {
-        let name = maps::PEER;
-        let mut m: LpmTrie<&mut MapData, PeerData, PeerValue> =
-            self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
-        m.insert(&Key::new(prefix_len, data), value, 0).map_err(map_err(name, "insert"))
+        if prefix_len == PEER_FULL_BITS {
+            return self.hash_insert(maps::PEER_EXACT, data, value);
+        }
+        self.trie_insert(maps::PEER, prefix_len, data, value)
     }
 
     /// Removes a peer entry.
     pub fn remove_peer(&mut self, prefix_len: u32, data: PeerData) -> Result<()> {
-        let name = maps::PEER;
-        let mut m: LpmTrie<&mut MapData, PeerData, PeerValue> =
+        if prefix_len == PEER_FULL_BITS {
+            return self.hash_remove::<PeerData, PeerValue>(maps::PEER_EXACT, data);
+        }
+        self.trie_remove::<PeerData, PeerValue>(maps::PEER, prefix_len, data)
+    }
+
+    /// Inserts or replaces a port entry (stage 2 of the policy lookup): a full-length one in the
+    /// exact-match hash, a shorter one in the trie.
+    pub fn upsert_port(&mut self, prefix_len: u32, data: PortData, value: PortValue) -> Result<()> {
+        if prefix_len == PORT_FULL_BITS {
+            return self.hash_insert(maps::PORT_EXACT, data, value);
+        }
+        self.trie_insert(maps::PORTS, prefix_len, data, value)
+    }
+
+    /// Removes a port entry.
+    pub fn remove_port(&mut self, prefix_len: u32, data: PortData) -> Result<()> {
+        if prefix_len == PORT_FULL_BITS {
+            return self.hash_remove::<PortData, PortValue>(maps::PORT_EXACT, data);
+        }
+        self.trie_remove::<PortData, PortValue>(maps::PORTS, prefix_len, data)
+    }
+
+    fn hash_insert<K: Pod, V: Pod>(&mut self, name: &'static str, key: K, value: V) -> Result<()> {
+        let mut m: HashMap<&mut MapData, K, V> =
             self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
-        match m.remove(&Key::new(prefix_len, data)) {
+        m.insert(key, value, 0).map_err(map_err(name, "insert"))
+    }
+
+    /// Removes `key`; a missing key is not an error (the entry is gone either way).
+    fn hash_remove<K: Pod, V: Pod>(&mut self, name: &'static str, key: K) -> Result<()> {
+        let mut m: HashMap<&mut MapData, K, V> =
+            self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
+        match m.remove(&key) {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(map_err(name, "remove")(e)),
         }
     }
 
-    /// Inserts or replaces a port entry (stage 2 of the policy lookup).
-    pub fn upsert_port(&mut self, prefix_len: u32, data: PortData, value: PortValue) -> Result<()> {
-        let name = maps::PORTS;
-        let mut m: LpmTrie<&mut MapData, PortData, PortValue> =
+    fn trie_insert<K: Pod, V: Pod>(
+        &mut self,
+        name: &'static str,
+        prefix_len: u32,
+        data: K,
+        value: V,
+    ) -> Result<()> {
+        let mut m: LpmTrie<&mut MapData, K, V> =
             self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
         m.insert(&Key::new(prefix_len, data), value, 0).map_err(map_err(name, "insert"))
     }
 
-    /// Removes a port entry.
-    pub fn remove_port(&mut self, prefix_len: u32, data: PortData) -> Result<()> {
-        let name = maps::PORTS;
-        let mut m: LpmTrie<&mut MapData, PortData, PortValue> =
+    /// Removes a prefix; a missing one is not an error.
+    fn trie_remove<K: Pod, V: Pod>(
+        &mut self,
+        name: &'static str,
+        prefix_len: u32,
+        data: K,
+    ) -> Result<()> {
+        let mut m: LpmTrie<&mut MapData, K, V> =
             self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
         match m.remove(&Key::new(prefix_len, data)) {
             Ok(()) => Ok(()),
@@ -831,7 +870,7 @@ impl Dataplane {
 }
 
 /// Key and value sizes of every map whose entries the agent or the programs interpret.
-fn layout() -> [(&'static str, usize, usize); 12] {
+fn layout() -> [(&'static str, usize, usize); 14] {
     use core::mem::size_of;
     use netpol_common::{counters::*, ct::*, event::*};
     let lpm = |data: usize| size_of::<u32>() + data;
@@ -839,7 +878,9 @@ fn layout() -> [(&'static str, usize, usize); 12] {
         (maps::EP, size_of::<EndpointKey>(), size_of::<Endpoint>()),
         (maps::SLOT, size_of::<u32>(), size_of::<SlotOwner>()),
         (maps::PEER, lpm(size_of::<PeerData>()), size_of::<PeerValue>()),
+        (maps::PEER_EXACT, size_of::<PeerData>(), size_of::<PeerValue>()),
         (maps::PORTS, lpm(size_of::<PortData>()), size_of::<PortValue>()),
+        (maps::PORT_EXACT, size_of::<PortData>(), size_of::<PortValue>()),
         (maps::CT, size_of::<CtKey>(), size_of::<CtValue>()),
         (maps::FRAG, size_of::<FragKey>(), size_of::<FragValue>()),
         (maps::COUNTERS, size_of::<CounterKey>(), size_of::<CounterValue>()),

@@ -10,7 +10,7 @@ use netpol_common::{
     maps,
     policy::{
         decide, Decision, PeerData, PeerValue, PortData, PortValue, TierLookup, PEER_FULL_BITS,
-        PORT_FULL_BITS,
+        PORT_FULL_BITS, SKIP_EXACT, SKIP_TRIE,
     },
 };
 
@@ -144,7 +144,9 @@ impl PinnedMaps {
                 maps::CT => Some(count_hash::<CtKey, CtValue>(map, name)?),
                 maps::FRAG => Some(count_hash::<FragKey, FragValue>(map, name)?),
                 maps::PEER => Some(count_lpm::<PeerData, PeerValue>(map, name)?),
+                maps::PEER_EXACT => Some(count_hash::<PeerData, PeerValue>(map, name)?),
                 maps::PORTS => Some(count_lpm::<PortData, PortValue>(map, name)?),
+                maps::PORT_EXACT => Some(count_hash::<PortData, PortValue>(map, name)?),
                 maps::COUNTERS => Some(count_percpu::<CounterKey>(map, name)?),
                 maps::RULE_COUNTERS => Some(count_percpu::<RuleCounterKey>(map, name)?),
                 _ => None,
@@ -155,8 +157,9 @@ impl PinnedMaps {
     }
 
     /// Decides one direction for the endpoint value `ep` against the live policy maps, exactly
-    /// as the programs do: per tier one full-length LPM lookup in `np_peer`, one in `np_ports`,
-    /// combined with [`decide`]. `remote` is IPv4-mapped for IPv4.
+    /// as the programs do: per tier the peer and then the port, each in its exact-match hash
+    /// and on a miss its trie (`np_peer_exact`/`np_peer`, `np_port_exact`/`np_ports`), as the
+    /// sets' skip bits call for, combined with [`decide`]. `remote` is IPv4-mapped for IPv4.
     pub fn evaluate(
         &self,
         ep: &Endpoint,
@@ -165,30 +168,27 @@ impl PinnedMaps {
         proto: u8,
         port: u16,
     ) -> Result<Decision> {
-        let peers: LpmTrie<MapData, PeerData, PeerValue> =
-            self.map(maps::PEER)?.try_into().map_err(map_err(maps::PEER, "open"))?;
-        let ports: LpmTrie<MapData, PortData, PortValue> =
-            self.map(maps::PORTS)?.try_into().map_err(map_err(maps::PORTS, "open"))?;
+        let peers = Stage::<PeerData, PeerValue>::open(self, maps::PEER_EXACT, maps::PEER)?;
+        let ports = Stage::<PortData, PortValue>::open(self, maps::PORT_EXACT, maps::PORTS)?;
         let mut tiers = [TierLookup::NoSet; 3];
-        for (slot, set_id) in tiers.iter_mut().zip(ep.sets(dir)) {
+        for ((slot, set_id), skips) in tiers.iter_mut().zip(ep.sets(dir)).zip(ep.peer_skips(dir)) {
             if set_id == SET_NONE {
                 continue;
             }
-            let key = Key::new(PEER_FULL_BITS, PeerData { set_id, addr: remote });
-            let peer = match peers.get(&key, 0) {
-                Ok(v) => v,
-                Err(e) if super::is_not_found(&e) => {
-                    *slot = TierLookup::Miss;
-                    continue;
+            let data = PeerData { set_id, addr: remote };
+            *slot = match peers.get(data, PEER_FULL_BITS, skips)? {
+                None => TierLookup::Miss,
+                Some(peer) => {
+                    let data = PortData {
+                        portset_id: peer.portset_id,
+                        proto,
+                        port: port.to_be_bytes(),
+                        _pad: 0,
+                    };
+                    ports
+                        .get(data, PORT_FULL_BITS, peer.flags)?
+                        .map_or(TierLookup::Miss, TierLookup::Hit)
                 }
-                Err(e) => return Err(map_err(maps::PEER, "lookup")(e)),
-            };
-            let data =
-                PortData { portset_id: peer.portset_id, proto, port: port.to_be_bytes(), _pad: 0 };
-            *slot = match ports.get(&Key::new(PORT_FULL_BITS, data), 0) {
-                Ok(v) => TierLookup::Hit(v),
-                Err(e) if super::is_not_found(&e) => TierLookup::Miss,
-                Err(e) => return Err(map_err(maps::PORTS, "lookup")(e)),
             };
         }
         Ok(decide(tiers[0], tiers[1], tiers[2]))
@@ -203,6 +203,40 @@ impl PinnedMaps {
             Err(e) if super::is_not_found(&e) => Ok(None),
             Err(e) => Err(map_err(maps::EP, "get")(e)),
         }
+    }
+}
+
+/// One stage of the policy lookup: its exact-match hash and its trie.
+struct Stage<K, V> {
+    exact: (&'static str, HashMap<MapData, K, V>),
+    trie: (&'static str, LpmTrie<MapData, K, V>),
+}
+
+impl<K: aya::Pod, V: aya::Pod> Stage<K, V> {
+    fn open(maps: &PinnedMaps, exact: &'static str, trie: &'static str) -> Result<Self> {
+        Ok(Stage {
+            exact: (exact, maps.map(exact)?.try_into().map_err(map_err(exact, "open"))?),
+            trie: (trie, maps.map(trie)?.try_into().map_err(map_err(trie, "open"))?),
+        })
+    }
+
+    /// The kernel's lookup of a full-length key: the hash, then on a miss the trie, each only
+    /// if the set's skip bits allow it.
+    fn get(&self, data: K, full_bits: u32, skips: u32) -> Result<Option<V>> {
+        let found = |r: std::result::Result<V, MapError>, name| match r {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if super::is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err(name, "lookup")(e)),
+        };
+        if skips & SKIP_EXACT == 0 {
+            if let Some(v) = found(self.exact.1.get(&data, 0), self.exact.0)? {
+                return Ok(Some(v));
+            }
+        }
+        if skips & SKIP_TRIE == 0 {
+            return found(self.trie.1.get(&Key::new(full_bits, data), 0), self.trie.0);
+        }
+        Ok(None)
     }
 }
 

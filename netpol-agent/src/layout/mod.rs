@@ -9,11 +9,13 @@
 mod ids;
 mod lookup;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use netpol_common::ep::{Endpoint, EP_FLAG_AUDIT};
-use netpol_common::policy::{PeerData, PeerValue, PortData, PortValue, PEER_SET_BITS};
+use netpol_common::policy::{
+    skips, PeerData, PeerValue, PortData, PortValue, PEER_FULL_BITS, PEER_SET_BITS, PORT_FULL_BITS,
+};
 
 pub use ids::IdAllocator;
 pub use lookup::{evaluate, lookup};
@@ -44,9 +46,11 @@ pub struct EndpointEntry {
 /// The complete desired contents of the policy maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelMaps {
-    /// Stage 1 `PEER` LPM: (prefix length, key data) → value.
+    /// Stage 1: (prefix length, key data) → value. The dataplane writes full-length entries to
+    /// the `PEER_EXACT` hash and the others to the `PEER` trie.
     pub peers: BTreeMap<(u32, PeerData), PeerValue>,
-    /// Stage 2 `PORTS` LPM: (prefix length, key data) → value.
+    /// Stage 2: (prefix length, key data) → value. The dataplane writes full-length entries to
+    /// the `PORT_EXACT` hash and the others to the `PORTS` trie.
     pub ports: BTreeMap<(u32, PortData), PortValue>,
     /// Endpoint values by pod.
     pub endpoints: BTreeMap<PodRef, EndpointEntry>,
@@ -157,10 +161,12 @@ impl Layout {
         self.port_ids
             .update(&compiled.port_sets.keys().copied().collect::<BTreeSet<_>>(), "port set")?;
         let mut maps = KernelMaps { rules: compiled.rules.clone(), ..KernelMaps::default() };
+        let mut port_skips = HashMap::new();
         for (hash, set) in &compiled.port_sets {
             let Some(portset_id) = self.port_ids.get(*hash) else {
                 continue;
             };
+            port_skips.insert(*hash, skips(set.entries.keys().map(|k| k.bits), PORT_FULL_BITS));
             for (k, r) in &set.entries {
                 let data =
                     PortData { portset_id, proto: k.proto, port: k.port.to_be_bytes(), _pad: 0 };
@@ -177,7 +183,8 @@ impl Layout {
                     continue;
                 };
                 let data = PeerData { set_id, addr: base.to_be_bytes() };
-                maps.peers.insert((PEER_SET_BITS + bits, data), PeerValue { portset_id });
+                let flags = port_skips.get(ps).copied().unwrap_or(0);
+                maps.peers.insert((PEER_SET_BITS + bits, data), PeerValue { portset_id, flags });
             }
         }
         for (pod, ep) in &compiled.endpoints {
@@ -186,6 +193,15 @@ impl Layout {
             for ((dir, tier), hash) in &ep.sets {
                 if let Some(id) = self.peer_ids.get(*hash) {
                     value.set_tier(dir.as_u8(), *tier, id);
+                    // The set's entries are keyed by address bits; the skips, like the maps,
+                    // count the full address as full length.
+                    let skips = compiled.peer_sets.get(hash).map_or(0, |set| {
+                        skips(
+                            set.entries.keys().map(|(_, bits)| *bits + PEER_SET_BITS),
+                            PEER_FULL_BITS,
+                        )
+                    });
+                    value.set_peer_skips(dir.as_u8(), *tier, skips);
                 }
             }
             maps.endpoints.insert(pod.clone(), EndpointEntry { ips: ep.ips.clone(), value });

@@ -77,6 +77,12 @@ impl Fixture {
 
     /// Adds a peer prefix (IPv4 or IPv6 CIDR) to a set, pointing at a port set.
     pub fn peer(&mut self, set_id: u32, cidr: &str, portset_id: u32) {
+        // No skip bits: the port set may hold any mix of entries.
+        self.peer_with_skips(set_id, cidr, portset_id, 0)
+    }
+
+    /// [`Fixture::peer`] with the port set's lookup skip bits (`policy::SKIP_*`).
+    pub fn peer_with_skips(&mut self, set_id: u32, cidr: &str, portset_id: u32, skips: u32) {
         let (addr, len) = cidr.split_once('/').unwrap_or((cidr, ""));
         let ip: std::net::IpAddr = addr.parse().expect("address");
         let (bytes, bits) = match ip {
@@ -87,7 +93,7 @@ impl Fixture {
             .upsert_peer(
                 PEER_SET_BITS + bits,
                 PeerData { set_id, addr: bytes },
-                PeerValue { portset_id },
+                PeerValue { portset_id, flags: skips },
             )
             .expect("peer entry");
     }

@@ -45,7 +45,7 @@ fn allowed_tcp_passes_denied_tcp_is_dropped_and_counted() {
     dp.upsert_peer(
         PEER_SET_BITS + 128,
         PeerData { set_id: set, addr },
-        PeerValue { portset_id: 9 },
+        PeerValue { portset_id: 9, flags: netpol_common::policy::SKIP_TRIE },
     )
     .unwrap();
     dp.upsert_port(

@@ -92,8 +92,9 @@ struct Footprint {
 fn footprint(pins: &std::path::Path) -> Footprint {
     Footprint {
         endpoints: map_keys(pins, "np_ep").len(),
-        peers: map_keys(pins, "np_peer").len(),
-        ports: map_keys(pins, "np_ports").len(),
+        // Each stage's entries: full-length ones in its hash, shorter ones in its trie.
+        peers: map_keys(pins, "np_peer").len() + map_keys(pins, "np_peer_exact").len(),
+        ports: map_keys(pins, "np_ports").len() + map_keys(pins, "np_port_exact").len(),
         links: std::fs::read_dir(pins.join("links")).map_or(0, |d| d.count()),
     }
 }

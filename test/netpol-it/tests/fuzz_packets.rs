@@ -12,8 +12,9 @@ use std::{
 
 use netpol_common::{
     counters::Reason,
-    ep::{Endpoint, EP_FLAG_AUDIT},
+    ep::{Endpoint, Tier, EP_FLAG_AUDIT},
     maps::{PROG_FROM_POD, PROG_TO_POD},
+    policy::{for_each_port_prefix, skips, PORT_ANY_PORT_BITS, PORT_FULL_BITS},
     DIR_EGRESS, DIR_INGRESS,
 };
 use netpol_it::fixture::{Fixture, DROP, PASS, TEST_IFINDEX};
@@ -96,9 +97,30 @@ fn prefix_matches(addr: &[u8; 16], prefix: &[u8; 16], bits: u32) -> bool {
     (0..bits as usize).all(|i| (addr[i / 8] ^ prefix[i / 8]) & (0x80 >> (i % 8)) == 0)
 }
 
+/// The skip bits of a port set, as the agent's layout computes them, so the kernel's lookups
+/// leave out the map the set has no entries in, and the reference checks that they may.
+fn port_skips(portset: u32) -> u32 {
+    let mut lens = Vec::new();
+    for &(_, _, _, ports) in POLICY.iter().filter(|r| r.2 == portset) {
+        for &(proto, lo, hi) in ports {
+            if proto == 0 || (lo == 0 && hi == u16::MAX) {
+                lens.push(0);
+            } else {
+                for_each_port_prefix(lo, hi, |_, bits| lens.push(PORT_ANY_PORT_BITS + bits));
+            }
+        }
+    }
+    skips(lens, PORT_FULL_BITS)
+}
+
+/// The skip bits of a peer set (address bits; 128 is a full address).
+fn peer_skips(set: u32) -> u32 {
+    skips(POLICY.iter().filter(|r| r.0 == set).map(|r| mapped(r.1).1), 128)
+}
+
 fn load_policy(f: &mut Fixture) {
     for &(set, cidr, portset, ports) in POLICY {
-        f.peer(set, cidr, portset);
+        f.peer_with_skips(set, cidr, portset, port_skips(portset));
         for &(proto, lo, hi) in ports {
             f.ports(portset, proto, lo, hi, portset);
         }
@@ -116,13 +138,16 @@ struct EpConf {
 
 impl EpConf {
     fn endpoint(&self) -> Endpoint {
-        Endpoint {
+        let mut ep = Endpoint {
             generation: self.generation,
             flags: if self.audit { EP_FLAG_AUDIT } else { 0 },
             ingress_np: if self.ingress { INGRESS_SET } else { 0 },
             egress_np: if self.egress { EGRESS_SET } else { 0 },
             ..Default::default()
-        }
+        };
+        ep.set_peer_skips(DIR_INGRESS, Tier::NetworkPolicy, peer_skips(INGRESS_SET));
+        ep.set_peer_skips(DIR_EGRESS, Tier::NetworkPolicy, peer_skips(EGRESS_SET));
+        ep
     }
 }
 
