@@ -9,9 +9,14 @@
 //! - new denied: a SYN from an address no rule allows (peer lookups miss, no insert);
 //! - new allowed: a SYN of a new flow from an allowed peer (lookups + conntrack insert). Every
 //!   run must be a new flow, so it is measured one packet per BPF_PROG_TEST_RUN with a fresh
-//!   source port, and compared with the floor measured the same way.
+//!   source port (a round's figure is the median of its runs), and compared with the floor
+//!   measured the same way.
 //!
-//! Every figure is the median over several rounds, the floor interleaved with the program.
+//! The rows of one peer count are measured together, round by round, each round on a freshly
+//! loaded dataplane and each packet kind right after its floor: ns figures are medians over the
+//! rounds, ratios medians of each round's ratio to its floor. So the host's load, which moves
+//! from second to second on a shared machine, is the same for the rows compared for flatness,
+//! and no row's figure is that of one instance's memory placement.
 use std::{net::Ipv4Addr, time::Duration, time::Instant};
 
 use anyhow::{Context as _, Result};
@@ -48,7 +53,7 @@ const FULL: Plan = Plan {
     peers: &[10, 1_000, 100_000],
     repeat: 100_000,
     single_runs: 2_000,
-    rounds: 5,
+    rounds: 9,
 };
 const QUICK: Plan =
     Plan { rules: &[1, 10], peers: &[10], repeat: 1_000, single_runs: 20, rounds: 1 };
@@ -87,7 +92,9 @@ fn write_maps(f: &mut Fixture, maps: &KernelMaps) -> Result<()> {
     Ok(())
 }
 
-/// Mean kernel-measured ns per packet over `runs` single-packet test runs.
+/// Median kernel-measured ns per packet of `runs` single-packet test runs. The median, not the
+/// mean: a run of about a microsecond that an interrupt or a preemption lands in takes tens of
+/// microseconds, and a few of those in a round moved its mean by a tenth.
 fn single_runs(
     f: &mut Fixture,
     prog: &'static str,
@@ -95,13 +102,13 @@ fn single_runs(
     mut packet: impl FnMut(u32) -> Vec<u8>,
     expect: i32,
 ) -> Result<f64> {
-    let mut total = 0.0;
+    let mut v = Vec::with_capacity(runs as usize);
     for i in 0..runs {
         let (ret, d) = f.dp.test_run(prog, &packet(i), 1)?;
         anyhow::ensure!(ret == expect, "{prog} returned {ret}, expected {expect}");
-        total += ns(d);
+        v.push(ns(d));
     }
-    Ok(total / runs as f64)
+    Ok(median(&mut v))
 }
 
 /// Batched kernel-measured ns per packet, checking the verdict.
@@ -128,53 +135,114 @@ struct Row {
     denied: f64,
     floor_single: f64,
     allowed: f64,
+    /// Medians of the per-round ratios to the floor measured just before in the same round.
+    established_ratio: f64,
+    denied_ratio: f64,
+    allowed_ratio: f64,
 }
 
-fn measure(plan: &Plan, rules: u32, peers: u32) -> Result<Row> {
-    let t = Instant::now();
-    let state = one_endpoint(rules, peers);
-    let compiled = compile(&state, &CompileOptions::new(ONE_ENDPOINT_NODE));
-    let maps = Layout::new().update(&compiled)?;
-    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
-    let mut f = fixture(&format!("bench-{rules}-{peers}"));
-    write_maps(&mut f, &maps)?;
+/// One row's maps and its samples, one per round.
+struct Subject {
+    rules: u32,
+    peers: u32,
+    compile_ms: f64,
+    maps: KernelMaps,
+    samples: [Vec<f64>; 5],
+}
 
-    let allowed = peer_ip(0);
-    let stranger = Ipv4Addr::new(10, 200, 0, 1);
-    // Established: open the flow once, then measure its ACKs.
-    let (r, _) =
-        f.dp.test_run(maps::PROG_TO_POD, &frame(allowed, 1, FIRST_RULE_PORT, tcp::SYN), 1)?;
-    anyhow::ensure!(r == PASS, "opening SYN from an allowed peer not passed");
-    let ack = frame(allowed, 1, FIRST_RULE_PORT, tcp::ACK);
-    let denied = frame(stranger, 2, FIRST_RULE_PORT, tcp::SYN);
-    let (mut fl, mut est, mut den, mut fl1, mut new) = (vec![], vec![], vec![], vec![], vec![]);
-    let mut sport = 1024u32;
-    for _ in 0..plan.rounds {
-        fl.push(batched(&mut f, maps::PROG_BENCH_FLOOR, &ack, plan.repeat, PASS)?);
-        est.push(batched(&mut f, maps::PROG_TO_POD, &ack, plan.repeat, PASS)?);
-        den.push(batched(&mut f, maps::PROG_TO_POD, &denied, plan.repeat, DROP)?);
-        let base = sport;
-        let syn = |i: u32| frame(allowed, (base + i) as u16, FIRST_RULE_PORT, tcp::SYN);
-        fl1.push(single_runs(&mut f, maps::PROG_BENCH_FLOOR, plan.single_runs, syn, PASS)?);
-        // Fresh ports for the program: the floor's runs opened no flows, but keep them apart.
-        let base = sport + plan.single_runs;
-        let syn = |i: u32| frame(allowed, (base + i) as u16, FIRST_RULE_PORT, tcp::SYN);
-        new.push(single_runs(&mut f, maps::PROG_TO_POD, plan.single_runs, syn, PASS)?);
-        sport += 2 * plan.single_runs;
-        anyhow::ensure!(sport < u16::MAX as u32, "out of source ports");
+const FLOOR: usize = 0;
+const ESTABLISHED: usize = 1;
+const DENIED: usize = 2;
+const FLOOR_SINGLE: usize = 3;
+const ALLOWED: usize = 4;
+
+impl Subject {
+    /// Compiles `one_endpoint(rules, peers)` and lays it out.
+    fn new(rules: u32, peers: u32) -> Result<Subject> {
+        let t = Instant::now();
+        let state = one_endpoint(rules, peers);
+        let compiled = compile(&state, &CompileOptions::new(ONE_ENDPOINT_NODE));
+        let maps = Layout::new().update(&compiled)?;
+        let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+        Ok(Subject { rules, peers, compile_ms, maps, samples: Default::default() })
     }
-    Ok(Row {
-        rules,
-        peers,
-        peer_entries: maps.peers.len(),
-        port_entries: maps.ports.len(),
-        compile_ms,
-        floor: median(&mut fl),
-        established: median(&mut est),
-        denied: median(&mut den),
-        floor_single: median(&mut fl1),
-        allowed: median(&mut new),
-    })
+
+    /// One round on a freshly loaded dataplane with the row's maps written (and an empty
+    /// conntrack table): each packet kind right after its floor. Fresh, so that a row's figure
+    /// is not that of one instance: with one dataplane per row kept for all rounds, a row's
+    /// ratio differed from its peer count's median by up to 8.7 % and 16.4 % in two runs of
+    /// the same code; with a fresh one per round by 5.7 %. Loading costs ~3 s of verifier
+    /// time per round, most of the benchmark's six minutes.
+    fn round(&mut self, plan: &Plan) -> Result<()> {
+        let mut f = fixture(&format!("bench-{}-{}", self.rules, self.peers));
+        write_maps(&mut f, &self.maps)?;
+        let f = &mut f;
+        let allowed = peer_ip(0);
+        let (r, _) =
+            f.dp.test_run(maps::PROG_TO_POD, &frame(allowed, 1, FIRST_RULE_PORT, tcp::SYN), 1)?;
+        anyhow::ensure!(r == PASS, "opening SYN from an allowed peer not passed");
+        let ack = frame(allowed, 1, FIRST_RULE_PORT, tcp::ACK);
+        let denied = frame(Ipv4Addr::new(10, 200, 0, 1), 2, FIRST_RULE_PORT, tcp::SYN);
+        let s = &mut self.samples;
+        s[FLOOR].push(batched(f, maps::PROG_BENCH_FLOOR, &ack, plan.repeat, PASS)?);
+        s[ESTABLISHED].push(batched(f, maps::PROG_TO_POD, &ack, plan.repeat, PASS)?);
+        s[DENIED].push(batched(f, maps::PROG_TO_POD, &denied, plan.repeat, DROP)?);
+        let syn = |i: u32| frame(allowed, (1024 + i) as u16, FIRST_RULE_PORT, tcp::SYN);
+        s[FLOOR_SINGLE].push(single_runs(f, maps::PROG_BENCH_FLOOR, plan.single_runs, syn, PASS)?);
+        // Fresh ports for the program: the floor's runs opened no flows, but keep them apart.
+        let base = 1024 + plan.single_runs;
+        let syn = |i: u32| frame(allowed, (base + i) as u16, FIRST_RULE_PORT, tcp::SYN);
+        s[ALLOWED].push(single_runs(f, maps::PROG_TO_POD, plan.single_runs, syn, PASS)?);
+        Ok(())
+    }
+
+    fn row(mut self) -> Row {
+        let ratios = |s: &[Vec<f64>; 5], x: usize, floor: usize| {
+            let mut v: Vec<f64> = s[x].iter().zip(&s[floor]).map(|(a, b)| a / b).collect();
+            median(&mut v)
+        };
+        let established_ratio = ratios(&self.samples, ESTABLISHED, FLOOR);
+        let denied_ratio = ratios(&self.samples, DENIED, FLOOR);
+        let allowed_ratio = ratios(&self.samples, ALLOWED, FLOOR_SINGLE);
+        let [fl, est, den, fl1, new] = &mut self.samples;
+        Row {
+            rules: self.rules,
+            peers: self.peers,
+            peer_entries: self.maps.peers.len(),
+            port_entries: self.maps.ports.len(),
+            compile_ms: self.compile_ms,
+            floor: median(fl),
+            established: median(est),
+            denied: median(den),
+            floor_single: median(fl1),
+            allowed: median(new),
+            established_ratio,
+            denied_ratio,
+            allowed_ratio,
+        }
+    }
+}
+
+/// The rows of one peer count, measured together: every round visits each row (starting one
+/// further each time), so a change in the host's load between rounds reaches every row alike
+/// and does not pass for a difference between rule counts.
+fn measure_peers(plan: &Plan, peers: u32) -> Result<Vec<Row>> {
+    let mut subjects = plan
+        .rules
+        .iter()
+        .map(|&rules| {
+            Subject::new(rules, peers).with_context(|| format!("{rules} rules, {peers} peers"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let n = subjects.len();
+    for round in 0..plan.rounds {
+        for i in 0..n {
+            let s = &mut subjects[(round + i) % n];
+            let (rules, peers) = (s.rules, s.peers);
+            s.round(plan).with_context(|| format!("{rules} rules, {peers} peers"))?;
+        }
+    }
+    Ok(subjects.into_iter().map(Subject::row).collect())
 }
 
 /// Which packets [`spin`] sends.
@@ -184,6 +252,8 @@ pub enum Spin {
     Established,
     /// SYNs from a peer no rule allows.
     Denied,
+    /// SYNs of new allowed flows, one per BPF_PROG_TEST_RUN (each opens a conntrack entry).
+    Allowed,
 }
 
 /// For profiling (`perf record -a` meanwhile): `packets` through `to_pod` for `secs` seconds,
@@ -197,17 +267,32 @@ pub fn spin(secs: u64, packets: Spin) -> Result<serde_json::Value> {
     let (r, _) =
         f.dp.test_run(maps::PROG_TO_POD, &frame(allowed, 1, FIRST_RULE_PORT, tcp::SYN), 1)?;
     anyhow::ensure!(r == PASS, "opening SYN not passed");
-    let (pkt, expect) = match packets {
-        Spin::Established => (frame(allowed, 1, FIRST_RULE_PORT, tcp::ACK), PASS),
-        Spin::Denied => (frame(Ipv4Addr::new(10, 200, 0, 1), 2, FIRST_RULE_PORT, tcp::SYN), DROP),
-    };
     let until = Instant::now() + Duration::from_secs(secs);
     let mut v = Vec::new();
-    while Instant::now() < until {
-        v.push(batched(&mut f, maps::PROG_TO_POD, &pkt, 1_000_000, expect)?);
+    if let Spin::Allowed = packets {
+        // Fresh source ports of peer 0, then of peer j to port FIRST_RULE_PORT + j (rule j
+        // allows peer j there): every run is a new flow, as in `measure`.
+        let mut n = 0u32;
+        while Instant::now() < until {
+            let j = n / 60_000;
+            anyhow::ensure!(j < 1_000, "out of flows");
+            let (peer, dport) = (peer_ip(j), FIRST_RULE_PORT + j as u16);
+            let sport = 1024 + (n % 60_000) as u16;
+            let syn = |i: u32| frame(peer, sport + i as u16, dport, tcp::SYN);
+            v.push(single_runs(&mut f, maps::PROG_TO_POD, 1_000, syn, PASS)?);
+            n += 1_000;
+        }
+    } else {
+        let (pkt, expect) = match packets {
+            Spin::Established => (frame(allowed, 1, FIRST_RULE_PORT, tcp::ACK), PASS),
+            _ => (frame(Ipv4Addr::new(10, 200, 0, 1), 2, FIRST_RULE_PORT, tcp::SYN), DROP),
+        };
+        while Instant::now() < until {
+            v.push(batched(&mut f, maps::PROG_TO_POD, &pkt, 1_000_000, expect)?);
+        }
     }
     let ns = median(&mut v);
-    println!("{packets:?}: {ns:.1} ns/packet (median of {} runs of 1,000,000)", v.len());
+    println!("{packets:?}: {ns:.1} ns/packet (median of {} batches)", v.len());
     Ok(json!({ "benchmark": "spin", "packets": format!("{packets:?}"), "ns": ns }))
 }
 
@@ -226,7 +311,10 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
     };
     println!("netpol datapath benchmark: BPF_PROG_TEST_RUN, kernel-measured ns/packet");
     println!("maps filled by the real compiler + layout; floor = empty TC program in the same run");
-    println!("median of {} rounds; (×) = program / floor\n", plan.rounds);
+    println!(
+        "rows of a peer count interleaved; median of {} rounds; (×) = median of program / floor per round\n",
+        plan.rounds
+    );
     println!(
         "{:>6} {:>7} {:>8} {:>7}  {:>8} {:>18} {:>18}  {:>8} {:>18}",
         "rules",
@@ -241,10 +329,8 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
     );
     let mut rows = Vec::new();
     for &peers in plan.peers {
-        for &rules in plan.rules {
-            let r = measure(plan, rules, peers)
-                .with_context(|| format!("{rules} rules, {peers} peers"))?;
-            let cell = |v: f64, fl: f64| format!("{v:6.1} ns ({:5.2}×)", v / fl);
+        for r in measure_peers(plan, peers)? {
+            let cell = |v: f64, ratio: f64| format!("{v:6.1} ns ({ratio:5.2}×)");
             println!(
                 "{:>6} {:>7} {:>8} {:>7}  {:>5.1} ns {:>18} {:>18}  {:>5.1} ns {:>18}",
                 r.rules,
@@ -252,10 +338,10 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
                 r.peer_entries,
                 r.port_entries,
                 r.floor,
-                cell(r.established, r.floor),
-                cell(r.denied, r.floor),
+                cell(r.established, r.established_ratio),
+                cell(r.denied, r.denied_ratio),
                 r.floor_single,
-                cell(r.allowed, r.floor_single)
+                cell(r.allowed, r.allowed_ratio)
             );
             rows.push(r);
         }
@@ -270,9 +356,9 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
     let mut spread = 0.0f64;
     for &peers in plan.peers {
         for m in [
-            &(|r: &Row| r.established / r.floor) as &dyn Fn(&Row) -> f64,
-            &|r: &Row| r.denied / r.floor,
-            &|r: &Row| r.allowed / r.floor_single,
+            &(|r: &Row| r.established_ratio) as &dyn Fn(&Row) -> f64,
+            &|r: &Row| r.denied_ratio,
+            &|r: &Row| r.allowed_ratio,
         ] {
             let mut v: Vec<f64> = rows.iter().filter(|r| r.peers == peers).map(m).collect();
             let mid = median(&mut v.clone());
@@ -303,15 +389,15 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
                 "compile_and_layout_ms": r.compile_ms,
                 "floor_ns": r.floor, "established_ns": r.established, "new_denied_ns": r.denied,
                 "floor_single_ns": r.floor_single, "new_allowed_ns": r.allowed,
-                "established_ratio": r.established / r.floor,
-                "new_denied_ratio": r.denied / r.floor,
-                "new_allowed_ratio": r.allowed / r.floor_single,
+                "established_ratio": r.established_ratio,
+                "new_denied_ratio": r.denied_ratio,
+                "new_allowed_ratio": r.allowed_ratio,
             })
         })
         .collect();
     Ok(json!({
         "benchmark": "datapath",
-        "method": "BPF_PROG_TEST_RUN, kernel-measured; maps from compile() + Layout of synth::one_endpoint; established and new denied batched, new allowed one packet per run; median of rounds",
+        "method": "BPF_PROG_TEST_RUN, kernel-measured; maps from compile() + Layout of synth::one_endpoint; established and new denied batched, new allowed one packet per run; the rows of a peer count interleaved round by round, each round on a freshly loaded dataplane; single runs: median of a round's runs; ns = median over rounds, ratio = median over rounds of the ratio to the floor measured just before",
         "repeat": plan.repeat, "single_runs": plan.single_runs, "rounds": plan.rounds,
         "targets": {
             "established_ns": TARGET_ESTABLISHED_NS, "new_ns": TARGET_NEW_NS, "flat": TARGET_FLAT,

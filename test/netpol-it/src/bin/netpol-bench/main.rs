@@ -81,6 +81,7 @@ fn main() -> Result<()> {
         // Not benchmarks: a steady load to profile with `perf record -a` meanwhile.
         "spin" => datapath::spin(10, datapath::Spin::Established)?,
         "spin-denied" => datapath::spin(10, datapath::Spin::Denied)?,
+        "spin-allowed" => datapath::spin(10, datapath::Spin::Allowed)?,
         other => {
             anyhow::bail!("unknown benchmark {other:?}; available: datapath, compile, apply, veth")
         }
