@@ -228,7 +228,15 @@ fn sys_admin_is_needed_to_restart_and_covers_the_other_three() {
         &[],
         &setpriv(&fewer, no_new_privs),
     );
-    std::thread::sleep(Duration::from_secs(3));
+    // Loading and verifying the programs alone takes ~3 s on the test machines: wait for the
+    // agent to get as far as the attached programs (or to exit) rather than a fixed time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline
+        && !second.log_text().contains("Operation not permitted")
+        && second.try_exit_status().is_none()
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let log = second.log_text();
     let ready = netpol_it::agent::get(second.metrics_addr, "/readyz").starts_with("HTTP/1.1 200");
     println!(
