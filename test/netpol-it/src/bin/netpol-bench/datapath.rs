@@ -170,9 +170,9 @@ impl Subject {
     /// One round on a freshly loaded dataplane with the row's maps written (and an empty
     /// conntrack table): each packet kind right after its floor. Fresh, so that a row's figure
     /// is not that of one instance: with one dataplane per row kept for all rounds, a row's
-    /// ratio differed from its peer count's median by up to 8.7 % and 16.4 % in two runs of
-    /// the same code; with a fresh one per round by 5.7 %. Loading costs ~3 s of verifier
-    /// time per round, most of the benchmark's six minutes.
+    /// ratio differed from its peer count's median by up to 7.6, 8.7 and 13.6 % in three runs
+    /// of the same code; with a fresh one per round by 5.7, 6.9 and 8.7 %. Loading costs ~3 s
+    /// of verifier time per round, most of the benchmark's six minutes.
     fn round(&mut self, plan: &Plan) -> Result<()> {
         let mut f = fixture(&format!("bench-{}-{}", self.rules, self.peers));
         write_maps(&mut f, &self.maps)?;
