@@ -34,6 +34,10 @@ fn manifests_drive_enforcement_while_traffic_runs() {
             .unwrap();
         let to = SocketAddr::from((back.ip, 80));
         let agent = RunningAgent::start(&dir, NODE, &format!("agent{topology:?}"));
+        // Loading and verifying the programs takes seconds (more with the other topology's
+        // agent loading beside it): start the 5 s policy deadlines once the first snapshot is
+        // enforced, which also makes the first checks run through the attached programs.
+        agent.wait_ready();
         let metrics_addr = agent.metrics_addr;
 
         // No policy: everyone reaches the backend.

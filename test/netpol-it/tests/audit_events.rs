@@ -101,6 +101,8 @@ fn audit_annotation_passes_counts_and_logs_would_be_drops() {
         .unwrap();
     let to = SocketAddr::from((back.ip, 80));
     let agent = RunningAgent::start(&dir, NODE, "audit");
+    // Policy deadlines below start once the programs are loaded and the first snapshot enforced.
+    agent.wait_ready();
     let metrics_addr = agent.metrics_addr;
     eventually(&front, to, true, "no policy");
 

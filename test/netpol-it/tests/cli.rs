@@ -82,6 +82,8 @@ fn cli_reads_what_the_live_agent_enforces() {
     dir.write("deny.yaml", DENY_ALL).unwrap();
     dir.write("allow.yaml", ALLOW_FRONT).unwrap();
     let agent = RunningAgent::start(&dir, NODE, "cli");
+    // Policy deadlines below start once the programs are loaded and the first snapshot enforced.
+    agent.wait_ready();
     let to = SocketAddr::from((back.ip, 80));
 
     // Every pod bound (the status file is written after the interfaces are attached), then the
