@@ -174,10 +174,16 @@ impl Layout {
                 maps.ports.insert((k.bits, data), value);
             }
         }
+        // Once per set, not per endpoint that uses it: many endpoints share a set.
+        let mut peer_skips = HashMap::new();
         for (hash, set) in &compiled.peer_sets {
             let Some(set_id) = self.peer_ids.get(*hash) else {
                 continue;
             };
+            // Entries are keyed by address bits; the skips, like the maps, count the full
+            // address as full length.
+            let lens = set.entries.keys().map(|(_, bits)| PEER_SET_BITS + *bits);
+            peer_skips.insert(*hash, skips(lens, PEER_FULL_BITS));
             for ((base, bits), ps) in &set.entries {
                 let Some(portset_id) = self.port_ids.get(*ps) else {
                     continue;
@@ -193,14 +199,7 @@ impl Layout {
             for ((dir, tier), hash) in &ep.sets {
                 if let Some(id) = self.peer_ids.get(*hash) {
                     value.set_tier(dir.as_u8(), *tier, id);
-                    // The set's entries are keyed by address bits; the skips, like the maps,
-                    // count the full address as full length.
-                    let skips = compiled.peer_sets.get(hash).map_or(0, |set| {
-                        skips(
-                            set.entries.keys().map(|(_, bits)| *bits + PEER_SET_BITS),
-                            PEER_FULL_BITS,
-                        )
-                    });
+                    let skips = peer_skips.get(hash).copied().unwrap_or(0);
                     value.set_peer_skips(dir.as_u8(), *tier, skips);
                 }
             }
