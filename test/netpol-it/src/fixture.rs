@@ -123,17 +123,21 @@ impl Fixture {
         mut f: impl FnMut(&mut Dataplane, u32, PortData),
     ) {
         let dp = &mut self.dp;
-        let mut put = |bits: u32, port: u16, proto: u8| {
-            let data = PortData { portset_id, proto, port: port.to_be_bytes(), _pad: 0 };
-            f(dp, bits, data);
-        };
-        if proto == 0 {
-            put(PORT_ANY_PROTO_BITS, 0, 0);
-        } else if lo == 0 && hi == u16::MAX {
-            put(PORT_ANY_PORT_BITS, 0, proto);
-        } else {
-            for_each_port_prefix(lo, hi, |p, bits| put(PORT_ANY_PORT_BITS + bits, p, proto));
-        }
+        for_each_port_key(proto, lo, hi, |bits, proto, port| {
+            f(dp, bits, PortData { portset_id, proto, port: port.to_be_bytes(), _pad: 0 })
+        });
+    }
+}
+
+/// Calls `f(prefix_len, proto, first_port)` for every port-map key that encodes `proto` ports
+/// `lo..=hi` (proto 0: every protocol and port), as [`Fixture::ports`] writes them.
+pub fn for_each_port_key(proto: u8, lo: u16, hi: u16, mut f: impl FnMut(u32, u8, u16)) {
+    if proto == 0 {
+        f(PORT_ANY_PROTO_BITS, 0, 0);
+    } else if lo == 0 && hi == u16::MAX {
+        f(PORT_ANY_PORT_BITS, proto, 0);
+    } else {
+        for_each_port_prefix(lo, hi, |p, bits| f(PORT_ANY_PORT_BITS + bits, proto, p));
     }
 }
 

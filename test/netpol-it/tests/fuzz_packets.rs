@@ -14,10 +14,10 @@ use netpol_common::{
     counters::Reason,
     ep::{Endpoint, Tier, EP_FLAG_AUDIT},
     maps::{PROG_FROM_POD, PROG_TO_POD},
-    policy::{for_each_port_prefix, skips, PORT_ANY_PORT_BITS, PORT_FULL_BITS},
+    policy::{skips, PORT_FULL_BITS},
     DIR_EGRESS, DIR_INGRESS,
 };
-use netpol_it::fixture::{Fixture, DROP, PASS, TEST_IFINDEX};
+use netpol_it::fixture::{for_each_port_key, Fixture, DROP, PASS, TEST_IFINDEX};
 
 // ---------------------------------------------------------------------------------------------
 // Deterministic random numbers (SplitMix64: tiny, and the sequence never changes with a crate
@@ -103,11 +103,7 @@ fn port_skips(portset: u32) -> u32 {
     let mut lens = Vec::new();
     for &(_, _, _, ports) in POLICY.iter().filter(|r| r.2 == portset) {
         for &(proto, lo, hi) in ports {
-            if proto == 0 || (lo == 0 && hi == u16::MAX) {
-                lens.push(0);
-            } else {
-                for_each_port_prefix(lo, hi, |_, bits| lens.push(PORT_ANY_PORT_BITS + bits));
-            }
+            for_each_port_key(proto, lo, hi, |bits, _, _| lens.push(bits));
         }
     }
     skips(lens, PORT_FULL_BITS)
