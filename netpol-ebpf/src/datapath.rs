@@ -150,11 +150,6 @@ fn service_port(key: &CtKey, origin: u8) -> u16 {
 #[inline(never)]
 fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
     let key = ct_key(ifindex, dir, &flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
-    // The coarse clock (CLOCK_MONOTONIC_COARSE, one tick of resolution): conntrack only needs
-    // idle times in seconds, and the precise clock costs ~30 ns per packet in a VM (read_tsc
-    // under kvm-clock), a tenth of the established path. It lags CLOCK_MONOTONIC, which the
-    // agent's garbage collection reads, by at most a tick: entries look at most that much older.
-    let now = clock::now_ns();
     let audit = ep.flags & EP_FLAG_AUDIT != 0;
 
     let existing = CT_MAP.get_ptr_mut(&key);
@@ -165,10 +160,10 @@ fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
         // the old flow's verdict. A retransmitted SYN of a connection being opened keeps it.
         let reused = flow.proto == PROTO_TCP && flow.initiates && ct.state != CT_TCP_SYN_SENT;
         if !reused {
-            return track(ifindex, dir, ep, flow, &key, ct, now, audit);
+            return track(ifindex, dir, ep, flow, &key, ct, audit);
         }
     }
-    new_flow(ifindex, dir, ep, flow, &key, now, audit)
+    new_flow(ifindex, dir, ep, flow, &key, audit)
 }
 
 /// A packet of a tracked flow.
@@ -181,7 +176,6 @@ fn track(
     flow: &Flow,
     key: &CtKey,
     ct: &mut CtValue,
-    now: u64,
     audit: bool,
 ) -> Reason {
     if ct.generation != ep.generation {
@@ -207,8 +201,7 @@ fn track(
     // The fast path validates the entry through this slot (an entry written before conntrack
     // recorded slots holds 0, and a re-bound endpoint may hold another slot).
     ct.slot = ep.counter_slot as u16;
-    ct.last_seen_ns = now;
-    ct.tick = clock::tick();
+    clock::refresh(ct);
     if ct.verdict == CT_VERDICT_DENY {
         return Reason::DenyPolicyChanged;
     }
@@ -216,7 +209,7 @@ fn track(
         ct.state = tcp_next_state(ct.state, flow.tcp_flags, ct.origin != dir);
     }
     if flow.first_fragment {
-        remember_fragment(ifindex, flow, now);
+        remember_fragment(ifindex, flow, ct.last_seen_ns);
     }
     if ct.verdict == CT_VERDICT_AUDIT {
         Reason::Audit
@@ -228,15 +221,7 @@ fn track(
 /// A packet conntrack does not know (or a new connection reusing a finished flow's ports): a new
 /// flow, or one whose tracking started late (agent restart, eviction).
 #[inline(always)]
-fn new_flow(
-    ifindex: u32,
-    dir: u8,
-    ep: &Endpoint,
-    flow: &Flow,
-    key: &CtKey,
-    now: u64,
-    audit: bool,
-) -> Reason {
+fn new_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow, key: &CtKey, audit: bool) -> Reason {
     let fwd = evaluate(ep, dir, &key.remote_addr, key.proto, service_port(key, dir));
     let (origin, rule_id, verdict, reason) = if fwd.allow {
         let reason = if fwd.policed { Reason::AllowPolicy } else { Reason::AllowUnpoliced };
@@ -274,6 +259,13 @@ fn new_flow(
     } else {
         CT_TCP_ESTABLISHED
     };
+    // Read only for a flow that will be tracked: a clock helper call, and every call costs (a
+    // denied flow reads the clock once, in `emit`). The coarse clock (CLOCK_MONOTONIC_COARSE,
+    // one tick of resolution): conntrack only needs idle times in seconds, and the precise
+    // clock costs ~30 ns per packet in a VM (read_tsc under kvm-clock). It lags
+    // CLOCK_MONOTONIC, which the agent's garbage collection reads, by at most a tick: entries
+    // look at most that much older.
+    let now = clock::now_ns();
     let value = CtValue {
         last_seen_ns: now,
         generation: ep.generation,

@@ -16,7 +16,7 @@ const LOOKUP_NO_SET: u64 = 0;
 const LOOKUP_MISS: u64 = 1;
 const LOOKUP_HIT: u64 = 2;
 
-/// One tier's two-stage lookup. A BPF subprogram (not inlined) so its keys occupy stack once,
+/// One tier's two-stage lookup, for a tier that has a set ([`tier`] checks). A BPF subprogram (not inlined) so its keys occupy stack once,
 /// not once per call site; the result is packed into a u64 because BPF functions return one
 /// register: kind in bits 0..8, action in 8..16, rule id in 32..64.
 ///
@@ -26,9 +26,6 @@ const LOOKUP_HIT: u64 = 2;
 /// never modified in place, so reading them through a reference is sound.
 #[inline(never)]
 fn lookup_tier(set_id: u32, skips: u32, remote: &[u8; 16], proto: u8, port: u16) -> u64 {
-    if set_id == SET_NONE {
-        return LOOKUP_NO_SET;
-    }
     let peer = PeerData { set_id, addr: *remote };
     let mut pv: Option<&PeerValue> = None;
     if skips & SKIP_EXACT == 0 {
@@ -56,6 +53,18 @@ fn lookup_tier(set_id: u32, skips: u32, remote: &[u8; 16], proto: u8, port: u16)
     LOOKUP_MISS
 }
 
+/// A tier without a set is answered here, not in [`lookup_tier`]: most endpoints have no
+/// cluster-tier policy, and a call and return cost more than the lookup they would skip (every
+/// return goes through the kernel's return thunk).
+#[inline(always)]
+fn tier(set_id: u32, skips: u32, remote: &[u8; 16], proto: u8, port: u16) -> u64 {
+    if set_id == SET_NONE {
+        LOOKUP_NO_SET
+    } else {
+        lookup_tier(set_id, skips, remote, proto, port)
+    }
+}
+
 #[inline(always)]
 fn hit(v: &PortValue) -> u64 {
     LOOKUP_HIT | (v.action as u64) << 8 | (v.rule_id as u64) << 32
@@ -81,8 +90,8 @@ pub fn evaluate(ep: &Endpoint, dir: u8, remote: &[u8; 16], proto: u8, port: u16)
     let [admin, np, baseline] = ep.sets(dir);
     let [admin_skips, np_skips, baseline_skips] = ep.peer_skips(dir);
     decide(
-        unpack(lookup_tier(admin, admin_skips, remote, proto, port)),
-        unpack(lookup_tier(np, np_skips, remote, proto, port)),
-        unpack(lookup_tier(baseline, baseline_skips, remote, proto, port)),
+        unpack(tier(admin, admin_skips, remote, proto, port)),
+        unpack(tier(np, np_skips, remote, proto, port)),
+        unpack(tier(baseline, baseline_skips, remote, proto, port)),
     )
 }
