@@ -22,7 +22,7 @@ use crate::{
     counters::{count, count_rule, stat},
     events::emit,
     fastpath,
-    maps::{CT_MAP, EP_MAP, FRAG_MAP},
+    maps::{CT_MAP, EP_MAP, FRAG_MAP, SCRATCH_MAP},
     parse::{parse, Flow, FlowKind, Packet, PROTO_TCP, PROTO_UDP},
     policy::evaluate,
 };
@@ -72,21 +72,27 @@ pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
 }
 
 /// The general path: parses any frame and decides it from conntrack and the policy maps. A BPF
-/// subprogram, like the fast path, so the program's own frame stays small: the deepest chain of
-/// frames (here → `decide_icmp_error` → `lookup_tier`) must fit BPF's 512 bytes of stack.
+/// subprogram, so its frame is not the programs' own: the deepest chain of frames (program →
+/// here → `decide_flow` → `lookup_tier`) must fit BPF's 512 bytes of stack.
 #[inline(never)]
 fn decide(skb: *mut __sk_buff, ifindex: u32, dir: u8, ep: &Endpoint) -> Reason {
     // A copy: the agent may replace the entry meanwhile, and one packet must be decided by
     // one version of it.
     let ep = *ep;
-    let mut flow = Flow::EMPTY;
-    match parse(skb, &mut flow) {
+    // Never missing (index 0 of a one-entry array); the verifier wants the check.
+    let Some(scratch) = SCRATCH_MAP.get_ptr_mut(0) else {
+        return Reason::DenyMalformed;
+    };
+    // SAFETY: this CPU's entry, used by this invocation alone (see `SCRATCH_MAP`).
+    let flow = unsafe { &mut (*scratch).flow };
+    *flow = Flow::EMPTY;
+    match parse(skb, flow) {
         Packet::Malformed => Reason::DenyMalformed,
         Packet::Control => Reason::AllowNonIp,
         Packet::Ip => match flow.kind {
-            FlowKind::Normal => decide_flow(ifindex, dir, &ep, &flow),
-            FlowKind::Fragment => decide_fragment(ifindex, &flow),
-            FlowKind::IcmpError => decide_icmp_error(ifindex, dir, &ep, &flow),
+            FlowKind::Normal => decide_flow(ifindex, dir, &ep, flow),
+            FlowKind::Fragment => decide_fragment(ifindex, flow),
+            FlowKind::IcmpError => decide_icmp_error(ifindex, dir, &ep, flow),
         },
     }
 }

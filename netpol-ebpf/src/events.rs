@@ -8,7 +8,7 @@ use netpol_common::{
 
 use crate::{
     counters::stat,
-    maps::{CONFIG_MAP, EVENTS_MAP, EVENT_RATE_MAP},
+    maps::{CONFIG_MAP, EVENTS_MAP, EVENT_RATE_MAP, SCRATCH_MAP},
     parse::Flow,
 };
 
@@ -16,25 +16,39 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 const MAX_EVENTS_PER_SEC: u64 = 1_000_000;
 
 #[inline(always)]
-fn take_token(now: u64) -> bool {
+fn take_token() -> bool {
     let Some(cfg) = CONFIG_MAP.get(0) else {
         return false;
     };
     if cfg.events_per_sec == 0 {
         return false;
     }
-    let Some(state) = EVENT_RATE_MAP.get_ptr_mut(0) else {
+    let (Some(state), Some(scratch)) = (EVENT_RATE_MAP.get_ptr_mut(0), SCRATCH_MAP.get_ptr_mut(0))
+    else {
         return false;
     };
-    let state = unsafe { &mut *state };
-    // Tokens are counted in token-nanoseconds: refilling is a multiplication, no division.
-    let cap = cfg.events_burst.max(1) as u64 * NS_PER_SEC;
-    // Clamping both factors keeps the product far below u64::MAX without a 128-bit multiply
-    // (which BPF lacks): 1e10 ns × 1e6 events/s = 1e16.
-    let elapsed = now.saturating_sub(state.last_ns).min(10 * NS_PER_SEC);
-    let rate = (cfg.events_per_sec as u64).min(MAX_EVENTS_PER_SEC);
-    state.tokens = (state.tokens + elapsed * rate).min(cap);
-    state.last_ns = now;
+    // SAFETY: this CPU's entries, used by this invocation alone. Only the tick field of the
+    // scratch entry is borrowed: the caller's `Flow` lives in the same entry.
+    let (state, rate_tick) = unsafe { (&mut *state, &mut (*scratch).rate_tick) };
+    // The bucket refills from the coarse clock (one tick of resolution: the timekeeper's last
+    // update, no clock-source read). That clock moves only when `jiffies` does, so within the
+    // tick of the last refill there is nothing to add and the clock (a helper call) is not
+    // read: in a flood, most denied packets only find the bucket empty. A stale tick in this
+    // object's scratch (another object refilled the shared bucket) only delays a refill to the
+    // next tick; the time is not lost, `last_ns` still marks the last refill.
+    let tick = crate::clock::tick();
+    if *rate_tick != tick {
+        *rate_tick = tick;
+        let now = crate::clock::now_ns();
+        // Tokens are counted in token-nanoseconds: refilling is a multiplication, no division.
+        let cap = cfg.events_burst.max(1) as u64 * NS_PER_SEC;
+        // Clamping both factors keeps the product far below u64::MAX without a 128-bit
+        // multiply (which BPF lacks): 1e10 ns × 1e6 events/s = 1e16.
+        let elapsed = now.saturating_sub(state.last_ns).min(10 * NS_PER_SEC);
+        let rate = (cfg.events_per_sec as u64).min(MAX_EVENTS_PER_SEC);
+        state.tokens = (state.tokens + elapsed * rate).min(cap);
+        state.last_ns = now;
+    }
     if state.tokens < NS_PER_SEC {
         return false;
     }
@@ -44,11 +58,7 @@ fn take_token(now: u64) -> bool {
 
 #[inline(always)]
 pub fn emit(ifindex: u32, dir: u8, generation: u32, rule_id: u32, reason: Reason, flow: &Flow) {
-    // The bucket refills from the coarse clock (one tick of resolution: the timekeeper's last
-    // update, no clock-source read): in a flood most packets only find the bucket empty, and
-    // the precise clock costs ~30 ns per packet in a VM (read_tsc under kvm-clock). The
-    // event's own timestamp is precise.
-    if !take_token(crate::clock::now_ns()) {
+    if !take_token() {
         stat(STAT_EVENTS_RATE_LIMITED);
         return;
     }

@@ -85,10 +85,12 @@ fn ct_key(ifindex: u32, ports: [u16; 2], remote: [u32; 4], proto: u8) -> CtKey {
 
 /// The verdict of a packet of an established flow, counted, or `None` for the general path,
 /// for packets in direction `DIR` (one copy per program, so orienting the key costs no
-/// branches). A BPF subprogram, though a call and return cost several nanoseconds behind the
-/// kernel's return-thunk mitigation: inlined, its spilled registers and key would add to the
-/// general path's stack, and BPF has 512 bytes for the deepest chain of calls.
-#[inline(never)]
+/// branches). Inlined into the programs: a BPF-to-BPF call and return cost several nanoseconds
+/// behind the kernel's return-thunk mitigation, a tenth of this path. Its key and spilled
+/// registers then sit in the programs' own frame, under every frame of the general path; that
+/// fits BPF's 512 bytes for the deepest chain of calls because the general path keeps its
+/// `Flow` in a per-CPU scratch map (`crate::maps::SCRATCH_MAP`) instead of on the stack.
+#[inline(always)]
 pub fn established<const DIR: u8>(skb: *mut __sk_buff, ifindex: u32) -> Option<Reason> {
     let ctx = TcContext::new(skb);
     let (start, end) = bounds(&ctx);

@@ -1,5 +1,6 @@
 //! Every map of the programs. BTF-typed (`#[btf_map]`) so `bpftool map dump` prints field names;
 //! names and sizes come from `netpol_common::maps`, which documents who writes and reads each.
+use crate::parse::Flow;
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     macros::btf_map,
@@ -73,6 +74,23 @@ pub static EVENTS_MAP: RingBuf<u8, EVENTS_BYTES> = RingBuf::new();
 
 #[btf_map(name = "np_ev_rate")]
 pub static EVENT_RATE_MAP: PerCpuArray<RateState, 1> = PerCpuArray::new();
+
+/// Per-CPU working state of this object's programs. One entry per CPU: a TC program runs to
+/// completion on its CPU without another program of ours nested in it. Not pinned: every
+/// loaded object has its own, and nothing outside the programs reads it.
+#[btf_map(name = "np_scratch")]
+pub static SCRATCH_MAP: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+#[derive(Clone, Copy)]
+pub struct Scratch {
+    /// The general path's [`Flow`], here rather than on the stack: BPF has 512 bytes of stack
+    /// for the deepest chain of calls, and a frame freed of it lets the established-flow fast
+    /// path be inlined into the programs (a call and return saved on nearly every packet).
+    pub flow: Flow,
+    /// The low 16 bits of `jiffies` when this CPU last refilled its event token bucket
+    /// (`crate::events`).
+    pub rate_tick: u16,
+}
 
 #[btf_map(name = "np_cfg")]
 pub static CONFIG_MAP: Array<Config, 1> = Array::new();
