@@ -76,9 +76,8 @@ pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
 /// here → `decide_flow` → `lookup_tier`) must fit BPF's 512 bytes of stack.
 #[inline(never)]
 fn decide(skb: *mut __sk_buff, ifindex: u32, dir: u8, ep: &Endpoint) -> Reason {
-    // A copy: the agent may replace the entry meanwhile, and one packet must be decided by
-    // one version of it.
-    let ep = *ep;
+    // One version of the entry, however the agent updates it meanwhile: `np_ep` is allocated
+    // per entry, and a replaced element is freed only after an RCU grace period.
     // Never missing (index 0 of a one-entry array); the verifier wants the check.
     let Some(scratch) = SCRATCH_MAP.get_ptr_mut(0) else {
         return Reason::DenyMalformed;
@@ -90,9 +89,9 @@ fn decide(skb: *mut __sk_buff, ifindex: u32, dir: u8, ep: &Endpoint) -> Reason {
         Packet::Malformed => Reason::DenyMalformed,
         Packet::Control => Reason::AllowNonIp,
         Packet::Ip => match flow.kind {
-            FlowKind::Normal => decide_flow(ifindex, dir, &ep, flow),
+            FlowKind::Normal => decide_flow(ifindex, dir, ep, flow),
             FlowKind::Fragment => decide_fragment(ifindex, flow),
-            FlowKind::IcmpError => decide_icmp_error(ifindex, dir, &ep, flow),
+            FlowKind::IcmpError => decide_icmp_error(ifindex, dir, ep, flow),
         },
     }
 }

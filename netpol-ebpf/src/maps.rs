@@ -16,8 +16,19 @@ use netpol_common::{
     policy::{PeerData, PeerValue, PortData, PortValue},
 };
 
+/// Allocated per entry: the agent replaces an endpoint whole, and the kernel frees the old
+/// element only after an RCU grace period, so a program that found it reads one version to the
+/// end. A preallocated hash puts the old element back on its free list at once, where the next
+/// update may overwrite it while a program still reads it: a packet could be decided by a mix of
+/// two versions (say, new rule sets stamped with the old generation). (Copying the entry in the
+/// program does not help: the compiler drops the copy, and it would only narrow the window.)
 #[btf_map(name = "np_ep")]
-pub static EP_MAP: HashMap<EndpointKey, Endpoint, EP_MAX> = HashMap::new();
+pub static EP_MAP: HashMap<
+    EndpointKey,
+    Endpoint,
+    EP_MAX,
+    { aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 #[btf_map(name = "np_slot")]
 pub static SLOT_MAP: Array<SlotOwner, { COUNTER_SLOTS as usize }> = Array::new();
