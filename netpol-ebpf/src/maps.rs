@@ -16,6 +16,10 @@ use netpol_common::{
     policy::{PeerData, PeerValue, PortData, PortValue},
 };
 
+/// Map flag of the hashes allocated per entry (a replaced element is freed after an RCU grace
+/// period, and no memory is held for entries never written).
+const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
+
 /// Allocated per entry: the agent replaces an endpoint whole, and the kernel frees the old
 /// element only after an RCU grace period, so a program that found it reads one version to the
 /// end. A preallocated hash puts the old element back on its free list at once, where the next
@@ -23,12 +27,7 @@ use netpol_common::{
 /// two versions (say, new rule sets stamped with the old generation). (Copying the entry in the
 /// program does not help: the compiler drops the copy, and it would only narrow the window.)
 #[btf_map(name = "np_ep")]
-pub static EP_MAP: HashMap<
-    EndpointKey,
-    Endpoint,
-    EP_MAX,
-    { aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize },
-> = HashMap::new();
+pub static EP_MAP: HashMap<EndpointKey, Endpoint, EP_MAX, NO_PREALLOC> = HashMap::new();
 
 #[btf_map(name = "np_slot")]
 pub static SLOT_MAP: Array<SlotOwner, { COUNTER_SLOTS as usize }> = Array::new();
@@ -42,20 +41,12 @@ pub static PORTS_MAP: LpmTrie<PortData, PortValue, PORTS_MAX> = LpmTrie::new();
 /// The exact-match hashes are allocated per entry, like the tries: sized for the worst case,
 /// they hold what a node's policies need.
 #[btf_map(name = "np_peer_exact")]
-pub static PEER_EXACT_MAP: HashMap<
-    PeerData,
-    PeerValue,
-    PEER_EXACT_MAX,
-    { aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize },
-> = HashMap::new();
+pub static PEER_EXACT_MAP: HashMap<PeerData, PeerValue, PEER_EXACT_MAX, NO_PREALLOC> =
+    HashMap::new();
 
 #[btf_map(name = "np_port_exact")]
-pub static PORT_EXACT_MAP: HashMap<
-    PortData,
-    PortValue,
-    PORT_EXACT_MAX,
-    { aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize },
-> = HashMap::new();
+pub static PORT_EXACT_MAP: HashMap<PortData, PortValue, PORT_EXACT_MAX, NO_PREALLOC> =
+    HashMap::new();
 
 #[btf_map(name = "np_ct")]
 pub static CT_MAP: LruHashMap<CtKey, CtValue, CT_MAX> = LruHashMap::new();

@@ -484,6 +484,30 @@ fn pinned_maps_carry_btf_field_names_for_bpftool() {
     assert!(cnt.contains("\"packets\": 1"), "{cnt}");
 }
 
+/// The maps the agent replaces entries of while programs read them are allocated per entry: a
+/// preallocated hash reuses a replaced element at once, so a program could read half of one
+/// endpoint version and half of the next (datapath::decide relies on this, not on a copy).
+#[test]
+fn maps_replaced_under_the_programs_are_allocated_per_entry() {
+    let f = fixture("noprealloc");
+    for map in ["np_ep", "np_peer_exact", "np_port_exact"] {
+        let path = f.pin_dir().join(map);
+        let show = netpol_it::cmd::run(
+            "bpftool",
+            &["-j", "map", "show", "pinned", &path.to_string_lossy()],
+        )
+        .unwrap();
+        let info: serde_json::Value = serde_json::from_str(&show).unwrap();
+        let flags = info["flags"].as_u64().unwrap_or_else(|| panic!("{map}: {show}"));
+        const BPF_F_NO_PREALLOC: u64 = 1;
+        assert_ne!(
+            flags & BPF_F_NO_PREALLOC,
+            0,
+            "{map} is preallocated (flags {flags:#x}): {show}"
+        );
+    }
+}
+
 #[test]
 fn endpoints_beyond_the_counter_slots_are_counted_in_the_hash_map() {
     let mut f = fixture("slots-full");
