@@ -12,11 +12,17 @@
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use netpol_common::ct::CtValue;
 
+/// `jiffies`: the timer tick count.
+#[inline(always)]
+pub fn jiffies() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_jiffies64() }
+}
+
 /// The low 16 bits of `jiffies`.
 #[inline(always)]
 pub fn tick() -> u16 {
-    // SAFETY: a helper without arguments.
-    unsafe { bpf_jiffies64() as u16 }
+    jiffies() as u16
 }
 
 /// `CLOCK_MONOTONIC_COARSE` in nanoseconds.
@@ -29,7 +35,13 @@ pub fn now_ns() -> u64 {
 /// Marks `ct` as seen now, reading the clock only if a tick passed since its last refresh.
 #[inline(always)]
 pub fn refresh(ct: &mut CtValue) {
-    let tick = tick();
+    refresh_at(ct, jiffies());
+}
+
+/// [`refresh`] with `jiffies` already read.
+#[inline(always)]
+pub fn refresh_at(ct: &mut CtValue, jiffies: u64) {
+    let tick = jiffies as u16;
     if ct.tick != tick {
         ct.tick = tick;
         ct.last_seen_ns = now_ns();

@@ -22,7 +22,7 @@ use crate::{
     counters::{count, count_rule, stat},
     events::emit,
     fastpath,
-    maps::{CT_MAP, EP_MAP, FRAG_MAP, SCRATCH_MAP},
+    maps::{Scratch, CT_MAP, EP_MAP, FRAG_MAP, SCRATCH_MAP},
     parse::{parse, Flow, FlowKind, Packet, PROTO_TCP, PROTO_UDP},
     policy::evaluate,
 };
@@ -83,13 +83,14 @@ fn decide(skb: *mut __sk_buff, ifindex: u32, dir: u8, ep: &Endpoint) -> Reason {
         return Reason::DenyMalformed;
     };
     // SAFETY: this CPU's entry, used by this invocation alone (see `SCRATCH_MAP`).
-    let flow = unsafe { &mut (*scratch).flow };
-    *flow = Flow::EMPTY;
+    let scratch = unsafe { &mut *scratch };
+    scratch.flow = Flow::EMPTY;
+    let flow = &mut scratch.flow;
     match parse(skb, flow) {
         Packet::Malformed => Reason::DenyMalformed,
         Packet::Control => Reason::AllowNonIp,
         Packet::Ip => match flow.kind {
-            FlowKind::Normal => decide_flow(ifindex, dir, ep, flow),
+            FlowKind::Normal => decide_flow(ifindex, dir, ep, scratch),
             FlowKind::Fragment => decide_fragment(ifindex, flow),
             FlowKind::IcmpError => decide_icmp_error(ifindex, dir, ep, flow),
         },
@@ -107,18 +108,40 @@ fn ct_key(
     dport: u16,
     proto: u8,
 ) -> CtKey {
+    let mut key = MaybeUninit::<CtKey>::uninit();
+    // SAFETY: `write_ct_key` writes every byte of the key.
+    unsafe {
+        write_ct_key(key.as_mut_ptr(), ifindex, dir, src, dst, sport, dport, proto);
+        key.assume_init()
+    }
+}
+
+/// Writes the conntrack key of [`ct_key`] to `k`, field by field (no key built on the stack
+/// and copied).
+///
+/// # Safety
+/// `k` must be valid for writes of a `CtKey`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_ct_key(
+    k: *mut CtKey,
+    ifindex: u32,
+    dir: u8,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) {
     let (remote, ports) =
         if dir == DIR_EGRESS { (dst, (sport, dport)) } else { (src, (dport, sport)) };
-    let mut key = MaybeUninit::<CtKey>::uninit();
-    let k = key.as_mut_ptr();
-    // SAFETY: every byte of the key is written below, through pointers to its fields.
+    // SAFETY: pointers to the fields of a key the caller lets us write.
     unsafe {
         addr_of_mut!((*k).ifindex).write(ifindex);
         addr_of_mut!((*k).local_port).write(ports.0);
         addr_of_mut!((*k).remote_port).write(ports.1);
         addr_of_mut!((*k).remote_addr).write(*remote);
         write_proto_and_pad(addr_of_mut!((*k).proto), proto);
-        key.assume_init()
     }
 }
 
@@ -151,13 +174,20 @@ fn service_port(key: &CtKey, origin: u8) -> u16 {
     }
 }
 
-/// A BPF subprogram, like [`parse`], so its frame does not add to the parser's.
+/// A BPF subprogram, like [`parse`], so its frame does not add to the parser's. The conntrack
+/// key and a new flow's entry are built in this CPU's scratch entry, beside the parsed `Flow`,
+/// rather than on the stack: this frame is in the deepest chain of calls.
 #[inline(never)]
-fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
-    let key = ct_key(ifindex, dir, &flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
+fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, scratch: &mut Scratch) -> Reason {
+    let Scratch { flow, ct_key: key, ct_value: value, .. } = scratch;
+    // SAFETY: `key` is a valid, exclusive reference.
+    unsafe {
+        write_ct_key(key, ifindex, dir, &flow.src, &flow.dst, flow.sport, flow.dport, flow.proto)
+    };
+    let key = &*key;
     let audit = ep.flags & EP_FLAG_AUDIT != 0;
 
-    let existing = CT_MAP.get_ptr_mut(&key);
+    let existing = CT_MAP.get_ptr_mut(key);
     if let Some(ct) = existing {
         let ct = unsafe { &mut *ct };
         // A SYN on the 4-tuple of a finished or cut flow is a new connection reusing the ports
@@ -165,10 +195,10 @@ fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
         // the old flow's verdict. A retransmitted SYN of a connection being opened keeps it.
         let reused = flow.proto == PROTO_TCP && flow.initiates && ct.state != CT_TCP_SYN_SENT;
         if !reused {
-            return track(ifindex, dir, ep, flow, &key, ct, audit);
+            return track(ifindex, dir, ep, flow, key, ct, audit);
         }
     }
-    new_flow(ifindex, dir, ep, flow, &key, audit)
+    new_flow(ifindex, dir, ep, flow, key, value, audit)
 }
 
 /// A packet of a tracked flow.
@@ -226,7 +256,15 @@ fn track(
 /// A packet conntrack does not know (or a new connection reusing a finished flow's ports): a new
 /// flow, or one whose tracking started late (agent restart, eviction).
 #[inline(always)]
-fn new_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow, key: &CtKey, audit: bool) -> Reason {
+fn new_flow(
+    ifindex: u32,
+    dir: u8,
+    ep: &Endpoint,
+    flow: &Flow,
+    key: &CtKey,
+    value: &mut CtValue,
+    audit: bool,
+) -> Reason {
     let fwd = evaluate(ep, dir, &key.remote_addr, key.proto, service_port(key, dir));
     let (origin, rule_id, verdict, reason) = if fwd.allow {
         let reason = if fwd.policed { Reason::AllowPolicy } else { Reason::AllowUnpoliced };
@@ -271,7 +309,7 @@ fn new_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow, key: &CtKey, audi
     // CLOCK_MONOTONIC, which the agent's garbage collection reads, by at most a tick: entries
     // look at most that much older.
     let now = clock::now_ns();
-    let value = CtValue {
+    *value = CtValue {
         last_seen_ns: now,
         generation: ep.generation,
         rule_id,
@@ -282,7 +320,7 @@ fn new_flow(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow, key: &CtKey, audi
         slot: ep.counter_slot as u16,
         tick: clock::tick(),
     };
-    if CT_MAP.insert(key, value, 0).is_err() {
+    if CT_MAP.insert(key, &*value, 0).is_err() {
         return Reason::DenyConntrackFull;
     }
     count_rule(rule_id, 1);

@@ -27,6 +27,7 @@ use network_types::{
 use crate::{
     clock,
     counters::count,
+    flowcache::{self, KeyWords},
     maps::{CT_MAP, SLOT_MAP},
     parse::{bounds, ETH_P_IP, ETH_P_IPV6, PROTO_TCP, PROTO_UDP},
 };
@@ -62,14 +63,14 @@ fn v4_mapped(word: u32) -> [u32; 4] {
     [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), word]
 }
 
-/// The conntrack key, assembled as the words of its `repr(C)` layout (ifindex; local and remote
-/// port; remote address; protocol and padding) so it costs seven stores: built field by field,
-/// LLVM calls `memset` for the zero padding and copies the address byte by byte.
+/// The conntrack key as the words of its `repr(C)` layout (ifindex; local and remote port;
+/// remote address; protocol and padding), so it costs seven stores: built field by field, LLVM
+/// calls `memset` for the zero padding and copies the address byte by byte.
 #[inline(always)]
-fn ct_key(ifindex: u32, ports: [u16; 2], remote: [u32; 4], proto: u8) -> CtKey {
+fn key_words(ifindex: u32, ports: [u16; 2], remote: [u32; 4], proto: u8) -> KeyWords {
     let [p0, p1] = ports[0].to_ne_bytes();
     let [p2, p3] = ports[1].to_ne_bytes();
-    let words: [u32; 7] = [
+    [
         ifindex,
         u32::from_ne_bytes([p0, p1, p2, p3]),
         remote[0],
@@ -77,10 +78,33 @@ fn ct_key(ifindex: u32, ports: [u16; 2], remote: [u32; 4], proto: u8) -> CtKey {
         remote[2],
         remote[3],
         u32::from_ne_bytes([proto, 0, 0, 0]),
-    ];
-    // SAFETY: CtKey is `repr(C)`, 28 bytes (asserted in netpol-common) without padding between
-    // these fields, and every bit pattern is a valid CtKey.
-    unsafe { core::mem::transmute::<[u32; 7], CtKey>(words) }
+    ]
+}
+
+/// The conntrack key of [`key_words`], in place: a copy would take stack that the deepest
+/// chain of frames (see [`established`]) does not have.
+#[inline(always)]
+fn ct_key(words: &KeyWords) -> &CtKey {
+    const _: () = assert!(
+        core::mem::size_of::<CtKey>() == core::mem::size_of::<KeyWords>()
+            && core::mem::align_of::<CtKey>() == core::mem::align_of::<KeyWords>()
+    );
+    // SAFETY: CtKey is `repr(C)`, as large and as aligned as the words, without padding
+    // between its fields, and every bit pattern is a valid CtKey.
+    unsafe { &*(words as *const KeyWords as *const CtKey) }
+}
+
+/// Whether `slot` is held by the endpoint on `ifindex` at `generation`: the agent writes the
+/// slot's owner with every endpoint entry and clears it when the endpoint goes.
+#[inline(always)]
+fn owns(slot: u32, ifindex: u32, generation: u32) -> bool {
+    if slot == NO_COUNTER_SLOT {
+        return false;
+    }
+    match SLOT_MAP.get(slot) {
+        Some(owner) => owner.ifindex == ifindex && owner.generation == generation,
+        None => false,
+    }
 }
 
 /// The verdict of a packet of an established flow, counted, or `None` for the general path,
@@ -155,13 +179,26 @@ pub fn established<const DIR: u8>(skb: *mut __sk_buff, ifindex: u32) -> Option<R
         _ => return None,
     };
     let (sport, dport) = (u16::from_be(ports[0]), u16::from_be(ports[1]));
-    let key = if DIR == DIR_EGRESS {
-        ct_key(ifindex, [sport, dport], dst, proto)
+    let words = if DIR == DIR_EGRESS {
+        key_words(ifindex, [sport, dport], dst, proto)
     } else {
-        ct_key(ifindex, [dport, sport], src, proto)
+        key_words(ifindex, [dport, sport], src, proto)
     };
 
-    let ct = CT_MAP.get_ptr_mut(&key)?;
+    // A flow seen on this CPU in this tick: no conntrack lookup (see `flowcache`). FIN and RST
+    // change the TCP state, which only conntrack holds.
+    let now = clock::jiffies();
+    let state_change = flags & (tcp_flags::FIN | tcp_flags::RST) != 0;
+    if !state_change {
+        if let Some(hit) = flowcache::lookup(&words, now) {
+            if owns(hit.slot, ifindex, hit.generation) {
+                count(hit.slot, ifindex, DIR, hit.reason, len as u32);
+                return Some(hit.reason);
+            }
+        }
+    }
+
+    let ct = CT_MAP.get_ptr_mut(ct_key(&words))?;
     // SAFETY: a conntrack value; concurrent writers on other CPUs only race on fields whose
     // torn values are harmless (a timestamp, a TCP state), as in the general path.
     let ct = unsafe { &mut *ct };
@@ -171,19 +208,17 @@ pub fn established<const DIR: u8>(skb: *mut __sk_buff, ifindex: u32) -> Option<R
         _ => return None,
     };
     // The entry counts only if it was decided under the current generation of the endpoint
-    // that holds its slot now, and that endpoint is this interface's: the agent writes the
-    // slot's owner with every endpoint entry and clears it when the endpoint goes.
+    // that holds its slot now, and that endpoint is this interface's.
     let slot = ct.slot as u32;
-    if slot == NO_COUNTER_SLOT {
+    if !owns(slot, ifindex, ct.generation) {
         return None;
     }
-    let owner = SLOT_MAP.get(slot)?;
-    if owner.ifindex != ifindex || owner.generation != ct.generation {
-        return None;
-    }
-    clock::refresh(ct);
+    clock::refresh_at(ct, now);
     if proto == PROTO_TCP {
         ct.state = tcp_next_state(ct.state, flags, ct.origin != DIR);
+    }
+    if !state_change {
+        flowcache::store(&words, now, ct);
     }
     count(slot, ifindex, DIR, reason, len as u32);
     Some(reason)

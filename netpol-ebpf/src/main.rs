@@ -12,6 +12,7 @@ mod counters;
 mod datapath;
 mod events;
 mod fastpath;
+mod flowcache;
 mod maps;
 mod parse;
 mod policy;

@@ -1,6 +1,6 @@
 //! Every map of the programs. BTF-typed (`#[btf_map]`) so `bpftool map dump` prints field names;
 //! names and sizes come from `netpol_common::maps`, which documents who writes and reads each.
-use crate::parse::Flow;
+use crate::{flowcache::FlowCache, parse::Flow};
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     macros::btf_map,
@@ -89,10 +89,20 @@ pub struct Scratch {
     /// for the deepest chain of calls, and a frame freed of it lets the established-flow fast
     /// path be inlined into the programs (a call and return saved on nearly every packet).
     pub flow: Flow,
+    /// The general path's conntrack key and a new flow's conntrack entry, for the same reason.
+    pub ct_key: CtKey,
+    pub ct_value: CtValue,
     /// The low 16 bits of `jiffies` when this CPU last refilled its event token bucket
     /// (`crate::events`).
     pub rate_tick: u16,
 }
+
+/// The established-flow cache of the fast path ([`crate::flowcache`]): per CPU, one value
+/// holding every entry, so a lookup is the array's inlined lookup of index 0 plus an offset
+/// (one entry per index would add a load of the entry's per-CPU pointer). Not pinned, like
+/// `np_scratch`: an entry is valid for one tick, so a new object starts with an empty one.
+#[btf_map(name = "np_flow_cache")]
+pub static FLOW_CACHE_MAP: PerCpuArray<FlowCache, 1> = PerCpuArray::new();
 
 #[btf_map(name = "np_cfg")]
 pub static CONFIG_MAP: Array<Config, 1> = Array::new();

@@ -411,6 +411,39 @@ fn established_packets_refresh_their_flow_once_a_timer_tick_passed() {
 }
 
 #[test]
+fn the_flow_cache_decides_a_flow_within_its_tick_and_never_past_a_policy_change() {
+    let mut f = fixture("flow-cache");
+    let dns = || Frame::new(v4(ALLOWED), v4(POD), udp(3000, 53));
+    expect(&mut f, TO, dns(), PASS, IN, AllowPolicy);
+    // A flow's packet through the fast path writes this CPU's cache entry; with its conntrack
+    // entry gone, the next packet in the same tick on the same CPU is still decided from the
+    // cache (a conntrack miss would make it a new flow, tracked again). The test thread may
+    // change CPU, or a tick may end, between two runs: a few attempts are enough.
+    let packet = dns().bytes();
+    let cached = (0..50).any(|_| {
+        let (first, _) = f.dp.test_run(TO, &packet, 1).unwrap();
+        f.dp.clear_conntrack().unwrap();
+        let (second, _) = f.dp.test_run(TO, &packet, 1).unwrap();
+        assert_eq!((first, second), (PASS, PASS));
+        f.dp.conntrack().unwrap().is_empty()
+    });
+    assert!(cached, "no packet was decided from the flow cache");
+    // Once the tick ends, the loss shows: the flow is decided and tracked afresh.
+    std::thread::sleep(std::time::Duration::from_millis(25));
+    expect(&mut f, TO, dns(), PASS, IN, AllowPolicy);
+    assert_eq!(f.dp.conntrack().unwrap().len(), 1, "tracked again");
+
+    // A policy change reaches a cached flow at once: the new generation fails the slot check.
+    expect(&mut f, TO, dns(), PASS, IN, AllowConntrack);
+    f.dp.set_endpoint(
+        TEST_IFINDEX,
+        Endpoint { generation: 2, ingress_np: 99, egress_np: EGRESS_SET, ..Default::default() },
+    )
+    .unwrap();
+    expect(&mut f, TO, dns(), DROP, IN, DenyPolicyChanged);
+}
+
+#[test]
 fn unpoliced_direction_allows_everything() {
     let mut f = fixture("unpoliced");
     f.dp.set_endpoint(

@@ -173,6 +173,10 @@ fn replies_survive_conntrack_loss_and_new_connections_stay_denied() {
     // Tracking lost (agent restart with fresh maps, LRU eviction): the server speaks first.
     let cleared = f.dp.clear_conntrack().unwrap();
     assert!(cleared >= 1, "there was an entry to lose");
+    // The fast path's per-CPU flow cache keeps deciding a flow from its last conntrack lookup
+    // for the rest of that timer tick (docs/ARCHITECTURE.md, "Per-packet decision"): wait for
+    // the tick to end (two ticks even at HZ=100), so the next packets meet the loss.
+    std::thread::sleep(Duration::from_millis(25));
     assert!(delivered(&mut s, &mut c), "a reply after conntrack loss must pass (mid-flow pickup)");
     assert!(delivered(&mut c, &mut s), "and the client's next packet too");
     assert!(f.dp.conntrack().unwrap().iter().any(|(k, _)| k.ifindex == cli), "re-tracked");
