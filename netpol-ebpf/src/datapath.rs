@@ -97,27 +97,8 @@ fn decide(skb: *mut __sk_buff, ifindex: u32, dir: u8, ep: &Endpoint) -> Reason {
     }
 }
 
-/// Conntrack key of a packet seen in direction `dir`, oriented from the pod's side.
-#[inline(always)]
-fn ct_key(
-    ifindex: u32,
-    dir: u8,
-    src: &[u8; 16],
-    dst: &[u8; 16],
-    sport: u16,
-    dport: u16,
-    proto: u8,
-) -> CtKey {
-    let mut key = MaybeUninit::<CtKey>::uninit();
-    // SAFETY: `write_ct_key` writes every byte of the key.
-    unsafe {
-        write_ct_key(key.as_mut_ptr(), ifindex, dir, src, dst, sport, dport, proto);
-        key.assume_init()
-    }
-}
-
-/// Writes the conntrack key of [`ct_key`] to `k`, field by field (no key built on the stack
-/// and copied).
+/// Writes to `k` the conntrack key of a packet seen in direction `dir`, oriented from the pod's
+/// side, field by field (no key built on the stack and copied).
 ///
 /// # Safety
 /// `k` must be valid for writes of a `CtKey`.
@@ -365,8 +346,13 @@ fn decide_fragment(ifindex: u32, flow: &Flow) -> Reason {
 fn decide_icmp_error(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
     // The offending packet travelled the other way through this interface.
     let t = &flow.inner;
-    let key = ct_key(ifindex, dir ^ 1, &t.src, &t.dst, t.sport, t.dport, t.proto);
-    if let Some(ct) = CT_MAP.get_ptr(&key) {
+    let mut key = MaybeUninit::<CtKey>::uninit();
+    // SAFETY: `write_ct_key` writes every byte of the key.
+    let key = unsafe {
+        write_ct_key(key.as_mut_ptr(), ifindex, dir ^ 1, &t.src, &t.dst, t.sport, t.dport, t.proto);
+        key.assume_init_ref()
+    };
+    if let Some(ct) = CT_MAP.get_ptr(key) {
         if unsafe { (*ct).verdict } != CT_VERDICT_DENY {
             return Reason::AllowConntrack;
         }

@@ -20,8 +20,9 @@
 //!
 //! Only allowed (or audited) flows in a state no packet of the fast path changes are cached:
 //! TCP `ESTABLISHED` (packets with FIN or RST bypass the cache) and the stateless protocols. A
-//! tombstone is never cached. Per CPU, and a TC program runs to completion on its CPU, so no
-//! entry is written by two runs at once.
+//! tombstone is never cached. Per CPU, and TC programs run with bottom halves disabled, which
+//! serializes them on a CPU (on PREEMPT_RT too, where that is a per-CPU lock), so no entry is
+//! read or written by two runs at once.
 use netpol_common::{
     counters::Reason,
     ct::{CtValue, CT_ACTIVE, CT_TCP_ESTABLISHED, CT_VERDICT_ALLOW, CT_VERDICT_AUDIT},
