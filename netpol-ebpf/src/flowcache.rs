@@ -34,7 +34,7 @@ use crate::maps::FLOW_CACHE_MAP;
 /// limit (32 KiB).
 pub const ENTRIES: usize = 512;
 
-/// The conntrack key as the words of its `repr(C)` layout (see `fastpath::ct_key`).
+/// The conntrack key as the words of its `repr(C)` layout (see `fastpath::key_words`).
 pub type KeyWords = [u32; 7];
 
 #[derive(Clone, Copy)]
