@@ -18,13 +18,14 @@ use netpol_common::{
 };
 
 use crate::{
+    addr::{self, Addr},
     clock,
     counters::{count, count_rule, stat},
     events::emit,
     fastpath,
     maps::{Scratch, CT_MAP, EP_MAP, FRAG_MAP, SCRATCH_MAP},
     parse::{parse, Flow, FlowKind, Packet, PROTO_TCP, PROTO_UDP},
-    policy::evaluate,
+    policy::{evaluate, evaluate_outlined},
 };
 
 /// Pass, and let later TC programs (if any) and the stack carry on.
@@ -71,10 +72,16 @@ pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
     }
 }
 
-/// The general path: parses any frame and decides it from conntrack and the policy maps. A BPF
-/// subprogram, so its frame is not the programs' own: the deepest chain of frames (program →
-/// here → `decide_flow` → `lookup_tier`) must fit BPF's 512 bytes of stack.
-#[inline(never)]
+/// The general path: parses any frame and decides it from conntrack and the policy maps.
+///
+/// Inlined into the programs, with the parser, `decide_flow` and the policy lookups: a call
+/// to a BPF subprogram and its return (through the kernel's return thunk on this class of
+/// machine) measured ~13 ns each, and a new flow took four of them. One frame then holds all
+/// of it, which fits BPF's 512 bytes of stack because the `Flow`, the conntrack key and a new
+/// flow's entry live in this CPU's scratch entry. Only ICMP errors call a subprogram, for
+/// their policy lookups ([`decide_icmp_error`]): the deepest chain of frames, the program's and
+/// that one's, must stay within 512 bytes (336 + 52 when this was written).
+#[inline(always)]
 fn decide(skb: *mut __sk_buff, ifindex: u32, dir: u8, ep: &Endpoint) -> Reason {
     // One version of the entry, however the agent updates it meanwhile: `np_ep` is allocated
     // per entry, and a replaced element is freed only after an RCU grace period.
@@ -92,7 +99,7 @@ fn decide(skb: *mut __sk_buff, ifindex: u32, dir: u8, ep: &Endpoint) -> Reason {
         Packet::Ip => match flow.kind {
             FlowKind::Normal => decide_flow(ifindex, dir, ep, scratch),
             FlowKind::Fragment => decide_fragment(ifindex, flow),
-            FlowKind::IcmpError => decide_icmp_error(ifindex, dir, ep, flow),
+            FlowKind::IcmpError => decide_icmp_error(ifindex, dir, ep, scratch),
         },
     }
 }
@@ -108,8 +115,8 @@ unsafe fn write_ct_key(
     k: *mut CtKey,
     ifindex: u32,
     dir: u8,
-    src: &[u8; 16],
-    dst: &[u8; 16],
+    src: &Addr,
+    dst: &Addr,
     sport: u16,
     dport: u16,
     proto: u8,
@@ -121,7 +128,7 @@ unsafe fn write_ct_key(
         addr_of_mut!((*k).ifindex).write(ifindex);
         addr_of_mut!((*k).local_port).write(ports.0);
         addr_of_mut!((*k).remote_port).write(ports.1);
-        addr_of_mut!((*k).remote_addr).write(*remote);
+        addr::write(addr_of_mut!((*k).remote_addr), remote);
         write_proto_and_pad(addr_of_mut!((*k).proto), proto);
     }
 }
@@ -155,10 +162,9 @@ fn service_port(key: &CtKey, origin: u8) -> u16 {
     }
 }
 
-/// A BPF subprogram, like [`parse`], so its frame does not add to the parser's. The conntrack
-/// key and a new flow's entry are built in this CPU's scratch entry, beside the parsed `Flow`,
-/// rather than on the stack: this frame is in the deepest chain of calls.
-#[inline(never)]
+/// The conntrack key and a new flow's entry are built in this CPU's scratch entry, beside the
+/// parsed `Flow`, rather than on the stack (see [`decide`]).
+#[inline(always)]
 fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, scratch: &mut Scratch) -> Reason {
     let Scratch { flow, ct_key: key, ct_value: value, .. } = scratch;
     // SAFETY: `key` is a valid, exclusive reference.
@@ -197,7 +203,7 @@ fn track(
     if ct.generation != ep.generation {
         // The endpoint's policy changed since this flow was decided: check it again in the
         // orientation it was opened, so a policy change cuts established connections.
-        let d = evaluate(ep, ct.origin, &key.remote_addr, key.proto, service_port(key, ct.origin));
+        let d = evaluate(ep, ct.origin, addr::remote(key), key.proto, service_port(key, ct.origin));
         let cut = ct.verdict != CT_VERDICT_DENY;
         ct.verdict = if d.allow {
             CT_VERDICT_ALLOW
@@ -246,7 +252,8 @@ fn new_flow(
     value: &mut CtValue,
     audit: bool,
 ) -> Reason {
-    let fwd = evaluate(ep, dir, &key.remote_addr, key.proto, service_port(key, dir));
+    let remote = addr::remote(key);
+    let fwd = evaluate(ep, dir, remote, key.proto, service_port(key, dir));
     let (origin, rule_id, verdict, reason) = if fwd.allow {
         let reason = if fwd.policed { Reason::AllowPolicy } else { Reason::AllowUnpoliced };
         (dir, fwd.rule_id, CT_VERDICT_ALLOW, reason)
@@ -260,7 +267,7 @@ fn new_flow(
         // a pod's UDP to a denied Service address would pass as a "reply" from that address).
         let rev_dir = dir ^ 1;
         let rev = if !flow.initiates || flow.proto == PROTO_UDP {
-            let d = evaluate(ep, rev_dir, &key.remote_addr, key.proto, service_port(key, rev_dir));
+            let d = evaluate(ep, rev_dir, remote, key.proto, service_port(key, rev_dir));
             d.allow && (flow.proto != PROTO_UDP || (d.policed && d.rule_id != RULE_NONE))
         } else {
             false
@@ -319,8 +326,8 @@ fn frag_key(ifindex: u32, flow: &Flow) -> FragKey {
     unsafe {
         addr_of_mut!((*k).ifindex).write(ifindex);
         addr_of_mut!((*k).id).write(flow.frag_id);
-        addr_of_mut!((*k).src_addr).write(flow.src);
-        addr_of_mut!((*k).dst_addr).write(flow.dst);
+        addr::write(addr_of_mut!((*k).src_addr), &flow.src);
+        addr::write(addr_of_mut!((*k).dst_addr), &flow.dst);
         write_proto_and_pad(addr_of_mut!((*k).proto), flow.frag_proto);
         key.assume_init()
     }
@@ -342,23 +349,22 @@ fn decide_fragment(ifindex: u32, flow: &Flow) -> Reason {
 }
 
 /// ICMP errors pass if they concern a tracked flow of this endpoint; others are ordinary ICMP.
-#[inline(never)]
-fn decide_icmp_error(ifindex: u32, dir: u8, ep: &Endpoint, flow: &Flow) -> Reason {
+/// Their policy lookups are BPF subprograms, rare enough to pay for the calls: inlined, three
+/// more copies of them would not fit the programs' frame (see [`decide`]).
+#[inline(always)]
+fn decide_icmp_error(ifindex: u32, dir: u8, ep: &Endpoint, scratch: &mut Scratch) -> Reason {
+    let Scratch { flow, ct_key: key, .. } = scratch;
     // The offending packet travelled the other way through this interface.
     let t = &flow.inner;
-    let mut key = MaybeUninit::<CtKey>::uninit();
-    // SAFETY: `write_ct_key` writes every byte of the key.
-    let key = unsafe {
-        write_ct_key(key.as_mut_ptr(), ifindex, dir ^ 1, &t.src, &t.dst, t.sport, t.dport, t.proto);
-        key.assume_init_ref()
-    };
-    if let Some(ct) = CT_MAP.get_ptr(key) {
+    // SAFETY: `key` is a valid, exclusive reference.
+    unsafe { write_ct_key(key, ifindex, dir ^ 1, &t.src, &t.dst, t.sport, t.dport, t.proto) };
+    if let Some(ct) = CT_MAP.get_ptr(&*key) {
         if unsafe { (*ct).verdict } != CT_VERDICT_DENY {
             return Reason::AllowConntrack;
         }
     }
     let remote = if dir == DIR_EGRESS { &flow.dst } else { &flow.src };
-    let d = evaluate(ep, dir, remote, flow.proto, 0);
+    let d = evaluate_outlined(ep, dir, remote, flow.proto, 0);
     if d.allow {
         if d.policed {
             Reason::AllowPolicy

@@ -25,11 +25,12 @@ use network_types::{
 };
 
 use crate::{
+    addr::{v4_mapped, Addr},
     clock,
     counters::count,
     flowcache::{self, KeyWords},
     maps::{CT_MAP, SLOT_MAP},
-    parse::{bounds, ETH_P_IP, ETH_P_IPV6, PROTO_TCP, PROTO_UDP},
+    parse::{at, bounds, ETH_P_IP, ETH_P_IPV6, PROTO_TCP, PROTO_UDP},
 };
 
 const ETH_LEN: usize = EthHdr::LEN;
@@ -38,36 +39,11 @@ const IPV6_LEN: usize = Ipv6Hdr::LEN;
 const TCP_LEN: usize = TcpHdr::LEN;
 const UDP_LEN: usize = UdpHdr::LEN;
 
-/// Reads a `T` at `addr` inside the linear packet data with one load of `T`'s width.
-///
-/// # Safety
-/// `addr .. addr + size_of::<T>()` must lie inside the packet data (checked against `data_end`
-/// by the caller, which is also what the verifier requires), and `addr` must be aligned for
-/// `T` in the verifier's model of packet data, which assumes `data` sits 2 bytes past a 4-byte
-/// boundary (`NET_IP_ALIGN`) so that the IP header behind a 14-byte Ethernet header is
-/// aligned. Every read here is a field at its natural offset in such a frame.
-///
-/// The real address may be misaligned (x86-64 does not align `data`), as in every C program
-/// that reads `iph->saddr`: the verifier allows misaligned packet loads on architectures with
-/// efficient unaligned access, and checks the `NET_IP_ALIGN` model on the others. An
-/// unaligned read (`read_unaligned`) costs more: LLVM's BPF target assembles it from byte
-/// loads, which made this function three times longer, and it was the path's largest cost.
-#[inline(always)]
-unsafe fn at<T: Copy>(addr: usize) -> T {
-    unsafe { core::ptr::read(addr as *const T) }
-}
-
-/// An IPv4 address as the words of its IPv4-mapped IPv6 form, like `netpol_common::v4_mapped`.
-#[inline(always)]
-fn v4_mapped(word: u32) -> [u32; 4] {
-    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), word]
-}
-
 /// The conntrack key as the words of its `repr(C)` layout (ifindex; local and remote port;
 /// remote address; protocol and padding), so it costs seven stores: built field by field, LLVM
 /// calls `memset` for the zero padding and copies the address byte by byte.
 #[inline(always)]
-fn key_words(ifindex: u32, ports: [u16; 2], remote: [u32; 4], proto: u8) -> KeyWords {
+fn key_words(ifindex: u32, ports: [u16; 2], remote: Addr, proto: u8) -> KeyWords {
     let [p0, p1] = ports[0].to_ne_bytes();
     let [p2, p3] = ports[1].to_ne_bytes();
     [
@@ -81,8 +57,8 @@ fn key_words(ifindex: u32, ports: [u16; 2], remote: [u32; 4], proto: u8) -> KeyW
     ]
 }
 
-/// The conntrack key of [`key_words`], in place: a copy would take stack that the deepest
-/// chain of frames (see [`established`]) does not have.
+/// The conntrack key of [`key_words`], in place: a copy would take stack from the programs'
+/// one frame (see [`established`]).
 #[inline(always)]
 fn ct_key(words: &KeyWords) -> &CtKey {
     const _: () = assert!(
@@ -109,11 +85,11 @@ fn owns(slot: u32, ifindex: u32, generation: u32) -> bool {
 
 /// The verdict of a packet of an established flow, counted, or `None` for the general path,
 /// for packets in direction `DIR` (one copy per program, so orienting the key costs no
-/// branches). Inlined into the programs: a BPF-to-BPF call and return cost several nanoseconds
-/// behind the kernel's return-thunk mitigation, a tenth of this path. Its key and spilled
-/// registers then sit in the programs' own frame, under every frame of the general path; that
-/// fits BPF's 512 bytes for the deepest chain of calls because the general path keeps its
-/// `Flow` in a per-CPU scratch map (`crate::maps::SCRATCH_MAP`) instead of on the stack.
+/// branches). Inlined into the programs, like the general path: a BPF-to-BPF call and return
+/// cost several nanoseconds behind the kernel's return-thunk mitigation, a tenth of this path.
+/// Its key and spilled registers share the programs' one frame with the general path, which
+/// fits BPF's 512 bytes because the general path keeps its `Flow` and conntrack key in a
+/// per-CPU scratch map (`crate::maps::SCRATCH_MAP`) instead of on the stack.
 #[inline(always)]
 pub fn established<const DIR: u8>(skb: *mut __sk_buff, ifindex: u32) -> Option<Reason> {
     let ctx = TcContext::new(skb);
@@ -148,8 +124,8 @@ pub fn established<const DIR: u8>(skb: *mut __sk_buff, ifindex: u32) -> Option<R
         }
         // The next header must be the transport header itself: no extension headers.
         let proto: u8 = unsafe { at(ip + 6) };
-        let src: [u32; 4] = unsafe { at(ip + 8) };
-        let dst: [u32; 4] = unsafe { at(ip + 24) };
+        let src: Addr = unsafe { at(ip + 8) };
+        let dst: Addr = unsafe { at(ip + 24) };
         (proto, src, dst, ip + IPV6_LEN)
     } else {
         return None;
@@ -189,8 +165,10 @@ pub fn established<const DIR: u8>(skb: *mut __sk_buff, ifindex: u32) -> Option<R
     // change the TCP state, which only conntrack holds.
     let now = clock::jiffies();
     let state_change = flags & (tcp_flags::FIN | tcp_flags::RST) != 0;
+    let mut cached = None;
     if !state_change {
-        if let Some(hit) = flowcache::lookup(&words, now) {
+        cached = flowcache::entry(&words);
+        if let Some(hit) = cached.as_deref().and_then(|e| flowcache::lookup(e, &words, now)) {
             if owns(hit.slot, ifindex, hit.generation) {
                 count(hit.slot, ifindex, DIR, hit.reason, len as u32);
                 return Some(hit.reason);
@@ -217,8 +195,8 @@ pub fn established<const DIR: u8>(skb: *mut __sk_buff, ifindex: u32) -> Option<R
     if proto == PROTO_TCP {
         ct.state = tcp_next_state(ct.state, flags, ct.origin != DIR);
     }
-    if !state_change {
-        flowcache::store(&words, now, ct);
+    if let Some(e) = cached {
+        flowcache::store(e, &words, now, ct);
     }
     count(slot, ifindex, DIR, reason, len as u32);
     Some(reason)

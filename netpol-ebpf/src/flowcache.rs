@@ -67,9 +67,11 @@ pub struct Hit {
     pub reason: Reason,
 }
 
-/// This CPU's entry for `key`.
+/// This CPU's entry for `key`: fetched once per packet, and passed to [`lookup`] and, on a miss,
+/// to [`store`] (computing it twice cost a hash and a map lookup on a flow's first packet in
+/// each tick).
 #[inline(always)]
-fn entry(key: &KeyWords) -> Option<&'static mut Entry> {
+pub fn entry(key: &KeyWords) -> Option<&'static mut Entry> {
     // Fold the words that differ between flows into one, then multiplicative hashing: the
     // top bits of the product depend on every bit folded in.
     let folded = key[0] ^ key[1].rotate_left(16) ^ key[2] ^ key[3] ^ key[4] ^ key[5] ^ key[6];
@@ -79,10 +81,9 @@ fn entry(key: &KeyWords) -> Option<&'static mut Entry> {
     Some(unsafe { &mut (*cache).entries[idx] })
 }
 
-/// The cached verdict of `key` in tick `now`, if any.
+/// The cached verdict of `key` in tick `now` in its entry `e`, if any.
 #[inline(always)]
-pub fn lookup(key: &KeyWords, now: u64) -> Option<Hit> {
-    let e = entry(key)?;
+pub fn lookup(e: &Entry, key: &KeyWords, now: u64) -> Option<Hit> {
     if e.jiffies != now {
         return None;
     }
@@ -103,10 +104,10 @@ pub fn lookup(key: &KeyWords, now: u64) -> Option<Hit> {
     Some(Hit { slot: e.slot as u32, generation: e.generation, reason })
 }
 
-/// Caches the verdict of the flow `ct` after its packet in tick `now` (validated against its
-/// slot by the caller), if its state allows.
+/// Caches in `e`, the entry of `key`, the verdict of the flow `ct` after its packet in tick
+/// `now` (validated against its slot by the caller), if its state allows.
 #[inline(always)]
-pub fn store(key: &KeyWords, now: u64, ct: &CtValue) {
+pub fn store(e: &mut Entry, key: &KeyWords, now: u64, ct: &CtValue) {
     let reason = match ct.verdict {
         CT_VERDICT_ALLOW => Reason::AllowConntrack,
         CT_VERDICT_AUDIT => Reason::Audit,
@@ -115,7 +116,6 @@ pub fn store(key: &KeyWords, now: u64, ct: &CtValue) {
     if ct.state != CT_TCP_ESTABLISHED && ct.state != CT_ACTIVE {
         return;
     }
-    let Some(e) = entry(key) else { return };
     e.jiffies = now;
     e.key = *key;
     e.generation = ct.generation;

@@ -7,6 +7,7 @@
 // 44-byte conntrack key onto the 512-byte BPF stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod addr;
 mod clock;
 mod counters;
 mod datapath;
@@ -20,12 +21,16 @@ mod policy;
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use netpol_common::{DIR_EGRESS, DIR_INGRESS};
 
+// `inline(always)` reaches the function the macro wraps: without it, LLVM left the body (the
+// whole datapath, inlined) in a subprogram of its own, a call on every packet.
 #[classifier]
+#[inline(always)]
 pub fn from_pod(ctx: TcContext) -> i32 {
     datapath::handle(&ctx, DIR_EGRESS)
 }
 
 #[classifier]
+#[inline(always)]
 pub fn to_pod(ctx: TcContext) -> i32 {
     datapath::handle(&ctx, DIR_INGRESS)
 }

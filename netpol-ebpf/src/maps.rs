@@ -86,8 +86,9 @@ pub static SCRATCH_MAP: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 #[derive(Clone, Copy)]
 pub struct Scratch {
     /// The general path's [`Flow`], here rather than on the stack: BPF has 512 bytes of stack
-    /// for the deepest chain of calls, and a frame freed of it lets the established-flow fast
-    /// path be inlined into the programs (a call and return saved on nearly every packet).
+    /// for the deepest chain of calls, and a frame freed of it lets the fast path and the
+    /// general path be inlined into the programs (calls and returns saved on every packet;
+    /// see `crate::datapath::decide`).
     pub flow: Flow,
     /// The general path's conntrack key and a new flow's conntrack entry, for the same reason.
     pub ct_key: CtKey,

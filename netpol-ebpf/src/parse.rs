@@ -1,16 +1,20 @@
 //! Bounds-checked header parsing into a [`Flow`]. Headers are read with direct packet access
 //! (no helper call per header, which costs tens of nanoseconds each); every read is checked
 //! against the end of the packet, so a truncated header is reported as malformed and never
-//! mis-parsed. Headers beyond the linear part of the skb are pulled in first.
+//! mis-parsed. Headers beyond the linear part of the skb, or at offsets known only at run time
+//! (VLAN tags, IPv4 options, IPv6 extension headers), are read with `bpf_skb_load_bytes`.
+//!
+//! Direct reads load each field with its own width (see [`at`]) into [`Flow`]'s words: read as
+//! the byte arrays of `network-types`' headers, every field was assembled from byte loads, and
+//! the addresses were copied byte by byte, which made up a third of this parser.
 use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
-use netpol_common::v4_mapped;
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
-    tcp::TcpHdr,
-    udp::UdpHdr,
     vlan::VlanHdr,
 };
+
+use crate::addr::{v4_mapped, Addr};
 
 pub(crate) const ETH_P_IP: u16 = 0x0800;
 pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
@@ -40,22 +44,22 @@ pub enum FlowKind {
 /// Addresses, ports and protocol of a packet embedded in an ICMP error.
 #[derive(Clone, Copy)]
 pub struct Tuple {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    pub src: Addr,
+    pub dst: Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
 }
 
 impl Tuple {
-    const EMPTY: Tuple = Tuple { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, proto: 0 };
+    const EMPTY: Tuple = Tuple { src: [0; 4], dst: [0; 4], sport: 0, dport: 0, proto: 0 };
 }
 
 /// The parts of a packet the policy and conntrack look at.
 #[derive(Clone, Copy)]
 pub struct Flow {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    pub src: Addr,
+    pub dst: Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -76,8 +80,8 @@ pub struct Flow {
 
 impl Flow {
     pub const EMPTY: Flow = Flow {
-        src: [0; 16],
-        dst: [0; 16],
+        src: [0; 4],
+        dst: [0; 4],
         sport: 0,
         dport: 0,
         proto: 0,
@@ -121,9 +125,29 @@ pub(crate) fn bounds(ctx: &TcContext) -> (usize, usize) {
     }
 }
 
-/// Reads a `T` at the constant offset `OFF` with direct packet access (no helper call). Only
-/// for constant offsets: with a variable offset LLVM re-derives the pointer after the bounds
-/// check and the verifier can no longer tie the access to the check.
+/// Reads a `T` at `addr` inside the linear packet data with loads of the widths of `T`'s fields.
+///
+/// # Safety
+/// `addr .. addr + size_of::<T>()` must lie inside the packet data (checked against `data_end`
+/// by the caller, which is also what the verifier requires), and `addr` must be aligned for
+/// `T` in the verifier's model of packet data, which assumes `data` sits 2 bytes past a 4-byte
+/// boundary (`NET_IP_ALIGN`) so that the IP header behind a 14-byte Ethernet header is
+/// aligned. Every read here is a field at its natural offset in such a frame.
+///
+/// The real address may be misaligned (x86-64 does not align `data`), as in every C program
+/// that reads `iph->saddr`: the verifier allows misaligned packet loads on architectures with
+/// efficient unaligned access, and checks the `NET_IP_ALIGN` model on the others. An
+/// unaligned read (`read_unaligned`) costs more: LLVM's BPF target assembles it from byte
+/// loads, which made the fast path three times longer, and it was the path's largest cost.
+#[inline(always)]
+pub(crate) unsafe fn at<T: Copy>(addr: usize) -> T {
+    unsafe { core::ptr::read(addr as *const T) }
+}
+
+/// Reads a `T` at the constant offset `OFF` with direct packet access (no helper call), `OFF`
+/// aligned for `T` as [`at`] requires. Only for constant offsets: with a variable offset LLVM
+/// re-derives the pointer after the bounds check and the verifier can no longer tie the access
+/// to the check.
 #[inline(always)]
 fn head<T: Copy, const OFF: usize>(ctx: &TcContext) -> Result<T, Malformed> {
     let (start, end) = bounds(ctx);
@@ -131,8 +155,9 @@ fn head<T: Copy, const OFF: usize>(ctx: &TcContext) -> Result<T, Malformed> {
         // Truncated, or the header lies in paged data: the helper tells which.
         return load(ctx, OFF);
     }
-    // SAFETY: [OFF, OFF + size_of::<T>()) lies inside the linear packet data (checked above).
-    Ok(unsafe { core::ptr::read_unaligned((start + OFF) as *const T) })
+    // SAFETY: [OFF, OFF + size_of::<T>()) lies inside the linear packet data (checked above),
+    // and the caller passes an aligned offset.
+    Ok(unsafe { at(start + OFF) })
 }
 
 /// Reads a `T` at a variable offset with bpf_skb_load_bytes, which fails instead of reading
@@ -188,13 +213,14 @@ fn head_at<T: Copy, const BASE: usize, const REL: usize>(ctx: &TcContext) -> Res
     if start + BASE + REL + core::mem::size_of::<T>() > end {
         return load(ctx, BASE + REL);
     }
-    // SAFETY: the range lies inside the linear packet data (checked above).
-    Ok(unsafe { core::ptr::read_unaligned((start + BASE + REL) as *const T) })
+    // SAFETY: the range lies inside the linear packet data (checked above); both bases are
+    // 4-byte aligned in the verifier's model, and the callers read types of at most that
+    // alignment at aligned `REL`.
+    Ok(unsafe { at(start + BASE + REL) })
 }
 
-/// Parses the packet into `flow`. A BPF subprogram: its header buffers live in its own stack
-/// frame, which is released before the policy code runs (BPF has 512 bytes of stack in all).
-#[inline(never)]
+/// Parses the packet into `flow`. Inlined into the programs (see `datapath::decide`).
+#[inline(always)]
 pub fn parse(skb: *mut __sk_buff, flow: &mut Flow) -> Packet {
     let ctx = TcContext::new(skb);
     match parse_frame(&ctx, flow) {
@@ -205,8 +231,7 @@ pub fn parse(skb: *mut __sk_buff, flow: &mut Flow) -> Packet {
 
 #[inline(always)]
 fn parse_frame(ctx: &TcContext, flow: &mut Flow) -> Result<Packet, Malformed> {
-    let eth: EthHdr = head::<EthHdr, 0>(ctx)?;
-    let mut proto = u16::from_be(eth.ether_type);
+    let mut proto = u16::from_be(head::<u16, 12>(ctx)?);
     let mut l3 = EthHdr::LEN;
     // 802.1Q / 802.1ad, up to two tags (QinQ).
     for _ in 0..2 {
@@ -228,24 +253,67 @@ fn parse_frame(ctx: &TcContext, flow: &mut Flow) -> Result<Packet, Malformed> {
     }
 }
 
+/// The fields of an IPv4 header the parser reads (16-bit fields in host order, addresses as
+/// read).
+struct Ipv4Fields {
+    vihl: u8,
+    tot_len: u16,
+    id: u16,
+    frags: u16,
+    proto: u8,
+    src: u32,
+    dst: u32,
+}
+
+#[inline(always)]
+fn ipv4_header(ctx: &TcContext, l3: usize) -> Result<Ipv4Fields, Malformed> {
+    if l3 == EthHdr::LEN {
+        let (start, end) = bounds(ctx);
+        if start + EthHdr::LEN + Ipv4Hdr::LEN <= end {
+            let ip = start + EthHdr::LEN;
+            // SAFETY: fields at their natural offsets inside the header checked above.
+            return Ok(unsafe {
+                Ipv4Fields {
+                    vihl: at(ip),
+                    tot_len: u16::from_be(at(ip + 2)),
+                    id: u16::from_be(at(ip + 4)),
+                    frags: u16::from_be(at(ip + 6)),
+                    proto: at(ip + 9),
+                    src: at(ip + 12),
+                    dst: at(ip + 16),
+                }
+            });
+        }
+    }
+    let ip: Ipv4Hdr = load(ctx, l3)?;
+    Ok(Ipv4Fields {
+        vihl: ip.vihl,
+        tot_len: u16::from_be_bytes(ip.tot_len),
+        id: u16::from_be_bytes(ip.id),
+        frags: u16::from_be_bytes(ip.frags),
+        proto: ip.proto,
+        src: u32::from_ne_bytes(ip.src_addr),
+        dst: u32::from_ne_bytes(ip.dst_addr),
+    })
+}
+
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext, l3: usize, flow: &mut Flow) -> Result<(), Malformed> {
-    let ip: Ipv4Hdr = if l3 == EthHdr::LEN { head::<Ipv4Hdr, 14>(ctx)? } else { load(ctx, l3)? };
+    let ip = ipv4_header(ctx, l3)?;
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+    let tot_len = ip.tot_len as usize;
     if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl || l3 + tot_len > ctx.len() as usize
     {
         return Err(Malformed);
     }
-    let frags = u16::from_be_bytes(ip.frags);
-    let offset = frags & 0x1fff;
-    let more = frags & 0x2000 != 0;
-    flow.src = v4_mapped(ip.src_addr);
-    flow.dst = v4_mapped(ip.dst_addr);
+    let offset = ip.frags & 0x1fff;
+    let more = ip.frags & 0x2000 != 0;
+    flow.src = v4_mapped(ip.src);
+    flow.dst = v4_mapped(ip.dst);
     flow.proto = ip.proto;
     flow.frag_proto = ip.proto;
     flow.first_fragment = more && offset == 0;
-    flow.frag_id = u16::from_be_bytes(ip.id) as u32;
+    flow.frag_id = ip.id as u32;
     if offset != 0 {
         flow.kind = FlowKind::Fragment;
         return Ok(());
@@ -254,15 +322,60 @@ fn parse_ipv4(ctx: &TcContext, l3: usize, flow: &mut Flow) -> Result<(), Malform
     parse_l4(ctx, at, flow)
 }
 
+/// The fields of an IPv6 header the parser reads.
+struct Ipv6Fields {
+    /// Version and the high bits of the traffic class.
+    vtc: u8,
+    payload_len: u16,
+    next_hdr: u8,
+    src: Addr,
+    dst: Addr,
+}
+
+#[inline(always)]
+fn ipv6_header(ctx: &TcContext, l3: usize) -> Result<Ipv6Fields, Malformed> {
+    if l3 == EthHdr::LEN {
+        let (start, end) = bounds(ctx);
+        if start + EthHdr::LEN + Ipv6Hdr::LEN <= end {
+            let ip = start + EthHdr::LEN;
+            // SAFETY: fields at their natural offsets inside the header checked above.
+            return Ok(unsafe {
+                Ipv6Fields {
+                    vtc: at(ip),
+                    payload_len: u16::from_be(at(ip + 4)),
+                    next_hdr: at(ip + 6),
+                    src: at(ip + 8),
+                    dst: at(ip + 24),
+                }
+            });
+        }
+    }
+    let ip: Ipv6Hdr = load(ctx, l3)?;
+    Ok(Ipv6Fields {
+        vtc: ip.vcf[0],
+        payload_len: u16::from_be_bytes(ip.payload_len),
+        next_hdr: ip.next_hdr,
+        src: words(ip.src_addr),
+        dst: words(ip.dst_addr),
+    })
+}
+
+/// The words of a 16-byte address read into a byte array.
+#[inline(always)]
+fn words(bytes: [u8; 16]) -> Addr {
+    // SAFETY: arrays of plain integers of the same size; every bit pattern is valid.
+    unsafe { core::mem::transmute::<[u8; 16], Addr>(bytes) }
+}
+
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, l3: usize, flow: &mut Flow) -> Result<Packet, Malformed> {
-    let ip: Ipv6Hdr = if l3 == EthHdr::LEN { head::<Ipv6Hdr, 14>(ctx)? } else { load(ctx, l3)? };
-    let payload = u16::from_be_bytes(ip.payload_len) as usize;
-    if ip.vcf[0] >> 4 != 6 || l3 + Ipv6Hdr::LEN + payload > ctx.len() as usize {
+    let ip = ipv6_header(ctx, l3)?;
+    let payload = ip.payload_len as usize;
+    if ip.vtc >> 4 != 6 || l3 + Ipv6Hdr::LEN + payload > ctx.len() as usize {
         return Err(Malformed);
     }
-    flow.src = ip.src_addr;
-    flow.dst = ip.dst_addr;
+    flow.src = ip.src;
+    flow.dst = ip.dst;
     flow.proto = ip.next_hdr;
     let mut off = l3 + Ipv6Hdr::LEN;
     let mut done = false;
@@ -317,43 +430,81 @@ fn parse_ipv6(ctx: &TcContext, l3: usize, flow: &mut Flow) -> Result<Packet, Mal
     Ok(Packet::Ip)
 }
 
+/// The fixed TCP header (20 octets) as the fields the parser reads, with their widths.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct TcpHead {
+    /// Source and destination port, network order.
+    ports: [u16; 2],
+    seq: u32,
+    ack: u32,
+    /// Data offset (high 4 bits of the first byte) and flags.
+    off_flags: [u8; 2],
+    window: u16,
+    check: u16,
+    urgent: u16,
+}
+const _: () = assert!(core::mem::size_of::<TcpHead>() == 20);
+
+/// The UDP header.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct UdpHead {
+    ports: [u16; 2],
+    len: u16,
+    check: u16,
+}
+
+/// ICMP's and ICMPv6's first 8 octets.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct IcmpHead {
+    kind: u8,
+    code: u8,
+    check: u16,
+    /// Echo identifier, network order.
+    id: u16,
+    seq: u16,
+}
+
 #[inline(always)]
 fn parse_l4(ctx: &TcContext, at: L4At, flow: &mut Flow) -> Result<(), Malformed> {
     match flow.proto {
         PROTO_TCP => {
-            // The fixed header as bytes: ports, data offset (byte 12) and flags (byte 13).
-            let tcp: [u8; TcpHdr::LEN] = at.read::<_, 0>(ctx)?;
-            if tcp[12] >> 4 < 5 {
+            let tcp: TcpHead = at.read::<_, 0>(ctx)?;
+            if tcp.off_flags[0] >> 4 < 5 {
                 return Err(Malformed);
             }
-            flow.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
-            flow.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
-            flow.tcp_flags = tcp[13];
+            flow.sport = u16::from_be(tcp.ports[0]);
+            flow.dport = u16::from_be(tcp.ports[1]);
+            flow.tcp_flags = tcp.off_flags[1];
             flow.initiates = flow.tcp_flags & 0x12 == 0x02;
         }
         PROTO_UDP => {
-            let udp: UdpHdr = at.read::<_, 0>(ctx)?;
-            flow.sport = udp.src_port();
-            flow.dport = udp.dst_port();
+            let udp: UdpHead = at.read::<_, 0>(ctx)?;
+            flow.sport = u16::from_be(udp.ports[0]);
+            flow.dport = u16::from_be(udp.ports[1]);
         }
         PROTO_SCTP => {
             // Common header (12 octets) and the first chunk's type: INIT (1) opens an association.
+            // As bytes, which a struct of 13 bytes with 16-bit ports could not be: rare enough.
             let h: [u8; 13] = at.read::<_, 0>(ctx)?;
             flow.sport = u16::from_be_bytes([h[0], h[1]]);
             flow.dport = u16::from_be_bytes([h[2], h[3]]);
             flow.initiates = h[12] == 1;
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
-            let h: [u8; 8] = at.read::<_, 0>(ctx)?;
+            let h: IcmpHead = at.read::<_, 0>(ctx)?;
             let v6 = flow.proto == PROTO_ICMPV6;
             let (echo_req, echo_reply) = if v6 { (128, 129) } else { (8, 0) };
-            let error = if v6 { h[0] <= 4 && h[0] >= 1 } else { matches!(h[0], 3 | 11 | 12) };
-            if h[0] == echo_req || h[0] == echo_reply {
+            let t = h.kind;
+            let error = if v6 { (1..=4).contains(&t) } else { matches!(t, 3 | 11 | 12) };
+            if t == echo_req || t == echo_reply {
                 // The identifier plays the role of both ports, so replies find the request.
-                let id = u16::from_be_bytes([h[4], h[5]]);
+                let id = u16::from_be(h.id);
                 flow.sport = id;
                 flow.dport = id;
-                flow.initiates = h[0] == echo_req;
+                flow.initiates = t == echo_req;
             } else if error {
                 return parse_icmp_error(ctx, at.offset() + 8, v6, flow);
             }
@@ -375,8 +526,8 @@ fn parse_icmp_error(
     let t = &mut flow.inner;
     let l4 = if v6 {
         let ip: Ipv6Hdr = load(ctx, inner)?;
-        t.src = ip.src_addr;
-        t.dst = ip.dst_addr;
+        t.src = words(ip.src_addr);
+        t.dst = words(ip.dst_addr);
         t.proto = ip.next_hdr;
         inner + Ipv6Hdr::LEN
     } else {
@@ -385,8 +536,8 @@ fn parse_icmp_error(
         if ihl < Ipv4Hdr::LEN {
             return Err(Malformed);
         }
-        t.src = v4_mapped(ip.src_addr);
-        t.dst = v4_mapped(ip.dst_addr);
+        t.src = v4_mapped(u32::from_ne_bytes(ip.src_addr));
+        t.dst = v4_mapped(u32::from_ne_bytes(ip.dst_addr));
         t.proto = ip.proto;
         inner + ihl
     };

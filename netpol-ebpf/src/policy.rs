@@ -1,6 +1,8 @@
 //! Policy lookup: per tier, the peer, then the port, each in its exact-match hash and (on a miss,
 //! for sets with shorter entries) its trie, combined by `netpol_common::policy::decide` (the
 //! same function `netpol-agent explain` uses).
+use core::{mem::MaybeUninit, ptr::addr_of_mut};
+
 use aya_ebpf::maps::lpm_trie::Key;
 use netpol_common::{
     ep::{Endpoint, SET_NONE},
@@ -10,24 +12,36 @@ use netpol_common::{
     },
 };
 
-use crate::maps::{PEER_EXACT_MAP, PEER_MAP, PORTS_MAP, PORT_EXACT_MAP};
+use crate::{
+    addr::{self, Addr},
+    maps::{PEER_EXACT_MAP, PEER_MAP, PORTS_MAP, PORT_EXACT_MAP},
+};
 
 const LOOKUP_NO_SET: u64 = 0;
 const LOOKUP_MISS: u64 = 1;
 const LOOKUP_HIT: u64 = 2;
 
-/// One tier's two-stage lookup, for a tier that has a set ([`tier`] checks). A BPF subprogram
-/// (not inlined) so its keys occupy stack once, not once per call site; the result is packed
-/// into a u64 because BPF functions return one register: kind in bits 0..8, action in 8..16,
-/// rule id in 32..64.
+/// One tier's two-stage lookup, for a tier that has a set ([`tier`] checks). Inlined into the
+/// programs' packet path, where a call and return cost more than the lookup's own code (see
+/// `datapath::decide`); a BPF subprogram ([`lookup_tier_call`]) for ICMP errors. The result is
+/// packed into a u64, the one register a BPF function returns: kind in bits 0..8, action in
+/// 8..16, rule id in 32..64.
 ///
 /// Each stage tries its exact-match hash first: a full-length entry is the longest match there
 /// is, so a hit decides. `skips` are the peer set's skip bits, the peer entry carries the port
 /// set's. The hashes' values are replaced whole by the kernel (RCU) when the agent writes them,
 /// never modified in place, so reading them through a reference is sound.
-#[inline(never)]
-fn lookup_tier(set_id: u32, skips: u32, remote: &[u8; 16], proto: u8, port: u16) -> u64 {
-    let peer = PeerData { set_id, addr: *remote };
+#[inline(always)]
+fn lookup_tier(set_id: u32, skips: u32, remote: &Addr, proto: u8, port: u16) -> u64 {
+    // Field by field, the address as words (see `crate::addr`).
+    let mut peer = MaybeUninit::<PeerData>::uninit();
+    let p = peer.as_mut_ptr();
+    // SAFETY: both fields, which are the whole key (no padding), are written.
+    let peer = unsafe {
+        addr_of_mut!((*p).set_id).write(set_id);
+        addr::write(addr_of_mut!((*p).addr), remote);
+        peer.assume_init()
+    };
     let mut pv: Option<&PeerValue> = None;
     if skips & SKIP_EXACT == 0 {
         // SAFETY: see above.
@@ -58,12 +72,21 @@ fn lookup_tier(set_id: u32, skips: u32, remote: &[u8; 16], proto: u8, port: u16)
 /// cluster-tier policy, and a call and return (every return goes through the kernel's return
 /// thunk) cost several nanoseconds for an answer known without them.
 #[inline(always)]
-fn tier(set_id: u32, skips: u32, remote: &[u8; 16], proto: u8, port: u16) -> u64 {
+fn tier<const INLINE: bool>(set_id: u32, skips: u32, remote: &Addr, proto: u8, port: u16) -> u64 {
     if set_id == SET_NONE {
         LOOKUP_NO_SET
-    } else {
+    } else if INLINE {
         lookup_tier(set_id, skips, remote, proto, port)
+    } else {
+        lookup_tier_call(set_id, skips, remote, proto, port)
     }
+}
+
+/// [`lookup_tier`] as a BPF subprogram: its keys take stack once, in its own frame, not in the
+/// frame of its caller, `datapath::decide_icmp_error`, which sits under the programs' frame.
+#[inline(never)]
+fn lookup_tier_call(set_id: u32, skips: u32, remote: &Addr, proto: u8, port: u16) -> u64 {
+    lookup_tier(set_id, skips, remote, proto, port)
 }
 
 #[inline(always)]
@@ -87,12 +110,29 @@ fn unpack(v: u64) -> TierLookup {
 /// Decides whether a connection opened in direction `dir` with `remote` and destination `port`
 /// is allowed for endpoint `ep`.
 #[inline(always)]
-pub fn evaluate(ep: &Endpoint, dir: u8, remote: &[u8; 16], proto: u8, port: u16) -> Decision {
+pub fn evaluate(ep: &Endpoint, dir: u8, remote: &Addr, proto: u8, port: u16) -> Decision {
+    evaluate_in::<true>(ep, dir, remote, proto, port)
+}
+
+/// [`evaluate`] with each tier's lookup in a BPF subprogram.
+#[inline(always)]
+pub fn evaluate_outlined(ep: &Endpoint, dir: u8, remote: &Addr, proto: u8, port: u16) -> Decision {
+    evaluate_in::<false>(ep, dir, remote, proto, port)
+}
+
+#[inline(always)]
+fn evaluate_in<const INLINE: bool>(
+    ep: &Endpoint,
+    dir: u8,
+    remote: &Addr,
+    proto: u8,
+    port: u16,
+) -> Decision {
     let [admin, np, baseline] = ep.sets(dir);
     let [admin_skips, np_skips, baseline_skips] = ep.peer_skips(dir);
     decide(
-        unpack(tier(admin, admin_skips, remote, proto, port)),
-        unpack(tier(np, np_skips, remote, proto, port)),
-        unpack(tier(baseline, baseline_skips, remote, proto, port)),
+        unpack(tier::<INLINE>(admin, admin_skips, remote, proto, port)),
+        unpack(tier::<INLINE>(np, np_skips, remote, proto, port)),
+        unpack(tier::<INLINE>(baseline, baseline_skips, remote, proto, port)),
     )
 }
