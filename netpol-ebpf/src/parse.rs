@@ -265,25 +265,36 @@ struct Ipv4Fields {
     dst: u32,
 }
 
+/// Where the `LEN`-byte IP header at `l3` starts in the linear packet data, if it is behind an
+/// untagged Ethernet header (4-byte aligned in the verifier's model, see [`at`]) and all of it
+/// is there: then its fields are read directly, else with `bpf_skb_load_bytes`.
+#[inline(always)]
+fn direct_ip_header<const LEN: usize>(ctx: &TcContext, l3: usize) -> Option<usize> {
+    if l3 != EthHdr::LEN {
+        return None;
+    }
+    let (start, end) = bounds(ctx);
+    if start + EthHdr::LEN + LEN > end {
+        return None;
+    }
+    Some(start + EthHdr::LEN)
+}
+
 #[inline(always)]
 fn ipv4_header(ctx: &TcContext, l3: usize) -> Result<Ipv4Fields, Malformed> {
-    if l3 == EthHdr::LEN {
-        let (start, end) = bounds(ctx);
-        if start + EthHdr::LEN + Ipv4Hdr::LEN <= end {
-            let ip = start + EthHdr::LEN;
-            // SAFETY: fields at their natural offsets inside the header checked above.
-            return Ok(unsafe {
-                Ipv4Fields {
-                    vihl: at(ip),
-                    tot_len: u16::from_be(at(ip + 2)),
-                    id: u16::from_be(at(ip + 4)),
-                    frags: u16::from_be(at(ip + 6)),
-                    proto: at(ip + 9),
-                    src: at(ip + 12),
-                    dst: at(ip + 16),
-                }
-            });
-        }
+    if let Some(ip) = direct_ip_header::<{ Ipv4Hdr::LEN }>(ctx, l3) {
+        // SAFETY: fields at their natural offsets inside the header checked for.
+        return Ok(unsafe {
+            Ipv4Fields {
+                vihl: at(ip),
+                tot_len: u16::from_be(at(ip + 2)),
+                id: u16::from_be(at(ip + 4)),
+                frags: u16::from_be(at(ip + 6)),
+                proto: at(ip + 9),
+                src: at(ip + 12),
+                dst: at(ip + 16),
+            }
+        });
     }
     let ip: Ipv4Hdr = load(ctx, l3)?;
     Ok(Ipv4Fields {
@@ -334,21 +345,17 @@ struct Ipv6Fields {
 
 #[inline(always)]
 fn ipv6_header(ctx: &TcContext, l3: usize) -> Result<Ipv6Fields, Malformed> {
-    if l3 == EthHdr::LEN {
-        let (start, end) = bounds(ctx);
-        if start + EthHdr::LEN + Ipv6Hdr::LEN <= end {
-            let ip = start + EthHdr::LEN;
-            // SAFETY: fields at their natural offsets inside the header checked above.
-            return Ok(unsafe {
-                Ipv6Fields {
-                    vtc: at(ip),
-                    payload_len: u16::from_be(at(ip + 4)),
-                    next_hdr: at(ip + 6),
-                    src: at(ip + 8),
-                    dst: at(ip + 24),
-                }
-            });
-        }
+    if let Some(ip) = direct_ip_header::<{ Ipv6Hdr::LEN }>(ctx, l3) {
+        // SAFETY: fields at their natural offsets inside the header checked for.
+        return Ok(unsafe {
+            Ipv6Fields {
+                vtc: at(ip),
+                payload_len: u16::from_be(at(ip + 4)),
+                next_hdr: at(ip + 6),
+                src: at(ip + 8),
+                dst: at(ip + 24),
+            }
+        });
     }
     let ip: Ipv6Hdr = load(ctx, l3)?;
     Ok(Ipv6Fields {
