@@ -68,9 +68,9 @@ fn lookup_tier(set_id: u32, skips: u32, remote: &Addr, proto: u8, port: u16) -> 
     LOOKUP_MISS
 }
 
-/// A tier without a set is answered here, not in [`lookup_tier`]: most endpoints have no
-/// cluster-tier policy, and a call and return (every return goes through the kernel's return
-/// thunk) cost several nanoseconds for an answer known without them.
+/// A tier without a set is answered here, without a map lookup (`lookup_tier` would look the
+/// address up under the id `SET_NONE`): most endpoints have no cluster-tier policy. `INLINE`
+/// picks the inlined lookup of the programs' packet path or the subprogram for ICMP errors.
 #[inline(always)]
 fn tier<const INLINE: bool>(set_id: u32, skips: u32, remote: &Addr, proto: u8, port: u16) -> u64 {
     if set_id == SET_NONE {
