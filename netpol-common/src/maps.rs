@@ -90,3 +90,9 @@ pub const PROG_FROM_POD: &str = "from_pod";
 pub const PROG_TO_POD: &str = "to_pod";
 /// Name of the empty program measured as the floor by the datapath benchmark (never attached).
 pub const PROG_BENCH_FLOOR: &str = "bench_floor";
+/// Name of the datapath benchmark's source of new flows (never attached): bumps each packet's
+/// TCP source port and tail-calls the program in slot 0 of [`BENCH_NEXT`].
+pub const PROG_BENCH_NEW_FLOWS: &str = "bench_new_flows";
+/// A one-slot PROG_ARRAY: where `bench_new_flows` hands its packets (not pinned; set by the
+/// benchmark).
+pub const BENCH_NEXT: &str = "np_bench_next";

@@ -8,6 +8,7 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 mod addr;
+mod bench;
 mod clock;
 mod counters;
 mod datapath;
@@ -40,6 +41,13 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn bench_floor(_ctx: TcContext) -> i32 {
     aya_ebpf::bindings::TC_ACT_UNSPEC
+}
+
+/// Never attached: the benchmark's stream of new flows into `to_pod` or `bench_floor` (see
+/// `bench`).
+#[classifier]
+pub fn bench_new_flows(ctx: TcContext) -> i32 {
+    bench::new_flows(&ctx)
 }
 
 #[cfg(not(test))]

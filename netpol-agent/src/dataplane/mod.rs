@@ -245,7 +245,12 @@ impl Dataplane {
             source: Box::new(e),
         })?;
         check_pinned_layout(&opts.pin_dir)?;
-        for name in [maps::PROG_FROM_POD, maps::PROG_TO_POD, maps::PROG_BENCH_FLOOR] {
+        for name in [
+            maps::PROG_FROM_POD,
+            maps::PROG_TO_POD,
+            maps::PROG_BENCH_FLOOR,
+            maps::PROG_BENCH_NEW_FLOWS,
+        ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DataplaneError::Program { name, source: Box::new(ProgramError::NotLoaded) })?
@@ -817,6 +822,20 @@ impl Dataplane {
             .test_run(opts)
             .map_err(|e| DataplaneError::Program { name: program, source: Box::new(e) })?;
         Ok((r.return_value as i32, r.duration))
+    }
+
+    /// Points the benchmark's `bench_new_flows` at `program` (one of this object's), which then
+    /// receives each packet it sees with the TCP source port bumped: a new flow per run.
+    pub fn set_bench_next(&mut self, program: &'static str) -> Result<()> {
+        use aya::maps::ProgramArray;
+        let prog_err =
+            |e: ProgramError| DataplaneError::Program { name: program, source: Box::new(e) };
+        let fd = self.classifier(program)?.fd().map_err(prog_err)?;
+        let fd = fd.try_clone().map_err(|e| prog_err(ProgramError::IOError(e)))?;
+        let name = maps::BENCH_NEXT;
+        let mut slots: ProgramArray<&mut MapData> =
+            self.map_mut(name)?.try_into().map_err(map_err(name, "open"))?;
+        slots.set(0, &fd, 0).map_err(map_err(name, "set"))
     }
 
     /// Every conntrack entry.

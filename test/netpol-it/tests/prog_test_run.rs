@@ -667,3 +667,41 @@ fn conntrack_entries_of_a_released_interface_are_collected_at_once() {
     let stats = f.dp.gc_conntrack(monotonic_ns(), &timeouts).unwrap();
     assert_eq!((stats.deleted, f.dp.conntrack().unwrap().len()), (1, 0), "{stats:?}");
 }
+
+/// The datapath benchmark's new-flow source: each run of a batch through `bench_new_flows`
+/// reaches the program in its slot as a new flow (one conntrack entry and one new allowed flow
+/// per run), anything but IPv4 TCP is dropped, and an empty slot drops.
+#[test]
+fn bench_new_flows_makes_every_run_a_new_flow() {
+    use netpol_common::maps::{PROG_BENCH_FLOOR, PROG_BENCH_NEW_FLOWS as NEW};
+    let mut f = fixture("bench-new-flows");
+    let syn80 = Frame::new(v4(ALLOWED), v4(POD), syn(1000, 80)).bytes();
+    let (ret, _) = f.dp.test_run(NEW, &syn80, 1).unwrap();
+    assert_eq!(ret, DROP, "an empty slot drops");
+
+    f.dp.set_bench_next(TO).unwrap();
+    let (ret, _) = f.dp.test_run(NEW, &syn80, 100).unwrap();
+    assert_eq!(ret, PASS);
+    let mut ports: Vec<u16> =
+        f.dp.conntrack().unwrap().iter().map(|(k, _)| k.remote_port).collect();
+    ports.sort_unstable();
+    assert_eq!(ports, (1001..=1100).collect::<Vec<u16>>(), "one entry per run, ports bumped");
+    assert_eq!(f.dp.counters().unwrap().packets(TEST_IFINDEX, IN, AllowPolicy), 100);
+
+    // The floor's runs reach the empty program: no flow opened, nothing counted.
+    f.dp.set_bench_next(PROG_BENCH_FLOOR).unwrap();
+    let (ret, _) = f.dp.test_run(NEW, &syn80, 100).unwrap();
+    assert_eq!(ret, PASS);
+    assert_eq!(f.dp.conntrack().unwrap().len(), 100);
+
+    // Only IPv4 TCP is bumped and handed on.
+    f.dp.set_bench_next(TO).unwrap();
+    for frame in [
+        Frame::new(v4(ALLOWED), v4(POD), udp(1000, 53)),
+        Frame::new(v6(ALLOWED6), v6(POD6), syn(1000, 80)),
+    ] {
+        let (ret, _) = f.dp.test_run(NEW, &frame.bytes(), 1).unwrap();
+        assert_eq!(ret, DROP, "{frame:?}");
+    }
+    assert_eq!(f.dp.conntrack().unwrap().len(), 100);
+}
