@@ -82,6 +82,7 @@ fn main() -> Result<()> {
         "spin" => datapath::spin(10, datapath::Spin::Established)?,
         "spin-denied" => datapath::spin(10, datapath::Spin::Denied)?,
         "spin-allowed" => datapath::spin(10, datapath::Spin::Allowed)?,
+        "spin-allowed-single" => datapath::spin(10, datapath::Spin::AllowedSingle)?,
         other => {
             anyhow::bail!("unknown benchmark {other:?}; available: datapath, compile, apply, veth")
         }
