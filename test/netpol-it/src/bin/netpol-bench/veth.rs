@@ -26,6 +26,18 @@
 //! accounted the same way: netpol's net cost is its time minus that floor, as in `datapath`.
 //! Each variant also checks that its enforcement is real: a port no policy allows must be
 //! unreachable under netpol and iptables, and reachable under the floor.
+//!
+//! TCP_RR paired: the p50 of one TCP_RR pass moves between repetitions by more than the 2 %
+//! target (here round trips take either ~17 or ~21 µs, and a pass lands in one or the other).
+//! So each variant also runs TCP_RR on two pairs at once, alternating every [`PAIRED_CHUNK`]
+//! round trips on one thread: the measured pair (client → server) and a reference pair
+//! (`client-ref` → `server-ref`) that no variant enforces: not in the manifests, so the agent
+//! attaches nothing to them, and not among the Felix rendering's workloads (its chains are
+//! reached only from rules matching the workloads' interfaces; the reference pair's packets
+//! still cross the FORWARD chain and, under iptables, conntrack). Both see the host's state of
+//! the same milliseconds, so their ratio does not move with it; a variant's paired overhead is
+//! its ratio over the floor's ratio in the same repetition. Every variant checks that the
+//! reference pair's closed port is reachable, so it is unenforced.
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
@@ -64,6 +76,8 @@ const MSG: usize = 32;
 const TARGET_RR_OVERHEAD: f64 = 0.02;
 /// The CPU the request/response threads of both ends run on.
 const BENCH_CPU: usize = 0;
+/// Round trips on one pair before TCP_RR paired switches to the other (~2 ms).
+const PAIRED_CHUNK: usize = 100;
 
 /// Pins the calling thread to `cpu`.
 fn pin_to_cpu(cpu: usize) -> Result<()> {
@@ -194,6 +208,11 @@ struct Sample {
     rr_us: f64,
     rr_p99_us: f64,
     crr_us: f64,
+    /// TCP_RR paired: p50 of the measured pair (µs) and of the reference pair (µs), and the
+    /// first over the second.
+    paired_us: f64,
+    reference_us: f64,
+    paired_ratio: f64,
     /// netpol only: the kernel-accounted run time of its programs per TCP_RR round trip (ns).
     prog_ns_per_rr: f64,
     /// netpol only: program runs per round trip (one per packet and host-side hook).
@@ -365,6 +384,38 @@ fn rr(client: &Pod, to: SocketAddr, n: usize) -> Result<(f64, f64)> {
     Ok((median(&mut v), percentile(&mut v, 99.0)))
 }
 
+/// TCP_RR on the measured pair and the reference pair (client pod, server address each),
+/// alternating every [`PAIRED_CHUNK`] round trips (in the order A B, then B A) on one thread
+/// pinned like [`rr`]'s: the p50 of each, in µs, over `n` round trips each.
+fn rr_paired(a: (&Pod, SocketAddr), b: (&Pod, SocketAddr), n: usize) -> Result<(f64, f64)> {
+    let connect = |pod: &Pod, to: SocketAddr| -> Result<TcpStream> {
+        let s = in_netns(&pod.netns, || TcpStream::connect_timeout(&to, Duration::from_secs(2)))?
+            .with_context(|| format!("connecting from {} to {to}", pod.name))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(s)
+    };
+    let mut streams = [connect(a.0, a.1)?, connect(b.0, b.1)?];
+    let [mut va, mut vb] = in_netns(&a.0.netns, move || -> Result<[Vec<f64>; 2]> {
+        pin_to_cpu(BENCH_CPU)?;
+        let mut v = [Vec::with_capacity(n), Vec::with_capacity(n)];
+        let mut buf = [7u8; MSG];
+        for chunk in 0..n.div_ceil(PAIRED_CHUNK) {
+            let order = if chunk % 2 == 0 { [0, 1] } else { [1, 0] };
+            for i in order {
+                for _ in 0..PAIRED_CHUNK {
+                    let t = Instant::now();
+                    streams[i].write_all(&buf)?;
+                    streams[i].read_exact(&mut buf)?;
+                    v[i].push(t.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+        }
+        Ok(v)
+    })??;
+    Ok((median(&mut va), median(&mut vb)))
+}
+
 /// Connect, one round trip, close: p50 in µs.
 fn crr(client: &Pod, to: SocketAddr, n: usize) -> Result<f64> {
     let mut v = in_netns(&client.netns, || -> Result<Vec<f64>> {
@@ -391,9 +442,23 @@ fn reachable(client: &Pod, to: SocketAddr) -> Result<bool> {
     in_netns(&client.netns, || TcpStream::connect_timeout(&to, Duration::from_millis(300)).is_ok())
 }
 
-fn measure(plan: &Plan, client: &Pod, server: &Pod, enforced: bool) -> Result<Sample> {
+/// The measured pair (client, server) and the reference pair that no variant enforces.
+struct Pods<'a> {
+    client: &'a Pod,
+    server: &'a Pod,
+    client_ref: &'a Pod,
+    server_ref: &'a Pod,
+}
+
+fn measure(plan: &Plan, pods: &Pods, enforced: bool) -> Result<Sample> {
+    let (client, server) = (pods.client, pods.server);
     let to = SocketAddr::from((server.ip, RR_PORT));
     let closed = SocketAddr::from((server.ip, CLOSED_PORT));
+    let to_ref = SocketAddr::from((pods.server_ref.ip, RR_PORT));
+    anyhow::ensure!(
+        reachable(pods.client_ref, SocketAddr::from((pods.server_ref.ip, CLOSED_PORT)))?,
+        "the reference pair is enforced: its port {CLOSED_PORT} is unreachable"
+    );
     anyhow::ensure!(reachable(client, to)?, "the client cannot reach the allowed port");
     anyhow::ensure!(
         reachable(client, closed)? != enforced,
@@ -404,7 +469,17 @@ fn measure(plan: &Plan, client: &Pod, server: &Pod, enforced: bool) -> Result<Sa
     let gbps = iperf(client, server, plan.iperf_secs)?;
     let (rr_us, rr_p99_us) = rr(client, to, plan.rr)?;
     let crr_us = crr(client, to, plan.crr)?;
-    Ok(Sample { gbps, rr_us, rr_p99_us, crr_us, ..Sample::default() })
+    let (paired_us, reference_us) = rr_paired((client, to), (pods.client_ref, to_ref), plan.rr)?;
+    Ok(Sample {
+        gbps,
+        rr_us,
+        rr_p99_us,
+        crr_us,
+        paired_us,
+        reference_us,
+        paired_ratio: paired_us / reference_us,
+        ..Sample::default()
+    })
 }
 
 fn pct(v: f64, base: f64) -> String {
@@ -419,6 +494,8 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
     let mut lab = Lab::new()?;
     let client = lab.add_pod("client")?;
     let server = lab.add_pod("server")?;
+    let client_ref = lab.add_pod("client-ref")?;
+    let server_ref = lab.add_pod("server-ref")?;
     // Ctrl-C: remove the pods (and with them their veths) as the lab's drop would.
     let pods: Vec<Pod> = lab.pods().to_vec();
     let _lab_signal = on_signal(move || {
@@ -429,6 +506,10 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
     });
     let _echo = EchoServer::start(&server.netns, server.ip, RR_PORT)?;
     let _closed = EchoServer::start(&server.netns, server.ip, CLOSED_PORT)?;
+    let _echo_ref = EchoServer::start(&server_ref.netns, server_ref.ip, RR_PORT)?;
+    let _closed_ref = EchoServer::start(&server_ref.netns, server_ref.ip, CLOSED_PORT)?;
+    let pods =
+        Pods { client: &client, server: &server, client_ref: &client_ref, server_ref: &server_ref };
 
     println!("netpol veth benchmark: two lab pods, routed through the host");
     println!(
@@ -441,8 +522,14 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
     );
     println!("TCP_RR and TCP_CRR threads of client and server pinned to CPU {BENCH_CPU}");
     println!(
-        "{:>8}  {:<28} {:>16} {:>18} {:>18} {:>18}",
-        "policies", "variant", "throughput", "TCP_RR p50", "TCP_RR p99", "TCP_CRR p50"
+        "{:>8}  {:<28} {:>16} {:>18} {:>18} {:>18} {:>20}",
+        "policies",
+        "variant",
+        "throughput",
+        "TCP_RR p50",
+        "TCP_RR p99",
+        "TCP_CRR p50",
+        "TCP_RR paired"
     );
     let mut rows = Vec::new();
     let mut verdicts = Vec::new();
@@ -474,11 +561,11 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
             for k in 0..3 {
                 let v = Variant::ALL[(k + rep) % 3];
                 let s = match v {
-                    Variant::Floor => measure(plan, &client, &server, false),
+                    Variant::Floor => measure(plan, &pods, false),
                     Variant::Netpol => {
                         let agent = RunningAgent::start(&dir, NODE, &format!("bench-veth-{n}"));
                         agent.wait_ready();
-                        let s = measure(plan, &client, &server, true)?;
+                        let s = measure(plan, &pods, true)?;
                         let to = SocketAddr::from((server.ip, RR_PORT));
                         let n = STATS_RR.min(plan.rr);
                         let [ns, runs, empty_ns, empty_runs] =
@@ -494,7 +581,7 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
                     Variant::Iptables => {
                         let r = Rendering::install(&workloads)?;
                         anyhow::ensure!(r.policy_chains() == n as usize, "rendering incomplete");
-                        measure(plan, &client, &server, true)
+                        measure(plan, &pods, true)
                     }
                 }
                 .with_context(|| format!("{n} policies, {}", v.name()))?;
@@ -514,14 +601,27 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
                 prog_runs_per_rr: med(s, |x| x.prog_runs_per_rr),
                 empty_ns_per_rr: med(s, |x| x.empty_ns_per_rr),
                 empty_runs_per_rr: med(s, |x| x.empty_runs_per_rr),
+                paired_us: med(s, |x| x.paired_us),
+                reference_us: med(s, |x| x.reference_us),
+                paired_ratio: med(s, |x| x.paired_ratio),
             })
             .collect();
         let floor = m[0];
+        // Each repetition's paired ratio over the floor's of the same repetition, median.
+        let paired_overhead = |v: Variant| {
+            let floor = &samples[Variant::Floor as usize];
+            let mut r: Vec<f64> = samples[v as usize]
+                .iter()
+                .zip(floor)
+                .map(|(x, f)| x.paired_ratio / f.paired_ratio - 1.0)
+                .collect();
+            median(&mut r)
+        };
         for v in Variant::ALL {
             let s = m[v as usize];
             let rel = |x: f64, b: f64| if v == Variant::Floor { String::new() } else { pct(x, b) };
             println!(
-                "{n:>8}  {:<28} {:>6.2} {:>9} {:>7.1} {:>10} {:>7.1} {:>10} {:>7.1} {:>10}",
+                "{n:>8}  {:<28} {:>6.2} {:>9} {:>7.1} {:>10} {:>7.1} {:>10} {:>7.1} {:>10} {:>7.3}× {:>10}",
                 v.name(),
                 s.gbps,
                 rel(s.gbps, floor.gbps),
@@ -531,17 +631,26 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
                 rel(s.rr_p99_us, floor.rr_p99_us),
                 s.crr_us,
                 rel(s.crr_us, floor.crr_us),
+                s.paired_ratio,
+                if v == Variant::Floor {
+                    String::new()
+                } else {
+                    format!("{:+.1} %", paired_overhead(v) * 100.0)
+                },
             );
             rows.push(json!({
                 "policies": n, "variant": format!("{v:?}").to_lowercase(),
                 "gbps": s.gbps, "rr_p50_us": s.rr_us, "rr_p99_us": s.rr_p99_us, "crr_p50_us": s.crr_us,
                 "gbps_vs_floor": s.gbps / floor.gbps, "rr_p50_vs_floor": s.rr_us / floor.rr_us,
                 "crr_p50_vs_floor": s.crr_us / floor.crr_us,
-                "samples": samples[v as usize].iter().map(|x| json!({"gbps": x.gbps, "rr_p50_us": x.rr_us, "rr_p99_us": x.rr_p99_us, "crr_p50_us": x.crr_us, "prog_ns_per_rr": x.prog_ns_per_rr, "prog_runs_per_rr": x.prog_runs_per_rr, "empty_ns_per_rr": x.empty_ns_per_rr, "empty_runs_per_rr": x.empty_runs_per_rr})).collect::<Vec<_>>(),
+                "rr_paired_p50_us": s.paired_us, "rr_reference_p50_us": s.reference_us,
+                "rr_paired_ratio": s.paired_ratio, "rr_paired_overhead": paired_overhead(v),
+                "samples": samples[v as usize].iter().map(|x| json!({"gbps": x.gbps, "rr_p50_us": x.rr_us, "rr_p99_us": x.rr_p99_us, "crr_p50_us": x.crr_us, "rr_paired_p50_us": x.paired_us, "rr_reference_p50_us": x.reference_us, "prog_ns_per_rr": x.prog_ns_per_rr, "prog_runs_per_rr": x.prog_runs_per_rr, "empty_ns_per_rr": x.empty_ns_per_rr, "empty_runs_per_rr": x.empty_runs_per_rr})).collect::<Vec<_>>(),
             }));
         }
         let (np, ipt) = (m[Variant::Netpol as usize], m[Variant::Iptables as usize]);
         let overhead = np.rr_us / floor.rr_us - 1.0;
+        let paired = paired_overhead(Variant::Netpol);
         // The programs' own share of the floor's round trip: what the measured overhead would
         // be without noise and without indirect costs (cache, TCX dispatch). As accounted, and
         // net of the accounting: minus the empty program's time per run, for as many runs.
@@ -565,6 +674,8 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
         );
         verdicts.push(json!({
             "policies": n, "rr_overhead": overhead, "rr_overhead_met": overhead <= TARGET_RR_OVERHEAD,
+            "rr_paired_overhead": paired, "rr_paired_overhead_met": paired <= TARGET_RR_OVERHEAD,
+            "iptables_rr_paired_overhead": paired_overhead(Variant::Iptables),
             "prog_ns_per_rr": np.prog_ns_per_rr, "prog_runs_per_rr": np.prog_runs_per_rr, "prog_share_of_floor_rr": prog_share,
             "empty_ns_per_run": empty_per_run, "empty_runs_per_rr": np.empty_runs_per_rr,
             "net_prog_ns_per_rr": net_ns_per_rr, "net_prog_share_of_floor_rr": net_share,
@@ -578,11 +689,17 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
     for v in &verdicts {
         let n = v["policies"].as_u64().unwrap_or(0);
         let o = v["rr_overhead"].as_f64().unwrap_or(0.0);
+        let paired = v["rr_paired_overhead"].as_f64().unwrap_or(0.0);
         let net = v["net_prog_share_of_floor_rr"].as_f64().unwrap_or(0.0);
         println!(
             "TCP_RR p50 overhead ≤ 2 % ({n:>4} policies): {:+5.1} %   {}",
             o * 100.0,
             if o <= TARGET_RR_OVERHEAD { "met" } else { "MISSED" }
+        );
+        println!(
+            "  the same, paired with the unenforced pair ({n:>4} policies): {:+5.1} %   {}",
+            paired * 100.0,
+            if paired <= TARGET_RR_OVERHEAD { "met" } else { "MISSED" }
         );
         println!(
             "  programs' own time net of the accounting ({n:>4} policies): {:5.2} % of the floor's p50   {}",
@@ -603,7 +720,8 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
     }
     Ok(json!({
         "benchmark": "veth",
-        "method": "two routed lab pods; iperf3, TCP_RR and TCP_CRR from the client namespace, request/response threads of both ends pinned to one CPU; variants interleaved per repetition, medians",
+        "method": "two routed lab pods; iperf3, TCP_RR and TCP_CRR from the client namespace, request/response threads of both ends pinned to one CPU; variants interleaved per repetition, medians; TCP_RR paired: the measured pair and an unenforced reference pair alternating every 100 round trips on one thread, the ratio of their p50s, a variant's overhead = its ratio over the floor's in the same repetition (median over repetitions)",
+        "paired_chunk": PAIRED_CHUNK,
         "reps": plan.reps, "iperf_secs": plan.iperf_secs, "rr": plan.rr, "crr": plan.crr, "message_bytes": MSG,
         "rows": rows,
         "targets": { "rr_overhead": TARGET_RR_OVERHEAD, "by_policies": verdicts },
