@@ -10,7 +10,11 @@
 //! - established, uncached: a FIN-ACK of an established flow, which always takes the conntrack
 //!   lookup (FIN and RST bypass the flow cache): the cost of a flow's first packet in a tick,
 //!   or of a flow whose cache entry another flow took;
-//! - new denied: a SYN from an address no rule allows (peer lookups miss, no insert);
+//! - new denied: a SYN from an address no rule allows (peer lookups miss, no insert), the same
+//!   packet every run: its conntrack lookup misses in the same, cached, bucket each time;
+//! - new denied, stream: SYNs of new flows from that address through `bench_new_flows` (see
+//!   below), each looking up another bucket, as a scan would; the endpoint's counters must
+//!   show one policy drop per run;
 //! - new allowed: SYNs of new flows from an allowed peer (lookups + conntrack insert). Every
 //!   run must be a new flow, but a test run repeats one packet. So the batch goes through
 //!   `bench_new_flows` (netpol-ebpf's `bench`), which bumps the packet's source port and
@@ -150,17 +154,24 @@ fn single_runs(
 }
 
 /// Kernel-measured ns per packet of a batch of `repeat` new flows through `bench_new_flows`
-/// into `prog`, the first with source port `NEW_FLOW_BASE + 1`. Returns the figure and how
-/// many packets the endpoint counted as new allowed flows meanwhile.
-fn new_flows(f: &mut Fixture, prog: &'static str, pkt: &[u8], repeat: u32) -> Result<(f64, u64)> {
+/// into `prog`, the first with source port `NEW_FLOW_BASE + 1`, checking the verdict. Returns
+/// the figure and how many packets the endpoint counted for `reason` meanwhile.
+fn new_flows(
+    f: &mut Fixture,
+    prog: &'static str,
+    pkt: &[u8],
+    repeat: u32,
+    expect: i32,
+    reason: Reason,
+) -> Result<(f64, u64)> {
     anyhow::ensure!(u32::from(NEW_FLOW_BASE) + repeat <= u32::from(u16::MAX), "too many new flows");
-    let new_allowed = |f: &Fixture| -> Result<u64> {
-        Ok(f.dp.counters()?.packets(TEST_IFINDEX, DIR_INGRESS, Reason::AllowPolicy))
+    let counted = |f: &Fixture| -> Result<u64> {
+        Ok(f.dp.counters()?.packets(TEST_IFINDEX, DIR_INGRESS, reason))
     };
     f.dp.set_bench_next(prog)?;
-    let before = new_allowed(f)?;
-    let ns = batched(f, maps::PROG_BENCH_NEW_FLOWS, pkt, repeat, PASS)?;
-    Ok((ns, new_allowed(f)? - before))
+    let before = counted(f)?;
+    let ns = batched(f, maps::PROG_BENCH_NEW_FLOWS, pkt, repeat, expect)?;
+    Ok((ns, counted(f)? - before))
 }
 
 /// Batched kernel-measured ns per packet, checking the verdict.
@@ -187,6 +198,7 @@ struct Row {
     uncached: f64,
     denied: f64,
     new_floor: f64,
+    denied_stream: f64,
     allowed: f64,
     floor_single: f64,
     allowed_single: f64,
@@ -194,6 +206,7 @@ struct Row {
     established_ratio: f64,
     uncached_ratio: f64,
     denied_ratio: f64,
+    denied_stream_ratio: f64,
     allowed_ratio: f64,
     allowed_single_ratio: f64,
 }
@@ -215,7 +228,8 @@ const ALLOWED: usize = 4;
 const UNCACHED: usize = 5;
 const NEW_FLOOR: usize = 6;
 const ALLOWED_SINGLE: usize = 7;
-const SAMPLES: usize = 8;
+const DENIED_STREAM: usize = 8;
+const SAMPLES: usize = 9;
 
 impl Subject {
     /// Compiles `one_endpoint(rules, peers)` and lays it out.
@@ -235,6 +249,10 @@ impl Subject {
     /// of the same code; with a fresh one per round by 5.7, 6.9 and 8.7 %. Loading costs ~3 s
     /// of verifier time per round, most of the benchmark's six minutes.
     fn round(&mut self, plan: &Plan) -> Result<()> {
+        anyhow::ensure!(
+            1024 + 2 * plan.single_runs <= u32::from(NEW_FLOW_BASE),
+            "the single runs' source ports reach the new-flow batches'"
+        );
         let mut f = fixture(&format!("bench-{}-{}", self.rules, self.peers));
         write_maps(&mut f, &self.maps)?;
         let f = &mut f;
@@ -250,14 +268,16 @@ impl Subject {
         s[UNCACHED].push(batched(f, maps::PROG_TO_POD, &fin, plan.repeat, PASS)?);
         s[DENIED].push(batched(f, maps::PROG_TO_POD, &denied, plan.repeat, DROP)?);
         let syn = frame(allowed, NEW_FLOW_BASE, FIRST_RULE_PORT, tcp::SYN);
-        s[NEW_FLOOR].push(new_flows(f, maps::PROG_BENCH_FLOOR, &syn, plan.new_repeat)?.0);
-        let (ns, opened) = new_flows(f, maps::PROG_TO_POD, &syn, plan.new_repeat)?;
-        anyhow::ensure!(
-            opened == u64::from(plan.new_repeat),
-            "{} runs of new flows counted {opened} new allowed flows",
-            plan.new_repeat
-        );
+        let n = plan.new_repeat;
+        let (floor, _) = new_flows(f, maps::PROG_BENCH_FLOOR, &syn, n, PASS, Reason::AllowPolicy)?;
+        s[NEW_FLOOR].push(floor);
+        let (ns, opened) = new_flows(f, maps::PROG_TO_POD, &syn, n, PASS, Reason::AllowPolicy)?;
+        anyhow::ensure!(opened == u64::from(n), "{n} new flows counted {opened} new allowed flows");
         s[ALLOWED].push(ns);
+        let scan = frame(Ipv4Addr::new(10, 200, 0, 1), NEW_FLOW_BASE, FIRST_RULE_PORT, tcp::SYN);
+        let (ns, dropped) = new_flows(f, maps::PROG_TO_POD, &scan, n, DROP, Reason::DenyPolicy)?;
+        anyhow::ensure!(dropped == u64::from(n), "{n} denied new flows counted {dropped} drops");
+        s[DENIED_STREAM].push(ns);
         let syn = |i: u32| frame(allowed, (1024 + i) as u16, FIRST_RULE_PORT, tcp::SYN);
         s[FLOOR_SINGLE].push(single_runs(f, maps::PROG_BENCH_FLOOR, plan.single_runs, syn, PASS)?);
         // Fresh ports for the program: the floor's runs opened no flows, but keep them apart.
@@ -276,8 +296,9 @@ impl Subject {
         let uncached_ratio = ratios(&self.samples, UNCACHED, FLOOR);
         let denied_ratio = ratios(&self.samples, DENIED, FLOOR);
         let allowed_ratio = ratios(&self.samples, ALLOWED, NEW_FLOOR);
+        let denied_stream_ratio = ratios(&self.samples, DENIED_STREAM, NEW_FLOOR);
         let allowed_single_ratio = ratios(&self.samples, ALLOWED_SINGLE, FLOOR_SINGLE);
-        let [fl, est, den, fl1, new, unc, new_fl, new1] = &mut self.samples;
+        let [fl, est, den, fl1, new, unc, new_fl, new1, den_stream] = &mut self.samples;
         Row {
             rules: self.rules,
             peers: self.peers,
@@ -289,12 +310,14 @@ impl Subject {
             uncached: median(unc),
             denied: median(den),
             new_floor: median(new_fl),
+            denied_stream: median(den_stream),
             allowed: median(new),
             floor_single: median(fl1),
             allowed_single: median(new1),
             established_ratio,
             uncached_ratio,
             denied_ratio,
+            denied_stream_ratio,
             allowed_ratio,
             allowed_single_ratio,
         }
@@ -351,7 +374,9 @@ pub fn spin(secs: u64, packets: Spin) -> Result<serde_json::Value> {
     if let Spin::Allowed = packets {
         let syn = frame(allowed, NEW_FLOW_BASE, FIRST_RULE_PORT, tcp::SYN);
         while Instant::now() < until {
-            v.push(new_flows(&mut f, maps::PROG_TO_POD, &syn, 50_000)?.0);
+            v.push(
+                new_flows(&mut f, maps::PROG_TO_POD, &syn, 50_000, PASS, Reason::AllowPolicy)?.0,
+            );
             f.dp.clear_conntrack()?;
             open_flow(&mut f, allowed, 1, FIRST_RULE_PORT)?;
         }
@@ -402,7 +427,7 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
         plan.rounds
     );
     println!(
-        "{:>6} {:>7} {:>8} {:>7}  {:>8} {:>18} {:>18} {:>18}  {:>8} {:>18}  {:>8} {:>18}",
+        "{:>6} {:>7} {:>8} {:>7}  {:>8} {:>18} {:>18} {:>18}  {:>8} {:>18} {:>18}  {:>8} {:>18}",
         "rules",
         "peers",
         "peer ent",
@@ -412,7 +437,8 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
         "est. uncached",
         "new denied",
         "floor(→)",
-        "new allowed",
+        "new denied →",
+        "new allowed →",
         "floor(1)",
         "new allowed (1)"
     );
@@ -421,7 +447,7 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
         for r in measure_peers(plan, peers)? {
             let cell = |v: f64, ratio: f64| format!("{v:6.1} ns ({ratio:5.2}×)");
             println!(
-                "{:>6} {:>7} {:>8} {:>7}  {:>5.1} ns {:>18} {:>18} {:>18}  {:>5.1} ns {:>18}  {:>5.1} ns {:>18}",
+                "{:>6} {:>7} {:>8} {:>7}  {:>5.1} ns {:>18} {:>18} {:>18}  {:>5.1} ns {:>18} {:>18}  {:>5.1} ns {:>18}",
                 r.rules,
                 r.peers,
                 r.peer_entries,
@@ -431,6 +457,7 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
                 cell(r.uncached, r.uncached_ratio),
                 cell(r.denied, r.denied_ratio),
                 r.new_floor,
+                cell(r.denied_stream, r.denied_stream_ratio),
                 cell(r.allowed, r.allowed_ratio),
                 r.floor_single,
                 cell(r.allowed_single, r.allowed_single_ratio)
@@ -445,7 +472,7 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
     let worst = |f: &dyn Fn(&Row) -> f64| rows.iter().map(f).fold(f64::MIN, f64::max);
     let est_worst = worst(&|r| r.established);
     let unc_worst = worst(&|r| r.uncached);
-    let new_worst = worst(&|r| r.allowed.max(r.denied));
+    let new_worst = worst(&|r| r.allowed.max(r.denied).max(r.denied_stream));
     let single_worst = worst(&|r| r.allowed_single);
     let mut spread = 0.0f64;
     for &peers in plan.peers {
@@ -453,6 +480,7 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
             &(|r: &Row| r.established_ratio) as &dyn Fn(&Row) -> f64,
             &|r: &Row| r.uncached_ratio,
             &|r: &Row| r.denied_ratio,
+            &|r: &Row| r.denied_stream_ratio,
             &|r: &Row| r.allowed_ratio,
             &|r: &Row| r.allowed_single_ratio,
         ] {
@@ -492,11 +520,12 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
                 "peer_entries": r.peer_entries, "port_entries": r.port_entries,
                 "compile_and_layout_ms": r.compile_ms,
                 "floor_ns": r.floor, "established_ns": r.established, "established_uncached_ns": r.uncached, "new_denied_ns": r.denied,
-                "new_flow_floor_ns": r.new_floor, "new_allowed_ns": r.allowed,
+                "new_flow_floor_ns": r.new_floor, "new_denied_stream_ns": r.denied_stream, "new_allowed_ns": r.allowed,
                 "floor_single_ns": r.floor_single, "new_allowed_single_ns": r.allowed_single,
                 "established_ratio": r.established_ratio,
                 "established_uncached_ratio": r.uncached_ratio,
                 "new_denied_ratio": r.denied_ratio,
+                "new_denied_stream_ratio": r.denied_stream_ratio,
                 "new_allowed_ratio": r.allowed_ratio,
                 "new_allowed_single_ratio": r.allowed_single_ratio,
             })
@@ -504,7 +533,7 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
         .collect();
     Ok(json!({
         "benchmark": "datapath",
-        "method": "BPF_PROG_TEST_RUN, kernel-measured; maps from compile() + Layout of synth::one_endpoint; established (an ACK: flow cache hit), established uncached (a FIN-ACK: conntrack lookup) and new denied batched; new allowed batched through bench_new_flows (source port bumped per run, tail call into to_pod; floor: the same into the empty program; the endpoint's counters checked for one new allowed flow per run) and one packet per run against the empty program run the same way; the rows of a peer count interleaved round by round, each round on a freshly loaded dataplane; single runs: median of a round's runs; ns = median over rounds, ratio = median over rounds of the ratio to the floor measured just before",
+        "method": "BPF_PROG_TEST_RUN, kernel-measured; maps from compile() + Layout of synth::one_endpoint; established (an ACK: flow cache hit), established uncached (a FIN-ACK: conntrack lookup) and new denied (one SYN repeated) batched; new denied and new allowed as streams of new flows, batched through bench_new_flows (source port bumped per run, tail call into to_pod; floor: the same into the empty program; the endpoint's counters checked for one policy drop or new allowed flow per run) and one packet per run against the empty program run the same way; the rows of a peer count interleaved round by round, each round on a freshly loaded dataplane; single runs: median of a round's runs; ns = median over rounds, ratio = median over rounds of the ratio to the floor measured just before",
         "repeat": plan.repeat, "new_flow_repeat": plan.new_repeat, "single_runs": plan.single_runs, "rounds": plan.rounds,
         "targets": {
             "established_ns": TARGET_ESTABLISHED_NS, "new_ns": TARGET_NEW_NS, "flat": TARGET_FLAT,
