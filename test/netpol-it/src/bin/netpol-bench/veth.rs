@@ -37,7 +37,7 @@
 //! still cross the FORWARD chain and, under iptables, conntrack). Both see the host's state of
 //! the same milliseconds, so their ratio does not move with it; a variant's paired overhead is
 //! its ratio over the floor's ratio in the same repetition. Every variant checks that the
-//! reference pair's closed port is reachable, so it is unenforced.
+//! reference pair's host interfaces carry no TCX program and that its closed port is reachable.
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
@@ -51,7 +51,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::programs::tc::TcAttachType;
+use aya::programs::{tc::TcAttachType, SchedClassifier};
 use netpol_agent::dataplane::{remove_pins, Dataplane, DataplaneOptions};
 use netpol_common::maps::PROG_BENCH_FLOOR;
 use netpol_it::{
@@ -442,6 +442,18 @@ fn reachable(client: &Pod, to: SocketAddr) -> Result<bool> {
     in_netns(&client.netns, || TcpStream::connect_timeout(&to, Duration::from_millis(300)).is_ok())
 }
 
+/// Names of the TCX programs at both hooks of `interface` (the agent attaches with TCX on the
+/// kernels this benchmark runs on).
+fn tcx_programs(interface: &str) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for at in [TcAttachType::Ingress, TcAttachType::Egress] {
+        let (_, progs) = SchedClassifier::query_tcx(interface, at)
+            .with_context(|| format!("querying the TCX programs of {interface}"))?;
+        names.extend(progs.iter().map(|p| p.name_as_str().unwrap_or_default().to_owned()));
+    }
+    Ok(names)
+}
+
 /// The measured pair (client, server) and the reference pair that no variant enforces.
 struct Pods<'a> {
     client: &'a Pod,
@@ -455,6 +467,10 @@ fn measure(plan: &Plan, pods: &Pods, enforced: bool) -> Result<Sample> {
     let to = SocketAddr::from((server.ip, RR_PORT));
     let closed = SocketAddr::from((server.ip, CLOSED_PORT));
     let to_ref = SocketAddr::from((pods.server_ref.ip, RR_PORT));
+    for pod in [pods.client_ref, pods.server_ref] {
+        let progs = tcx_programs(&pod.host_if)?;
+        anyhow::ensure!(progs.is_empty(), "the reference pair's {} runs {progs:?}", pod.host_if);
+    }
     anyhow::ensure!(
         reachable(pods.client_ref, SocketAddr::from((pods.server_ref.ip, CLOSED_PORT)))?,
         "the reference pair is enforced: its port {CLOSED_PORT} is unreachable"
