@@ -11,15 +11,17 @@ use aya_ebpf::{
     bindings::TC_ACT_SHOT, btf_maps::ProgramArray, macros::btf_map, programs::TcContext,
 };
 
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
 use crate::parse::{at, bounds, ETH_P_IP, PROTO_TCP};
 
 /// Slot 0: the program each packet goes on to, written by the benchmark before each batch.
 #[btf_map(name = "np_bench_next")]
 pub static BENCH_NEXT: ProgramArray<1> = ProgramArray::new();
 
-const ETH_LEN: usize = 14;
+const ETH_LEN: usize = EthHdr::LEN;
 /// End of the TCP source port in an IPv4 frame without options.
-const SPORT_END: usize = ETH_LEN + 20 + 2;
+const SPORT_END: usize = ETH_LEN + Ipv4Hdr::LEN + 2;
 
 /// Bumps the source port of an Ethernet + IPv4 (20-byte header) + TCP frame and hands it on.
 /// Anything else is dropped: the benchmark only sends such frames, and a drop fails its check.

@@ -693,6 +693,7 @@ fn bench_new_flows_makes_every_run_a_new_flow() {
     let (ret, _) = f.dp.test_run(NEW, &syn80, 100).unwrap();
     assert_eq!(ret, PASS);
     assert_eq!(f.dp.conntrack().unwrap().len(), 100);
+    assert_eq!(f.dp.counters().unwrap().packets(TEST_IFINDEX, IN, AllowPolicy), 100);
 
     // Only IPv4 TCP is bumped and handed on.
     f.dp.set_bench_next(TO).unwrap();
