@@ -472,6 +472,15 @@ impl Reference {
     fn flow(&mut self, ep: &EpConf, dir: u8, p: &Parsed) -> Reason {
         let k = key(dir, &p.t);
         let remote = k.2;
+        // A TCP SYN the policy denies is dropped without consulting conntrack, even if its
+        // flow is tracked (a retransmission, or the peer's SYN of a simultaneous open).
+        if p.t.proto == 6
+            && p.initiates
+            && !ep.audit
+            && !reference_policy(ep, dir, &remote, k.4, p.t.dport).0
+        {
+            return Reason::DenyPolicy;
+        }
         if let Some(e) = self.ct.get_mut(&k) {
             // A fresh SYN on a flow past its handshake is a new connection reusing the ports.
             let reused = p.t.proto == 6 && p.initiates && !e.syn_sent;

@@ -8,6 +8,7 @@ use netpol_common::{
         Reason::{self, *},
         COUNTER_SLOTS, NO_COUNTER_SLOT,
     },
+    ct::{CT_TCP_ESTABLISHED, CT_TCP_SYN_SENT},
     ep::{Endpoint, EP_FLAG_AUDIT},
     maps::{PROG_FROM_POD as FROM, PROG_TO_POD as TO},
     policy::{PortData, PORT_FULL_BITS},
@@ -311,6 +312,62 @@ fn conntrack_replies_pickup_and_policy_changes() {
     expect(&mut f, TO, to(ALLOWED, ack(40000, 80)), DROP, IN, DenyPolicyChanged);
     // The UDP flow is still allowed under generation 2 and keeps passing.
     expect(&mut f, FROM, from(ALLOWED, udp(33333, 53)), PASS, EG, AllowConntrack);
+}
+
+/// A TCP SYN is decided by policy before conntrack is consulted (netpol-ebpf's `decide_flow`):
+/// allowed, its entry is inserted unless its key is there, and a key that is there decides as
+/// before; denied, it is dropped without touching conntrack.
+#[test]
+fn a_syn_is_decided_by_policy_before_conntrack() {
+    let mut f = fixture("syn-first");
+    let to = |src: [u8; 4], l4| Frame::new(v4(src), v4(POD), l4);
+    let from = |dst: [u8; 4], l4| Frame::new(v4(POD), v4(dst), l4);
+    let states = |f: &Fixture| -> Vec<u8> {
+        f.dp.conntrack().unwrap().iter().map(|(_, v)| v.state).collect()
+    };
+    let opened_by_rule_10 = |f: &Fixture| f.dp.counters().unwrap().by_rule[&10].packets;
+
+    expect(&mut f, TO, to(STRANGER, syn(1000, 80)), DROP, IN, DenyPolicy);
+    assert!(states(&f).is_empty(), "a denied SYN is not tracked");
+
+    // A retransmitted SYN keeps its flow's entry: a tracked packet, not a second new flow.
+    expect(&mut f, TO, to(ALLOWED, syn(1001, 80)), PASS, IN, AllowPolicy);
+    assert_eq!((states(&f), opened_by_rule_10(&f)), (vec![CT_TCP_SYN_SENT], 1));
+    expect(&mut f, TO, to(ALLOWED, syn(1001, 80)), PASS, IN, AllowConntrack);
+    assert_eq!((states(&f), opened_by_rule_10(&f)), (vec![CT_TCP_SYN_SENT], 1));
+
+    // Simultaneous open: the pod's own SYN on that 4-tuple, which egress does not allow, is
+    // dropped although conntrack knows the flow. Its SYN-ACK passes, and completes the
+    // handshake as a simultaneous open completes on both sides.
+    expect(&mut f, FROM, from(ALLOWED, syn(80, 1001)), DROP, EG, DenyPolicy);
+    let synack = L4::Tcp { sport: 80, dport: 1001, flags: tcp::SYN | tcp::ACK };
+    expect(&mut f, FROM, from(ALLOWED, synack), PASS, EG, AllowConntrack);
+    assert_eq!(states(&f), [CT_TCP_ESTABLISHED]);
+
+    // A SYN on the ports of a flow past its handshake opens a new connection: decided by
+    // policy, its entry replaces the old one.
+    expect(&mut f, TO, to(ALLOWED, syn(1001, 80)), PASS, IN, AllowPolicy);
+    assert_eq!((states(&f), opened_by_rule_10(&f)), (vec![CT_TCP_SYN_SENT], 2));
+
+    // TCP 80 no longer allowed: the retransmitted SYN is dropped by policy, and the flow's
+    // entry is cut by its next packet.
+    f.dp.remove_port(
+        PORT_FULL_BITS,
+        PortData { portset_id: 10, proto: 6, port: 80u16.to_be_bytes(), _pad: 0 },
+    )
+    .unwrap();
+    set_endpoint(&mut f, 2, 0);
+    expect(&mut f, TO, to(ALLOWED, syn(1001, 80)), DROP, IN, DenyPolicy);
+    expect(&mut f, TO, to(ALLOWED, ack(1001, 80)), DROP, IN, DenyPolicyChanged);
+
+    // Audit mode: a would-be-denied SYN is tracked and reported once; its retransmission is a
+    // tracked packet, not reported again.
+    set_endpoint(&mut f, 3, EP_FLAG_AUDIT);
+    let sent = |f: &Fixture| f.dp.counters().unwrap().stats.events_sent;
+    let before = sent(&f);
+    expect(&mut f, TO, to(STRANGER, syn(1002, 80)), PASS, IN, Audit);
+    expect(&mut f, TO, to(STRANGER, syn(1002, 80)), PASS, IN, Audit);
+    assert_eq!(sent(&f), before + 1);
 }
 
 #[test]
