@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod cmd;
+pub mod cpu;
 pub mod fake_api;
 pub mod fixture;
 pub mod interrupt;

@@ -56,6 +56,7 @@ use netpol_agent::dataplane::{remove_pins, Dataplane, DataplaneOptions};
 use netpol_common::maps::PROG_BENCH_FLOOR;
 use netpol_it::{
     agent::RunningAgent,
+    cpu::pin_to_cpu,
     lab::{Lab, Pod},
     manifests::{namespace, pod, ManifestDir},
     netns::in_netns,
@@ -78,19 +79,6 @@ const TARGET_RR_OVERHEAD: f64 = 0.02;
 const BENCH_CPU: usize = 0;
 /// Round trips on one pair before TCP_RR paired switches to the other (~2 ms).
 const PAIRED_CHUNK: usize = 100;
-
-/// Pins the calling thread to `cpu`.
-fn pin_to_cpu(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and sched_setaffinity only touch
-    // the set we pass, for the calling thread (pid 0).
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    anyhow::ensure!(rc == 0, "pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
-    Ok(())
-}
 
 struct Plan {
     policies: &'static [u32],
