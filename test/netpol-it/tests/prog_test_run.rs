@@ -303,15 +303,21 @@ fn conntrack_replies_pickup_and_policy_changes() {
 
     // Policy change: TCP 80 is no longer allowed. The established flow is cut at its next
     // packet, in either orientation.
+    disallow_tcp_80(&mut f);
+    expect(&mut f, TO, to(ALLOWED, ack(40000, 80)), DROP, IN, DenyPolicyChanged);
+    // The UDP flow is still allowed under generation 2 and keeps passing.
+    expect(&mut f, FROM, from(ALLOWED, udp(33333, 53)), PASS, EG, AllowConntrack);
+}
+
+/// The policy change both conntrack tests make: rule 10's port set loses TCP 80, and the
+/// endpoint moves to generation 2.
+fn disallow_tcp_80(f: &mut Fixture) {
     f.dp.remove_port(
         PORT_FULL_BITS,
         PortData { portset_id: 10, proto: 6, port: 80u16.to_be_bytes(), _pad: 0 },
     )
     .unwrap();
-    set_endpoint(&mut f, 2, 0);
-    expect(&mut f, TO, to(ALLOWED, ack(40000, 80)), DROP, IN, DenyPolicyChanged);
-    // The UDP flow is still allowed under generation 2 and keeps passing.
-    expect(&mut f, FROM, from(ALLOWED, udp(33333, 53)), PASS, EG, AllowConntrack);
+    set_endpoint(f, 2, 0);
 }
 
 /// A TCP SYN is decided by policy before conntrack is consulted (netpol-ebpf's `decide_flow`):
@@ -351,12 +357,7 @@ fn a_syn_is_decided_by_policy_before_conntrack() {
 
     // TCP 80 no longer allowed: the retransmitted SYN is dropped by policy, and the flow's
     // entry is cut by its next packet.
-    f.dp.remove_port(
-        PORT_FULL_BITS,
-        PortData { portset_id: 10, proto: 6, port: 80u16.to_be_bytes(), _pad: 0 },
-    )
-    .unwrap();
-    set_endpoint(&mut f, 2, 0);
+    disallow_tcp_80(&mut f);
     expect(&mut f, TO, to(ALLOWED, syn(1001, 80)), DROP, IN, DenyPolicy);
     expect(&mut f, TO, to(ALLOWED, ack(1001, 80)), DROP, IN, DenyPolicyChanged);
 
