@@ -36,14 +36,19 @@ spec:
     - {port: 5003, protocol: UDP}
 ";
 
-/// Entries in the pinned conntrack map and its capacity.
-fn ct_fill(pins: &std::path::Path) -> (usize, u32) {
+/// The distinct keys in the pinned conntrack map, and its capacity. Distinct: iterating a hash
+/// map the kernel is evicting from can repeat keys.
+fn ct_keys(pins: &std::path::Path) -> (std::collections::HashSet<CtKey>, u32) {
     let data = aya::maps::MapData::from_pin(pins.join(netpol_common::maps::CT)).expect("np_ct");
     let max = data.info().expect("map info").max_entries();
     let map = aya::maps::Map::LruHashMap(data);
     let ct = aya::maps::HashMap::<_, CtKey, CtValue>::try_from(map).expect("np_ct as hash map");
-    // Distinct keys: iterating a hash map the kernel is evicting from can repeat keys.
-    let keys: std::collections::HashSet<CtKey> = ct.keys().filter_map(Result::ok).collect();
+    (ct.keys().filter_map(Result::ok).collect(), max)
+}
+
+/// Entries in the pinned conntrack map and its capacity.
+fn ct_fill(pins: &std::path::Path) -> (usize, u32) {
+    let (keys, max) = ct_keys(pins);
     (keys.len(), max)
 }
 
@@ -97,12 +102,9 @@ fn established_flows_survive_eviction_and_the_map_stays_bounded() {
     let udp_to = SocketAddr::from((server.ip, 5003));
     let conn_port = conn.local_addr().unwrap().port();
     let tracked = |pins: &std::path::Path| {
-        let data = aya::maps::MapData::from_pin(pins.join(netpol_common::maps::CT)).unwrap();
-        let ct =
-            aya::maps::HashMap::<_, CtKey, CtValue>::try_from(aya::maps::Map::LruHashMap(data))
-                .unwrap();
-        let keys: Vec<CtKey> = ct.keys().filter_map(Result::ok).collect();
-        keys.iter()
+        ct_keys(pins)
+            .0
+            .iter()
             .any(|k| k.proto == 6 && (k.local_port == conn_port || k.remote_port == conn_port))
     };
     let cpus = allowed_cpus().unwrap();
