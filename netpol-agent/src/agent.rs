@@ -122,7 +122,8 @@ pub struct Agent {
     synced: bool,
     node_name: String,
     status_file: Option<PathBuf>,
-    /// Capacity of the conntrack map, and its entries after the last GC (for the fill level).
+    /// Capacity of the conntrack table in flows, and its entries after the last GC (for the fill
+    /// level).
     ct_max: usize,
     ct_entries: usize,
 }
@@ -205,6 +206,9 @@ impl Agent {
     /// Loads the programs and prepares an agent that enforces nothing until the first snapshot.
     pub async fn new(opts: &AgentOptions) -> Result<Self> {
         let mut dp = Dataplane::load(&opts.dataplane).context("loading the eBPF programs")?;
+        // The table's real capacity: a pinned table keeps its size, and a requested one is
+        // rounded to whole sets.
+        let ct_max = dp.conntrack_capacity().context("reading the conntrack table's size")?;
         let ownership = if opts.allow_foreign_programs {
             tracing::warn!(
                 "--allow-foreign-programs: attaching also beside other enforcers' programs"
@@ -233,10 +237,7 @@ impl Agent {
             synced: false,
             node_name: opts.node_name.clone(),
             status_file: opts.status_file.clone(),
-            ct_max: opts
-                .dataplane
-                .ct_max_entries
-                .map_or(netpol_common::maps::CT_MAX, |n| n as usize),
+            ct_max: ct_max as usize,
             ct_entries: 0,
         })
     }

@@ -50,7 +50,8 @@ pub struct RunArgs {
     /// Where the maps are pinned.
     #[arg(long, default_value = netpol_common::maps::PIN_DIR)]
     pub pin_dir: PathBuf,
-    /// Capacity of the conntrack map.
+    /// Capacity of the conntrack table in flows: rounded down to a power of two of 4-flow sets.
+    /// Applies when the table is created; a pinned table keeps its size across restarts.
     #[arg(long, default_value_t = netpol_common::maps::CT_MAX as u32)]
     pub conntrack_size: u32,
     /// Load the eBPF programs from this object file instead of the ones built into the binary

@@ -22,7 +22,8 @@ pub enum Reason {
     DenyMalformed = 18,
     /// A non-first IP fragment of a flow that is not tracked.
     DenyFragment = 19,
-    /// The conntrack entry could not be created.
+    /// The conntrack entry could not be created (the table evicts instead of filling up: only
+    /// a table whose size the programs were not told can refuse one).
     DenyConntrackFull = 20,
 }
 
@@ -151,6 +152,9 @@ pub const STAT_EVENTS_LOST: u32 = 1;
 pub const STAT_EVENTS_RATE_LIMITED: u32 = 2;
 /// Index in [`crate::maps::STATS`]: packets on an interface that has no endpoint entry.
 pub const STAT_NO_ENDPOINT: u32 = 3;
+/// Index in [`crate::maps::STATS`]: conntrack entries a new flow took over because their set was
+/// full (each the least recently seen flow of its set).
+pub const STAT_CT_EVICTED: u32 = 4;
 /// Number of slots in [`crate::maps::STATS`].
 pub const STAT_SLOTS: u32 = 8;
 

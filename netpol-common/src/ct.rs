@@ -1,4 +1,13 @@
 //! Conntrack: one entry per flow and endpoint, written by the programs, expired by the agent.
+//!
+//! The table ([`crate::maps::CT`]) is a set-associative cache in an array map, not a kernel
+//! hash: a flow's key hashes ([`set_of`]) to one set of [`CT_WAYS`] entries, which the programs
+//! search and fill themselves. A new flow takes a free way of its set or, when all are taken,
+//! the way seen least recently (an LRU per set). Inserting into the kernel's LRU hash cost a
+//! new allowed flow ~230 of its ~320 ns (two locked regions: the bucket and the LRU's free
+//! list); writing a way of an array costs a cache line. What a set gives up against one LRU over
+//! the whole table: a flow can be evicted while other sets still have room, when
+//! [`CT_WAYS`] + 1 live flows hash to one set (see `docs/ARCHITECTURE.md`, "Conntrack").
 
 /// Key of [`crate::maps::CT`]. Oriented from the pod's side, so both hooks of one interface
 /// find the same entry: `local_port` is the pod's, `remote_*` its peer's. The pod's own address
@@ -24,6 +33,103 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 28);
+
+impl CtKey {
+    /// The key as the seven words of its `repr(C)` layout, as the programs hash and compare it.
+    pub fn words(&self) -> [u32; 7] {
+        let [p0, p1] = self.local_port.to_ne_bytes();
+        let [p2, p3] = self.remote_port.to_ne_bytes();
+        let a = &self.remote_addr;
+        let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+        [
+            self.ifindex,
+            u32::from_ne_bytes([p0, p1, p2, p3]),
+            w(0),
+            w(4),
+            w(8),
+            w(12),
+            u32::from_ne_bytes([self.proto, self._pad[0], self._pad[1], self._pad[2]]),
+        ]
+    }
+}
+
+/// Ways per set of the conntrack table.
+pub const CT_WAYS: usize = 4;
+
+/// One way of a conntrack set: a flow's key and entry. Whether it holds a flow is its tag's
+/// business ([`CtTags`]); the agent frees a way by zeroing the tag, one aligned store.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtWay {
+    /// The flow's state (first: it is 8-byte aligned, the key 4).
+    pub value: CtValue,
+    /// The flow.
+    pub key: CtKey,
+    /// Always zero: a way is one 64-byte cache line.
+    pub _pad: [u32; 3],
+}
+const _: () = assert!(core::mem::size_of::<CtWay>() == 64);
+
+/// Value of [`crate::maps::CT`] at a set index: [`CT_WAYS`] ways, 256 bytes, four cache lines of
+/// a page-aligned array (the map is mmapable, whose values the kernel aligns to a page).
+/// Which ways hold a flow: [`CtTags`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtSet {
+    /// The ways.
+    pub ways: [CtWay; CT_WAYS],
+}
+const _: () = assert!(core::mem::size_of::<CtSet>() == 64 * CT_WAYS);
+
+/// Value of [`crate::maps::CT_TAGS`] at a set index: a tag of each way's key, 0 for a free way.
+/// The programs search a set through its tags, 16 bytes in a 2 MiB array at the default size,
+/// and read a way only when its tag matches: a new flow's insert touches no way but the one it
+/// writes, unless its set is full. The ways' array (32 MiB) has too many pages for the TLB, and
+/// a miss there costs a page walk (a nested one in a VM) on top of the cache miss.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtTags {
+    /// Tag of each way ([`tag_of`]), 0: free.
+    pub tags: [u32; CT_WAYS],
+}
+
+/// Sets for a table of `entries` flows: `entries / CT_WAYS`, rounded down to a power of two (a
+/// set is chosen by masking the hash), at least one.
+pub const fn sets_for(entries: u32) -> u32 {
+    let sets = entries / CT_WAYS as u32;
+    if sets <= 1 {
+        1
+    } else {
+        1 << (31 - sets.leading_zeros())
+    }
+}
+
+/// Set of the flow with key words `w` in a table whose set count is a power of two, `mask` =
+/// sets − 1. Each half of the key is folded into 64 bits with its own rotation, so that fields
+/// which vary together (an interface index and the low bits of an address) do not cancel out,
+/// then multiplied by a 64-bit odd constant (Fibonacci hashing), whose top bits depend on every
+/// bit folded in.
+#[inline(always)]
+pub fn set_of(w: &[u32; 7], mask: u32) -> u32 {
+    (fold(w).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32 & mask
+}
+
+#[inline(always)]
+fn fold(w: &[u32; 7]) -> u64 {
+    let word = |hi: u32, lo: u32| ((hi as u64) << 32) | lo as u64;
+    word(w[0], w[1])
+        ^ word(w[2], w[3]).rotate_left(17)
+        ^ word(w[4], w[5]).rotate_left(41)
+        ^ (w[6] as u64).rotate_left(29)
+}
+
+/// Tag of the flow with key words `w`: never 0 (a free way's), from other bits of the key than
+/// [`set_of`] uses, so flows of one set rarely share a tag (and a shared tag only costs a read
+/// of the way: the key decides).
+#[inline(always)]
+pub fn tag_of(w: &[u32; 7]) -> u32 {
+    ((fold(w).wrapping_mul(0xc2b2_ae3d_27d4_eb4f) >> 32) as u32) | 1
+}
 
 /// TCP: SYN seen, no reply yet.
 pub const CT_TCP_SYN_SENT: u8 = 1;
@@ -201,6 +307,53 @@ impl Timeouts {
 #[cfg(test)]
 mod tests {
     use super::{tcp_flags::*, *};
+
+    #[test]
+    fn key_words_follow_the_layout() {
+        let key = CtKey {
+            ifindex: 7,
+            local_port: 0x1234,
+            remote_port: 80,
+            remote_addr: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
+            proto: 6,
+            _pad: [0; 3],
+        };
+        // SAFETY: CtKey is repr(C), 28 bytes without padding, as aligned as u32.
+        let raw: [u32; 7] = unsafe { core::mem::transmute(key) };
+        assert_eq!(key.words(), raw);
+    }
+
+    #[test]
+    fn sets_are_powers_of_two() {
+        assert_eq!(sets_for(0), 1);
+        assert_eq!(sets_for(4), 1);
+        assert_eq!(sets_for(256), 64);
+        assert_eq!(sets_for(300), 64);
+        assert_eq!(sets_for(1 << 19), 1 << 17);
+        assert_eq!(sets_for(u32::MAX), 1 << 29);
+    }
+
+    #[test]
+    fn flows_spread_over_the_sets() {
+        // One pod's connections to one peer port from consecutive local ports, and pods on
+        // consecutive interfaces talking to consecutive addresses: no set gets more than a few
+        // times its share.
+        let mask = (1u32 << 10) - 1;
+        let mut load = [0u32; 1 << 10];
+        for i in 0..8_192u32 {
+            let key = CtKey {
+                ifindex: 3 + i % 64,
+                local_port: 32_768 + (i / 64) as u16,
+                remote_port: 443,
+                remote_addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, (i % 64) as u8],
+                proto: 6,
+                _pad: [0; 3],
+            };
+            load[set_of(&key.words(), mask) as usize] += 1;
+        }
+        let max = *load.iter().max().unwrap();
+        assert!(max <= 24, "largest set holds {max} of an average of 8");
+    }
 
     #[test]
     fn tcp_states() {

@@ -20,8 +20,11 @@ pub const PEER_EXACT: &str = "np_peer_exact";
 pub const PORTS: &str = "np_ports";
 /// HASH (port-set id, protocol, port) → action and rule id: the full-length port-set entries.
 pub const PORT_EXACT: &str = "np_port_exact";
-/// LRU HASH [`crate::ct::CtKey`] → [`crate::ct::CtValue`].
+/// ARRAY (mmapable) set index → [`crate::ct::CtSet`]: the conntrack table, [`crate::ct::CT_WAYS`]
+/// flows per set.
 pub const CT: &str = "np_ct";
+/// ARRAY (mmapable) set index → [`crate::ct::CtTags`]: which ways of [`CT`] hold which flows.
+pub const CT_TAGS: &str = "np_ct_tags";
 /// LRU HASH [`crate::ct::FragKey`] → [`crate::ct::FragValue`]: datagrams whose first fragment passed.
 pub const FRAG: &str = "np_frag";
 /// PERCPU HASH (ifindex, direction, reason) → packets and bytes, of endpoints without a counter
@@ -45,7 +48,7 @@ pub const EVENT_RATE: &str = "np_ev_rate";
 pub const CONFIG: &str = "np_cfg";
 
 /// Every pinned map, for inspection and uninstall.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 16] = [
     EP,
     SLOT,
     PEER,
@@ -53,6 +56,7 @@ pub const ALL: [&str; 15] = [
     PORTS,
     PORT_EXACT,
     CT,
+    CT_TAGS,
     FRAG,
     COUNTERS,
     SLOT_COUNTERS,
@@ -73,7 +77,8 @@ pub const PEER_EXACT_MAX: usize = 1 << 20;
 pub const PORTS_MAX: usize = 1 << 18;
 /// Capacity of [`PORT_EXACT`].
 pub const PORT_EXACT_MAX: usize = 1 << 18;
-/// Default capacity of [`CT`] (the agent can override it at load time).
+/// Default capacity of [`CT`] in flows (the agent can override it at load time); the map has
+/// `CT_MAX / CT_WAYS` sets.
 pub const CT_MAX: usize = 1 << 19;
 /// Capacity of [`FRAG`].
 pub const FRAG_MAX: usize = 1 << 14;

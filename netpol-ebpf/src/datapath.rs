@@ -3,7 +3,7 @@
 use core::{mem::MaybeUninit, ptr::addr_of_mut};
 
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_ANY, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{__sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC},
     programs::TcContext,
 };
 use netpol_common::{
@@ -21,15 +21,13 @@ use crate::{
     addr::{self, Addr},
     clock,
     counters::{count, count_rule, stat},
+    ct::{self, NotInserted},
     events::emit,
     fastpath,
-    maps::{Scratch, CT_MAP, EP_MAP, FRAG_MAP, SCRATCH_MAP},
+    maps::{Scratch, EP_MAP, FRAG_MAP, SCRATCH_MAP},
     parse::{parse, Flow, FlowKind, Packet, PROTO_TCP, PROTO_UDP},
     policy::{evaluate, evaluate_outlined},
 };
-
-/// What an insert without replacement returns when the key is there.
-const EEXIST: i32 = 17;
 
 /// Pass, and let later TC programs (if any) and the stack carry on.
 const TC_PASS: i32 = TC_ACT_UNSPEC;
@@ -169,14 +167,15 @@ fn service_port(key: &CtKey, origin: u8) -> u16 {
 /// parsed `Flow`, rather than on the stack (see [`decide`]).
 ///
 /// A TCP SYN (without ACK) nearly always opens a new connection, so it is decided by policy
-/// before conntrack is consulted, and a new flow walks one conntrack bucket instead of two:
-/// - allowed, its entry is inserted only if its key is not there yet: the kernel's insert walks
-///   the bucket a lookup would walk, and hashes the key as a lookup would. Only if the key is
-///   there (a retransmitted SYN, or a new connection on a finished flow's ports) is the entry
-///   looked up, and decided as below;
+/// before conntrack is consulted, and a new flow searches its conntrack set once, not twice:
+/// - allowed, its entry is inserted only if its key is not there yet: the insert searches the
+///   set as a lookup would (`crate::ct::insert`). Only if the key is there (a retransmitted SYN,
+///   or a new connection on a finished flow's ports) is the entry looked up, and decided as
+///   below;
 /// - denied, it is dropped without touching conntrack. A flow's first SYN would only have
-///   missed there, on a bucket no packet touched (a cache miss: a stream of such SYNs cost
-///   ~250 ns each with the lookup, ~100 ns without, in `bench datapath`). A SYN the policy
+///   missed there, on a set no packet touched (a cache miss: a stream of such SYNs cost ~250 ns
+///   each with the lookup, ~100 ns without, in `bench datapath`, when conntrack was the
+///   kernel's LRU hash). A SYN the policy
 ///   denies although its flow is tracked is dropped too: a retransmission under a policy that
 ///   now denies it (the flow's next packet cuts the entry), or, in a simultaneous open, the SYN
 ///   of the side the policy does not let open the connection. TCP completes the handshake
@@ -194,17 +193,17 @@ fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, scratch: &mut Scratch) -> R
     let syn = flow.proto == PROTO_TCP && flow.initiates;
     // One call site each for `new_flow` and `track`, however a packet reaches them: each is
     // inlined, and a second copy would double its share of the programs' instructions.
-    let mut ct = if syn { None } else { CT_MAP.get_ptr_mut(key) };
+    let mut ct = if syn { None } else { ct::lookup(ct::words(key)) };
     let mut reopen = None;
     if ct.is_none() {
-        let flags = if syn { BPF_NOEXIST } else { BPF_ANY };
-        match new_flow(ifindex, dir, ep, flow, key, value, audit, flags) {
+        match new_flow(ifindex, dir, ep, flow, key, value, audit, !syn) {
             Opened::Decided(reason) => return reason,
             Opened::Exists(reason) => {
                 // A retransmitted SYN of a connection being opened keeps its entry. A SYN on the
                 // 4-tuple of a finished or cut flow is a new connection reusing the ports (Linux
                 // reuses ephemeral ports): decided afresh, not by the old flow's verdict.
-                ct = CT_MAP.get_ptr_mut(key).filter(|&c| unsafe { (*c).state } == CT_TCP_SYN_SENT);
+                ct = ct::lookup(ct::words(key))
+                    .filter(|&c| unsafe { (*c).state } == CT_TCP_SYN_SENT);
                 reopen = Some(reason);
             }
         }
@@ -212,12 +211,12 @@ fn decide_flow(ifindex: u32, dir: u8, ep: &Endpoint, scratch: &mut Scratch) -> R
     if let Some(ct) = ct {
         return track(ifindex, dir, ep, flow, key, unsafe { &mut *ct }, audit);
     }
-    // A SYN whose key held another flow (or whose entry was evicted since the insert failed):
+    // A SYN whose key held another flow (or whose entry was evicted since the insert found it):
     // its entry, prepared in `value`, replaces the old one.
     let Some(reason) = reopen else {
         return Reason::DenyConntrackFull;
     };
-    if CT_MAP.insert(key, &*value, BPF_ANY as u64).is_err() {
+    if ct::insert(ct::words(key), value, true).is_err() {
         return Reason::DenyConntrackFull;
     }
     opened(ifindex, dir, ep, flow, value, reason)
@@ -286,7 +285,8 @@ enum Opened {
 
 /// A packet conntrack does not know (or a new connection reusing a finished flow's ports): a new
 /// flow, or one whose tracking started late (agent restart, eviction). Its entry is written
-/// with `flags` (`BPF_NOEXIST` for a SYN not looked up yet, see [`decide_flow`]).
+/// over an entry of the same key only if `replace` (not for a SYN not looked up yet, see
+/// [`decide_flow`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn new_flow(
@@ -297,7 +297,7 @@ fn new_flow(
     key: &CtKey,
     value: &mut CtValue,
     audit: bool,
-    flags: u32,
+    replace: bool,
 ) -> Opened {
     let remote = addr::remote(key);
     let fwd = evaluate(ep, dir, remote, key.proto, service_port(key, dir));
@@ -354,10 +354,10 @@ fn new_flow(
         slot: ep.counter_slot as u16,
         tick: clock::tick(),
     };
-    match CT_MAP.insert(key, &*value, flags as u64) {
+    match ct::insert(ct::words(key), value, replace) {
         Ok(()) => Opened::Decided(opened(ifindex, dir, ep, flow, value, reason)),
-        Err(e) if e == -EEXIST => Opened::Exists(reason),
-        Err(_) => Opened::Decided(Reason::DenyConntrackFull),
+        Err(NotInserted::Exists) => Opened::Exists(reason),
+        Err(NotInserted::NoSet) => Opened::Decided(Reason::DenyConntrackFull),
     }
 }
 
@@ -421,10 +421,8 @@ fn decide_icmp_error(ifindex: u32, dir: u8, ep: &Endpoint, scratch: &mut Scratch
     let t = &flow.inner;
     // SAFETY: `key` is a valid, exclusive reference.
     unsafe { write_ct_key(key, ifindex, dir ^ 1, &t.src, &t.dst, t.sport, t.dport, t.proto) };
-    if let Some(ct) = CT_MAP.get_ptr(&*key) {
-        if unsafe { (*ct).verdict } != CT_VERDICT_DENY {
-            return Reason::AllowConntrack;
-        }
+    if ct::tracked_unless_cut(ct::words(key)) {
+        return Reason::AllowConntrack;
     }
     let remote = if dir == DIR_EGRESS { &flow.dst } else { &flow.src };
     let d = evaluate_outlined(ep, dir, remote, flow.proto, 0);

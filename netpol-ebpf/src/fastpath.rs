@@ -13,7 +13,7 @@
 use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use netpol_common::{
     counters::{Reason, NO_COUNTER_SLOT},
-    ct::{tcp_flags, tcp_next_state, CtKey, CT_VERDICT_ALLOW, CT_VERDICT_AUDIT},
+    ct::{tcp_flags, tcp_next_state, CT_VERDICT_ALLOW, CT_VERDICT_AUDIT},
     DIR_EGRESS,
 };
 
@@ -28,8 +28,9 @@ use crate::{
     addr::{v4_mapped, Addr},
     clock,
     counters::count,
+    ct,
     flowcache::{self, KeyWords},
-    maps::{CT_MAP, SLOT_MAP},
+    maps::SLOT_MAP,
     parse::{at, bounds, ETH_P_IP, ETH_P_IPV6, PROTO_TCP, PROTO_UDP},
 };
 
@@ -55,19 +56,6 @@ fn key_words(ifindex: u32, ports: [u16; 2], remote: Addr, proto: u8) -> KeyWords
         remote[3],
         u32::from_ne_bytes([proto, 0, 0, 0]),
     ]
-}
-
-/// The conntrack key of [`key_words`], in place: a copy would take stack from the programs'
-/// one frame (see [`established`]).
-#[inline(always)]
-fn ct_key(words: &KeyWords) -> &CtKey {
-    const _: () = assert!(
-        core::mem::size_of::<CtKey>() == core::mem::size_of::<KeyWords>()
-            && core::mem::align_of::<CtKey>() == core::mem::align_of::<KeyWords>()
-    );
-    // SAFETY: CtKey is `repr(C)`, as large and as aligned as the words, without padding
-    // between its fields, and every bit pattern is a valid CtKey.
-    unsafe { &*(words as *const KeyWords as *const CtKey) }
 }
 
 /// Whether `slot` is held by the endpoint on `ifindex` at `generation`: the agent writes the
@@ -176,7 +164,7 @@ pub fn established<const DIR: u8>(skb: *mut __sk_buff, ifindex: u32) -> Option<R
         }
     }
 
-    let ct = CT_MAP.get_ptr_mut(ct_key(&words))?;
+    let ct = ct::lookup(&words)?;
     // SAFETY: a conntrack value; concurrent writers on other CPUs only race on fields whose
     // torn values are harmless (a timestamp, a TCP state), as in the general path.
     let ct = unsafe { &mut *ct };

@@ -34,8 +34,7 @@ use crate::maps::FLOW_CACHE_MAP;
 /// limit (32 KiB).
 pub const ENTRIES: usize = 512;
 
-/// The conntrack key as the words of its `repr(C)` layout (see `fastpath::key_words`).
-pub type KeyWords = [u32; 7];
+pub use crate::ct::KeyWords;
 
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -87,16 +86,7 @@ pub fn lookup(e: &Entry, key: &KeyWords, now: u64) -> Option<Hit> {
     if e.jiffies != now {
         return None;
     }
-    // Word by word, written out: as an iterator's fold the compare measured ~8 ns slower.
-    let (a, b) = (&e.key, key);
-    let diff = (a[0] ^ b[0])
-        | (a[1] ^ b[1])
-        | (a[2] ^ b[2])
-        | (a[3] ^ b[3])
-        | (a[4] ^ b[4])
-        | (a[5] ^ b[5])
-        | (a[6] ^ b[6]);
-    if diff != 0 {
+    if !crate::ct::same_key(&e.key, key) {
         return None;
     }
     let reason =

@@ -11,6 +11,7 @@ mod addr;
 mod bench;
 mod clock;
 mod counters;
+mod ct;
 mod datapath;
 mod events;
 mod fastpath;

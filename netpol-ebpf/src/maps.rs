@@ -9,7 +9,7 @@ use netpol_common::{
     counters::{
         CounterKey, CounterValue, RuleCounterKey, COUNTERS_PER_SLOT, COUNTER_SLOTS, STAT_SLOTS,
     },
-    ct::{CtKey, CtValue, FragKey, FragValue},
+    ct::{CtKey, CtSet, CtTags, CtValue, FragKey, FragValue, CT_WAYS},
     ep::{Endpoint, EndpointKey, SlotOwner},
     event::{Config, RateState},
     maps::*,
@@ -48,8 +48,17 @@ pub static PEER_EXACT_MAP: HashMap<PeerData, PeerValue, PEER_EXACT_MAX, NO_PREAL
 pub static PORT_EXACT_MAP: HashMap<PortData, PortValue, PORT_EXACT_MAX, NO_PREALLOC> =
     HashMap::new();
 
+/// Mmapable: the kernel then aligns the values to a page, so each way is one cache line, and the
+/// agent scans and expires the table through a mapping instead of a syscall per set.
+const MMAPABLE: usize = aya_ebpf::bindings::BPF_F_MMAPABLE as usize;
+
+/// The conntrack table (`crate::ct`): sized by the agent at load time.
 #[btf_map(name = "np_ct")]
-pub static CT_MAP: LruHashMap<CtKey, CtValue, CT_MAX> = LruHashMap::new();
+pub static CT_MAP: Array<CtSet, { CT_MAX / CT_WAYS }, MMAPABLE> = Array::new();
+
+/// The conntrack table's tags, one `CtTags` per set of `np_ct`.
+#[btf_map(name = "np_ct_tags")]
+pub static CT_TAGS_MAP: Array<CtTags, { CT_MAX / CT_WAYS }, MMAPABLE> = Array::new();
 
 #[btf_map(name = "np_frag")]
 pub static FRAG_MAP: LruHashMap<FragKey, FragValue, FRAG_MAX> = LruHashMap::new();

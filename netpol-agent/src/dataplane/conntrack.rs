@@ -1,12 +1,23 @@
-//! Conntrack dump and garbage collection. The programs create and refresh entries; the agent
-//! expires them. Deleting races with the datapath refreshing the same entry, so GC is two-phase:
-//! [`scan`] records the `last_seen_ns` of every expired entry, [`sweep`] re-reads each one and
-//! deletes it only if that time did not move (a packet in between keeps the flow).
-use std::collections::BTreeSet;
+//! The conntrack table (`np_ct` and its tags `np_ct_tags`, see `netpol_common::ct`): its size at
+//! load time, dump and garbage collection. The programs create and refresh entries; the agent
+//! expires them.
+//!
+//! The agent reads and frees ways through shared mappings of the two maps (both are mmapable),
+//! not a syscall per set: a GC pass reads the tags (2 MiB at the default size) and only the ways
+//! they mark taken. Freeing races with the datapath refreshing or reusing the same way, so GC is
+//! two-phase: [`scan`] records the `last_seen_ns` of every expired way, [`sweep`] re-reads each
+//! one and frees it only if it still holds that flow at that time (a packet in between keeps the
+//! flow). A way is freed by zeroing its tag, one aligned 4-byte store.
+use std::{
+    collections::BTreeSet,
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+    ptr::NonNull,
+};
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{Map, MapData, MapType};
 use netpol_common::{
-    ct::{CtKey, CtValue, Timeouts},
+    ct::{sets_for, CtKey, CtSet, CtTags, CtValue, CtWay, Timeouts, CT_WAYS},
     maps,
 };
 
@@ -15,6 +26,8 @@ use super::{map_err, DataplaneError};
 /// An entry found expired by [`scan`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Expired {
+    /// Where it is: set × ways + way.
+    pub way: usize,
     /// The flow.
     pub key: CtKey,
     /// Its last-seen time when scanned.
@@ -40,80 +53,231 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-type Ct<'a> = HashMap<&'a MapData, CtKey, CtValue>;
-
-fn open(map: &Map) -> Result<Ct<'_>, DataplaneError> {
-    map.try_into().map_err(map_err(maps::CT, "open"))
+/// The programs' set mask for a table of `sets` sets (a power of two when the agent made it).
+pub fn set_mask(sets: u32) -> u32 {
+    sets_for(sets.saturating_mul(CT_WAYS as u32)) - 1
 }
 
-/// Every entry of the conntrack map.
-pub fn dump(map: &Map) -> Result<Vec<(CtKey, CtValue)>, DataplaneError> {
-    let ct = open(map)?;
-    let mut out = Vec::new();
-    for item in ct.iter() {
-        match item {
-            Ok(kv) => out.push(kv),
-            // An entry evicted or deleted while iterating.
-            Err(MapError::KeyNotFound) => continue,
-            Err(e) => return Err(map_err(maps::CT, "iterate")(e)),
+/// Sets of the table to load: those of the table pinned in `pin_dir` if it has this layout (a
+/// pinned table outlives the agent, with its flows; its size wins over `requested`), else
+/// enough for `requested` flows ([`maps::CT_MAX`] by default). A table pinned by an older
+/// layout (the LRU hash of earlier versions), or only half of one, is unpinned, so the loader
+/// creates this one: the programs still attached keep the old table until they are replaced,
+/// and the flows it held are picked up again by the new programs' general path.
+pub fn sets_to_load(pin_dir: &Path, requested: Option<u32>) -> Result<u32, DataplaneError> {
+    let wanted = sets_for(requested.unwrap_or(maps::CT_MAX as u32));
+    let (ways_pin, tags_pin) = (pin_dir.join(maps::CT), pin_dir.join(maps::CT_TAGS));
+    if !ways_pin.exists() && !tags_pin.exists() {
+        return Ok(wanted);
+    }
+    let shape = |pin: &Path, name: &'static str, value: usize| -> Result<Option<u32>, _> {
+        if !pin.exists() {
+            return Ok(None);
+        }
+        let info =
+            MapData::from_pin(pin).and_then(|d| d.info()).map_err(map_err(name, "open pinned"))?;
+        let fits = matches!(info.map_type(), Ok(MapType::Array))
+            && info.key_size() as usize == size_of::<u32>()
+            && info.value_size() as usize == value;
+        Ok(fits.then_some(info.max_entries()))
+    };
+    let ways = shape(&ways_pin, maps::CT, size_of::<CtSet>())?;
+    let tags = shape(&tags_pin, maps::CT_TAGS, size_of::<CtTags>())?;
+    if let (Some(sets), Some(tag_sets)) = (ways, tags) {
+        if sets == tag_sets {
+            if sets != wanted && requested.is_some() {
+                tracing::warn!(
+                    pinned_flows = sets as u64 * CT_WAYS as u64,
+                    requested_flows = requested,
+                    "keeping the pinned conntrack table and its size; delete its pins to resize it"
+                );
+            }
+            return Ok(sets);
         }
     }
-    Ok(out)
+    tracing::warn!(
+        pin_dir = %pin_dir.display(),
+        "replacing a conntrack table of an older layout; its flows are tracked again as they \
+         send packets"
+    );
+    for pin in [ways_pin, tags_pin] {
+        match std::fs::remove_file(&pin) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(DataplaneError::Unpin { path: pin, source: e });
+            }
+            _ => {}
+        }
+    }
+    Ok(wanted)
+}
+
+/// One map mapped into this process.
+struct Mapping<T> {
+    base: NonNull<T>,
+    len: usize,
+    bytes: usize,
+}
+
+impl<T> Mapping<T> {
+    fn new(map: &Map, name: &'static str) -> Result<Self, DataplaneError> {
+        let Map::Array(data) = map else {
+            return Err(DataplaneError::NotArray { name });
+        };
+        let len = data.info().map_err(map_err(name, "info"))?.max_entries() as usize;
+        let bytes = len * size_of::<T>();
+        // SAFETY: maps the map's fd shared, at most its size; the kernel refuses an fd that is
+        // not an mmapable map. Unmapped in `Drop`.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DataplaneError::Mmap { name, source: std::io::Error::last_os_error() });
+        }
+        let base = NonNull::new(ptr as *mut T).expect("mmap returned null without failing");
+        Ok(Mapping { base, len, bytes })
+    }
+
+    fn at(&self, i: usize) -> *mut T {
+        assert!(i < self.len, "index {i} beyond {} values", self.len);
+        // SAFETY: within the mapping.
+        unsafe { self.base.as_ptr().add(i) }
+    }
+}
+
+impl<T> Drop for Mapping<T> {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `Mapping::new`, unmapped once.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
+    }
+}
+
+/// The table, mapped. Way `i` is way `i % CT_WAYS` of set `i / CT_WAYS`.
+pub struct Table {
+    ways: Mapping<CtSet>,
+    tags: Mapping<CtTags>,
+}
+
+impl Table {
+    /// Maps the table's two maps.
+    pub fn open(ways: &Map, tags: &Map) -> Result<Table, DataplaneError> {
+        let table =
+            Table { ways: Mapping::new(ways, maps::CT)?, tags: Mapping::new(tags, maps::CT_TAGS)? };
+        if table.ways.len != table.tags.len {
+            return Err(DataplaneError::NotArray { name: maps::CT_TAGS });
+        }
+        Ok(table)
+    }
+
+    fn len(&self) -> usize {
+        self.ways.len * CT_WAYS
+    }
+
+    /// Way `i`'s tag. Volatile: the programs write the table concurrently.
+    fn tag(&self, i: usize) -> u32 {
+        let set = self.tags.at(i / CT_WAYS);
+        // SAFETY: within the mapping, 4-byte aligned (a page-aligned array of 16-byte values).
+        unsafe { std::ptr::addr_of!((*set).tags[i % CT_WAYS]).read_volatile() }
+    }
+
+    /// The flow in way `i`, if any: a copy taken between two reads of its tag that agree (the
+    /// programs clear the tag before they rewrite a way and set it after), so never half of
+    /// one flow and half of another.
+    fn read(&self, i: usize) -> Option<(CtKey, CtValue)> {
+        let tag = self.tag(i);
+        if tag == 0 {
+            return None;
+        }
+        let set = self.ways.at(i / CT_WAYS);
+        // SAFETY: within the mapping; a CtWay is plain data, valid for any bits.
+        let way: CtWay = unsafe { std::ptr::addr_of!((*set).ways[i % CT_WAYS]).read_volatile() };
+        (self.tag(i) == tag).then_some((way.key, way.value))
+    }
+
+    /// Frees way `i`: zeroes its tag.
+    fn free(&self, i: usize) {
+        let set = self.tags.at(i / CT_WAYS);
+        // SAFETY: as in `tag`.
+        unsafe { std::ptr::addr_of_mut!((*set).tags[i % CT_WAYS]).write_volatile(0) };
+    }
+
+    /// Every flow: its way, key and entry.
+    fn entries(&self) -> impl Iterator<Item = (usize, CtKey, CtValue)> + '_ {
+        (0..self.len()).filter_map(|i| self.read(i).map(|(k, v)| (i, k, v)))
+    }
+}
+
+/// Capacity of the table in flows.
+pub fn capacity(ways: &Map) -> Result<u64, DataplaneError> {
+    let Map::Array(data) = ways else {
+        return Err(DataplaneError::NotArray { name: maps::CT });
+    };
+    let sets = data.info().map_err(map_err(maps::CT, "info"))?.max_entries();
+    Ok(sets as u64 * CT_WAYS as u64)
+}
+
+/// Every entry of the conntrack table.
+pub fn dump(table: &Table) -> Vec<(CtKey, CtValue)> {
+    table.entries().map(|(_, k, v)| (k, v)).collect()
 }
 
 /// Phase one: entries idle for longer than their timeout at `now_ns`, and, when `enforced` is
 /// given, every entry of an interface not in it (released: its pod is gone, and a later pod on
-/// a reused ifindex must not find its flows).
+/// a reused ifindex must not find its flows). Returns the number of entries and the expired.
 pub fn scan(
-    map: &Map,
+    table: &Table,
     now_ns: u64,
     timeouts: &Timeouts,
     enforced: Option<&BTreeSet<u32>>,
-) -> Result<(u64, Vec<Expired>), DataplaneError> {
-    let entries = dump(map)?;
-    let expired = entries
-        .iter()
-        .filter(|(k, v)| {
-            let idle = now_ns.saturating_sub(v.last_seen_ns);
-            idle > timeouts.for_value(k.proto, v).saturating_mul(1_000_000_000)
-                || enforced.is_some_and(|e| !e.contains(&k.ifindex))
-        })
-        .map(|(k, v)| Expired { key: *k, last_seen_ns: v.last_seen_ns })
-        .collect();
-    Ok((entries.len() as u64, expired))
-}
-
-/// Phase two: deletes the scanned entries whose last-seen time is unchanged.
-pub fn sweep(map: &mut Map, expired: &[Expired]) -> Result<GcStats, DataplaneError> {
-    let mut ct: HashMap<&mut MapData, CtKey, CtValue> =
-        map.try_into().map_err(map_err(maps::CT, "open"))?;
-    let mut stats = GcStats::default();
-    for e in expired {
-        match ct.get(&e.key, 0) {
-            Ok(v) if v.last_seen_ns == e.last_seen_ns => match ct.remove(&e.key) {
-                Ok(()) => stats.deleted += 1,
-                // Evicted by the LRU in the meantime: gone either way.
-                Err(err) if super::is_not_found(&err) => {}
-                Err(err) => return Err(map_err(maps::CT, "remove")(err)),
-            },
-            Ok(_) => stats.refreshed += 1,
-            Err(err) if super::is_not_found(&err) => {}
-            Err(err) => return Err(map_err(maps::CT, "get")(err)),
+) -> (u64, Vec<Expired>) {
+    let mut entries = 0;
+    let mut expired = Vec::new();
+    for (way, key, value) in table.entries() {
+        entries += 1;
+        let idle = now_ns.saturating_sub(value.last_seen_ns);
+        if idle > timeouts.for_value(key.proto, &value).saturating_mul(1_000_000_000)
+            || enforced.is_some_and(|e| !e.contains(&key.ifindex))
+        {
+            expired.push(Expired { way, key, last_seen_ns: value.last_seen_ns });
         }
     }
-    Ok(stats)
+    (entries, expired)
 }
 
-/// Deletes every entry (tests; `uninstall`).
-pub fn clear(map: &mut Map) -> Result<u64, DataplaneError> {
-    let keys: Vec<CtKey> = dump(map)?.into_iter().map(|(k, _)| k).collect();
-    let mut ct: HashMap<&mut MapData, CtKey, CtValue> =
-        map.try_into().map_err(map_err(maps::CT, "open"))?;
+/// Phase two: frees the scanned entries that still hold their flow, unrefreshed.
+pub fn sweep(table: &Table, expired: &[Expired]) -> GcStats {
+    let mut stats = GcStats::default();
+    for e in expired {
+        match table.read(e.way) {
+            Some((key, value)) if key == e.key => {
+                if value.last_seen_ns == e.last_seen_ns {
+                    table.free(e.way);
+                    stats.deleted += 1;
+                } else {
+                    stats.refreshed += 1;
+                }
+            }
+            // Freed, or evicted and reused by another flow in the meantime: gone either way.
+            _ => {}
+        }
+    }
+    stats
+}
+
+/// Frees every entry (tests; `uninstall`); returns how many there were.
+pub fn clear(table: &Table) -> u64 {
     let mut n = 0;
-    for k in keys {
-        if ct.remove(&k).is_ok() {
+    for i in 0..table.len() {
+        if table.tag(i) != 0 {
+            table.free(i);
             n += 1;
         }
     }
-    Ok(n)
+    n
 }

@@ -20,6 +20,8 @@ pub struct Stats {
     pub events_rate_limited: u64,
     /// Packets on an attached interface without an endpoint entry.
     pub no_endpoint: u64,
+    /// Conntrack entries taken over by a new flow because their set was full.
+    pub ct_evicted: u64,
 }
 
 /// All counters, summed over CPUs.
@@ -117,6 +119,7 @@ pub(super) fn read(
         events_lost: slot(netpol_common::counters::STAT_EVENTS_LOST)?,
         events_rate_limited: slot(netpol_common::counters::STAT_EVENTS_RATE_LIMITED)?,
         no_endpoint: slot(netpol_common::counters::STAT_NO_ENDPOINT)?,
+        ct_evicted: slot(netpol_common::counters::STAT_CT_EVICTED)?,
     };
     Ok(snap)
 }

@@ -58,6 +58,30 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    /// Removing a pinned map of an older layout failed.
+    #[error("removing {path}, a map pinned by an older layout")]
+    Unpin {
+        /// The pin.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A map that should be an array is not (pinned by another build).
+    #[error("map {name} is not an array")]
+    NotArray {
+        /// Map name.
+        name: &'static str,
+    },
+    /// Mapping a map's memory into the agent failed.
+    #[error("mapping map {name} into memory")]
+    Mmap {
+        /// Map name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Loading the object (maps, BTF, relocations) failed.
     #[error("loading the eBPF object {object}")]
     Load {
@@ -159,7 +183,7 @@ type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 pub struct DataplaneOptions {
     /// Where maps are pinned (one directory per layout version).
     pub pin_dir: PathBuf,
-    /// Capacity of the conntrack map (`None`: [`maps::CT_MAX`]).
+    /// Capacity of the conntrack table in flows when it is created (`None`: [`maps::CT_MAX`]).
     pub ct_max_entries: Option<u32>,
     /// An eBPF object file to load instead of the one built into the binary (`None`: the
     /// embedded one). It must define the programs and maps of this layout version.
@@ -230,9 +254,13 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        if let Some(ct) = opts.ct_max_entries {
-            loader.map_max_entries(maps::CT, ct);
-        }
+        // The conntrack table's size is fixed when it is created; its set mask reaches the
+        // programs as a load-time constant.
+        let ct_sets = conntrack::sets_to_load(&opts.pin_dir, opts.ct_max_entries)?;
+        let ct_mask = conntrack::set_mask(ct_sets);
+        loader.map_max_entries(maps::CT, ct_sets);
+        loader.map_max_entries(maps::CT_TAGS, ct_sets);
+        loader.override_global("CT_SET_MASK", &ct_mask, true);
         let loaded = match (&opts.object, embedded) {
             (Some(path), _) => loader.load_file(path),
             (None, bytes) => loader.load(bytes.unwrap_or_default()),
@@ -838,9 +866,19 @@ impl Dataplane {
         slots.set(0, &fd, 0).map_err(map_err(name, "set"))
     }
 
+    /// Capacity of the conntrack table in flows.
+    pub fn conntrack_capacity(&self) -> Result<u64> {
+        conntrack::capacity(self.map(maps::CT)?)
+    }
+
+    /// The conntrack table, mapped (for the GC's phases one by one).
+    pub fn conntrack_table(&self) -> Result<conntrack::Table> {
+        conntrack::Table::open(self.map(maps::CT)?, self.map(maps::CT_TAGS)?)
+    }
+
     /// Every conntrack entry.
     pub fn conntrack(&self) -> Result<Vec<(netpol_common::ct::CtKey, netpol_common::ct::CtValue)>> {
-        conntrack::dump(self.map(maps::CT)?)
+        Ok(conntrack::dump(&self.conntrack_table()?))
     }
 
     /// One garbage-collection pass over the conntrack map at time `now_ns` (monotonic clock).
@@ -852,16 +890,16 @@ impl Dataplane {
         // Entries of interfaces without an endpoint entry go too: the agent removes the entry
         // when it releases an interface, after detaching the programs, so nothing refreshes them.
         let enforced = self.endpoint_ifindexes()?;
-        let (scanned, expired) =
-            conntrack::scan(self.map(maps::CT)?, now_ns, timeouts, Some(&enforced))?;
-        let mut stats = conntrack::sweep(self.map_mut(maps::CT)?, &expired)?;
+        let table = self.conntrack_table()?;
+        let (scanned, expired) = conntrack::scan(&table, now_ns, timeouts, Some(&enforced));
+        let mut stats = conntrack::sweep(&table, &expired);
         stats.scanned = scanned;
         Ok(stats)
     }
 
     /// Deletes every conntrack entry; returns how many.
     pub fn clear_conntrack(&mut self) -> Result<u64> {
-        conntrack::clear(self.map_mut(maps::CT)?)
+        Ok(conntrack::clear(&self.conntrack_table()?))
     }
 
     /// Takes the deny-event ring buffer (`np_events`) out of the loaded object, for a reader
@@ -889,7 +927,7 @@ impl Dataplane {
 }
 
 /// Key and value sizes of every map whose entries the agent or the programs interpret.
-fn layout() -> [(&'static str, usize, usize); 14] {
+fn layout() -> [(&'static str, usize, usize); 15] {
     use core::mem::size_of;
     use netpol_common::{counters::*, ct::*, event::*};
     let lpm = |data: usize| size_of::<u32>() + data;
@@ -900,7 +938,8 @@ fn layout() -> [(&'static str, usize, usize); 14] {
         (maps::PEER_EXACT, size_of::<PeerData>(), size_of::<PeerValue>()),
         (maps::PORTS, lpm(size_of::<PortData>()), size_of::<PortValue>()),
         (maps::PORT_EXACT, size_of::<PortData>(), size_of::<PortValue>()),
-        (maps::CT, size_of::<CtKey>(), size_of::<CtValue>()),
+        (maps::CT, size_of::<u32>(), size_of::<CtSet>()),
+        (maps::CT_TAGS, size_of::<u32>(), size_of::<CtTags>()),
         (maps::FRAG, size_of::<FragKey>(), size_of::<FragValue>()),
         (maps::COUNTERS, size_of::<CounterKey>(), size_of::<CounterValue>()),
         (maps::SLOT_COUNTERS, size_of::<u32>(), size_of::<CounterValue>()),

@@ -126,7 +126,9 @@ impl PinnedMaps {
 
     /// Every conntrack entry.
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>> {
-        super::conntrack::dump(&self.map(maps::CT)?).map_err(|e| PinnedError::Counters(Box::new(e)))
+        let table = super::conntrack::Table::open(&self.map(maps::CT)?, &self.map(maps::CT_TAGS)?)
+            .map_err(|e| PinnedError::Counters(Box::new(e)))?;
+        Ok(super::conntrack::dump(&table))
     }
 
     /// Entries and capacity of every pinned map.
@@ -137,11 +139,15 @@ impl PinnedMaps {
                 continue;
             }
             let data = self.data(name)?;
-            let max_entries = data.info().map_err(map_err(name, "info"))?.max_entries();
+            let mut max_entries = data.info().map_err(map_err(name, "info"))?.max_entries();
+            if name == maps::CT {
+                // Sets of ways: the capacity in flows.
+                max_entries = max_entries.saturating_mul(netpol_common::ct::CT_WAYS as u32);
+            }
             let map = Map::from_map_data(data).map_err(map_err(name, "open"))?;
             let entries = match name {
                 maps::EP => Some(count_hash::<EndpointKey, Endpoint>(map, name)?),
-                maps::CT => Some(count_hash::<CtKey, CtValue>(map, name)?),
+                maps::CT => Some(self.conntrack()?.len() as u64),
                 maps::FRAG => Some(count_hash::<FragKey, FragValue>(map, name)?),
                 maps::PEER => Some(count_lpm::<PeerData, PeerValue>(map, name)?),
                 maps::PEER_EXACT => Some(count_hash::<PeerData, PeerValue>(map, name)?),

@@ -317,6 +317,13 @@ impl Collector for KernelCollector {
             "no_endpoint_packets",
             "Packets seen on an attached interface that has no endpoint entry.",
             view.stats.no_endpoint,
+        )?;
+        counter(
+            &mut encoder,
+            "conntrack_evictions",
+            "Conntrack entries a new flow took over because their set of 4 was full (the flow \
+             seen least recently there); such a flow is decided afresh at its next packet.",
+            view.stats.ct_evicted,
         )
     }
 }
@@ -367,6 +374,7 @@ mod tests {
                 events_lost: 2 * scale,
                 events_rate_limited: 5 * scale,
                 no_endpoint: 1,
+                ct_evicted: 3 * scale,
             },
         }
     }
@@ -440,6 +448,10 @@ mod tests {
         assert_eq!(
             series(&s, "netpol_no_endpoint_packets_total"),
             BTreeMap::from([(Labels::new(), 1.0)])
+        );
+        assert_eq!(
+            series(&s, "netpol_conntrack_evictions_total"),
+            BTreeMap::from([(Labels::new(), 3.0)])
         );
     }
 

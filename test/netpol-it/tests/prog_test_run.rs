@@ -34,7 +34,22 @@ const EGRESS_SET: u32 = 2;
 /// 10.0.0.2 anything (rule 11); 10.1.0.0/16 TCP 8000-8099 (rule 12).
 /// Egress: only UDP 53 to 10.0.0.1 (rule 13).
 fn fixture(name: &str) -> Fixture {
-    let mut f = Fixture::new(name);
+    with_policy(Fixture::new(name))
+}
+
+/// [`fixture`] with a conntrack table of `flows` flows.
+fn fixture_with_ct(name: &str, flows: u32) -> Fixture {
+    let opts = netpol_agent::dataplane::DataplaneOptions {
+        ct_max_entries: Some(flows),
+        events_per_sec: 1000,
+        events_burst: 1000,
+        ..Default::default()
+    };
+    with_policy(Fixture::with_options(name, opts))
+}
+
+/// The policy of [`fixture`] on the dataplane of `f`.
+fn with_policy(mut f: Fixture) -> Fixture {
     f.peer(INGRESS_SET, "10.0.0.1", 10);
     f.peer(INGRESS_SET, ALLOWED6, 10);
     f.ports(10, 6, 80, 80, 10);
@@ -470,7 +485,8 @@ fn established_packets_refresh_their_flow_once_a_timer_tick_passed() {
 
 #[test]
 fn the_flow_cache_decides_a_flow_within_its_tick_and_never_past_a_policy_change() {
-    let mut f = fixture("flow-cache");
+    // A small conntrack table: emptying it between two packets fits in one tick.
+    let mut f = fixture_with_ct("flow-cache", 64);
     let dns = || Frame::new(v4(ALLOWED), v4(POD), udp(3000, 53));
     expect(&mut f, TO, dns(), PASS, IN, AllowPolicy);
     // A flow's packet through the fast path writes this CPU's cache entry; with its conntrack
@@ -550,7 +566,19 @@ fn pinned_maps_carry_btf_field_names_for_bpftool() {
     };
     let ep = dump("np_ep");
     assert!(ep.contains("\"ifindex\": 1") && ep.contains("\"ingress_np\": 1"), "{ep}");
-    let ct = dump("np_ct");
+    // The conntrack table is looked up by set: the one the flow's key hashes to in the
+    // default-sized table (a whole dump prints every set of every way).
+    let flows = f.dp.conntrack().unwrap();
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    let mask = (netpol_common::maps::CT_MAX / netpol_common::ct::CT_WAYS) as u32 - 1;
+    let set =
+        netpol_common::ct::set_of(&flows[0].0.words(), mask).to_le_bytes().map(|b| b.to_string());
+    let path = f.pin_dir().join("np_ct");
+    let mut args = vec!["map".to_owned(), "lookup".into(), "pinned".into()];
+    args.extend([path.to_string_lossy().into_owned(), "key".into()]);
+    args.extend(set);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let ct = netpol_it::cmd::run("bpftool", &args).unwrap();
     assert!(ct.contains("\"local_port\": 80") && ct.contains("\"generation\": 1"), "{ct}");
     assert!(ct.contains("\"slot\": 1"), "{ct}");
     assert!(ep.contains("\"counter_slot\": 1"), "{ep}");
@@ -707,6 +735,70 @@ fn maps_pinned_with_another_layout_are_refused_by_name() {
             && err.contains("netpol-agent uninstall"),
         "{err}"
     );
+}
+
+/// A table of one set: four flows fill it, and a fifth takes the way of the flow seen least
+/// recently, not of one refreshed since; the evicted flow's next packet is decided afresh.
+#[test]
+fn a_full_conntrack_set_evicts_the_flow_seen_least_recently() {
+    let mut f = fixture_with_ct("ct-evict", 4);
+    assert_eq!(f.dp.conntrack_capacity().unwrap(), 4);
+    // The coarse clock moves once per tick (at most 10 ms): a pause orders the flows' times.
+    let tick = || std::thread::sleep(std::time::Duration::from_millis(25));
+    let tracked = |f: &Fixture| {
+        let mut ports: Vec<u16> =
+            f.dp.conntrack().unwrap().iter().map(|(k, _)| k.remote_port).collect();
+        ports.sort_unstable();
+        ports
+    };
+    for port in 1..=4 {
+        expect(&mut f, TO, Frame::new(v4(ALLOWED), v4(POD), syn(port, 80)), PASS, IN, AllowPolicy);
+        tick();
+    }
+    assert_eq!(tracked(&f), [1, 2, 3, 4]);
+    // Flow 1's next packet refreshes it: flow 2 is now the least recently seen.
+    let ack1 = Frame::new(v4(ALLOWED), v4(POD), ack(1, 80));
+    expect(&mut f, TO, ack1, PASS, IN, AllowConntrack);
+    tick();
+    let evicted = |f: &Fixture| f.dp.counters().unwrap().stats.ct_evicted;
+    assert_eq!(evicted(&f), 0, "free ways are not evictions");
+    expect(&mut f, TO, Frame::new(v4(ALLOWED), v4(POD), syn(5, 80)), PASS, IN, AllowPolicy);
+    assert_eq!(tracked(&f), [1, 3, 4, 5], "flow 2 evicted");
+    assert_eq!(evicted(&f), 1);
+    // Flow 2 goes on: its next packet is decided by policy and tracked again (over flow 3, now
+    // the least recently seen).
+    let ack2 = Frame::new(v4(ALLOWED), v4(POD), ack(2, 80));
+    expect(&mut f, TO, ack2, PASS, IN, AllowPolicy);
+    assert_eq!(tracked(&f), [1, 2, 4, 5], "flow 2 tracked again");
+    assert_eq!(evicted(&f), 2);
+}
+
+/// Earlier versions pinned conntrack as an LRU hash: the agent replaces that pin with its table
+/// (rather than refusing to start, as for other maps of another layout), and enforces.
+#[test]
+fn a_conntrack_map_of_the_older_layout_is_replaced() {
+    let dir =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-ct-lru", std::process::id()));
+    let _cleanup = netpol_it::agent::RemovePins(dir.clone());
+    std::fs::create_dir_all(&dir).unwrap();
+    let pin = dir.join("np_ct");
+    let pin_arg = pin.to_string_lossy();
+    let old = ["map", "create", &pin_arg, "type", "lru_hash", "key", "28", "value", "24"];
+    netpol_it::cmd::run("bpftool", &[&old[..], &["entries", "64", "name", "np_ct"]].concat())
+        .unwrap();
+    let opts =
+        netpol_agent::dataplane::DataplaneOptions { pin_dir: dir.clone(), ..Default::default() };
+    let dp = netpol_agent::dataplane::Dataplane::load(&opts).expect("loads over the old pin");
+    let info = aya::maps::MapData::from_pin(&pin).unwrap().info().unwrap();
+    assert!(matches!(info.map_type(), Ok(aya::maps::MapType::Array)), "{:?}", info.map_type());
+    assert_eq!(dp.conntrack_capacity().unwrap(), netpol_common::maps::CT_MAX as u64);
+    assert!(dp.conntrack().unwrap().is_empty());
+    // A restart keeps the table it created.
+    drop(dp);
+    let dp = netpol_agent::dataplane::Dataplane::load(&opts).expect("reloads");
+    let again = aya::maps::MapData::from_pin(&pin).unwrap().info().unwrap();
+    assert_eq!(again.id(), info.id(), "the same table");
+    drop(dp);
 }
 
 #[test]

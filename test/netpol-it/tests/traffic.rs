@@ -214,19 +214,17 @@ fn conntrack_entries_expire_without_racing_the_datapath() {
     // probes use one fixed source port so they are one flow.
     let dns = SocketAddr::from((server.ip, 53));
     assert!(udp_echo_from(&client.netns, 40053, dns, T).unwrap());
-    let map = f.dp.raw_map_mut(netpol_common::maps::CT).unwrap();
+    let table = f.dp.conntrack_table().unwrap();
     let (_, expired) = netpol_agent::dataplane::conntrack::scan(
-        map,
+        &table,
         later + 61_000_000_000,
         &Timeouts::DEFAULT,
         None,
-    )
-    .unwrap();
+    );
     assert_eq!(expired.len(), 1);
     std::thread::sleep(Duration::from_millis(5));
     assert!(udp_echo_from(&client.netns, 40053, dns, T).unwrap(), "refresh");
-    let map = f.dp.raw_map_mut(netpol_common::maps::CT).unwrap();
-    let stats = netpol_agent::dataplane::conntrack::sweep(map, &expired).unwrap();
+    let stats = netpol_agent::dataplane::conntrack::sweep(&table, &expired);
     assert_eq!(stats, GcStats { scanned: 0, deleted: 0, refreshed: 1 });
     assert_eq!(udp_entries(&f), 1);
 }
