@@ -2,11 +2,12 @@
 //! and why it is not a kernel hash: `netpol_common::ct`).
 //!
 //! Concurrency: the programs of every CPU read and write the table without a lock, as they did
-//! the LRU hash's entries (whose elements the kernel also reuses at once on eviction). A new
-//! flow's way is written after its tag was cleared, and the new tag last, so a reader on another
-//! CPU (x86 keeps stores in order) matches the new key only once the entry behind it is whole. Two CPUs inserting into one set at the same instant may pick the same
-//! way: one of the two flows is then not tracked, and its next packet is decided afresh by the
-//! general path (a reply by the mid-flow pickup), as after an eviction.
+//! the LRU hash's entries (whose elements the kernel also reuses at once on eviction). An insert
+//! clears the way's tag, writes the entry and key, then the new tag, so a reader on another CPU
+//! (x86 keeps stores in order) matches the key only once the entry behind it is whole. Two CPUs
+//! inserting into one set at the same instant may pick the same way: one of the two flows is
+//! then not tracked, and its next packet is decided afresh by the general path (a reply by the
+//! mid-flow pickup), as after an eviction.
 use core::sync::atomic::{compiler_fence, Ordering};
 
 use netpol_common::{
@@ -113,24 +114,28 @@ pub enum NotInserted {
 #[inline(always)]
 pub fn insert(w: &KeyWords, value: &CtValue, replace: bool) -> Result<(), NotInserted> {
     let (tags, set, tag) = set(w).ok_or(NotInserted::NoSet)?;
-    let mut free = CT_WAYS;
-    for (i, t) in tags.tags.iter().enumerate() {
-        let Some(way) = set.ways.get_mut(i) else { break };
+    let (mut own, mut free) = (CT_WAYS, CT_WAYS);
+    for (i, (t, way)) in tags.tags.iter().zip(set.ways.iter()).enumerate() {
         if *t == tag && holds(way, w) {
-            if !replace {
-                return Err(NotInserted::Exists);
-            }
-            way.value = *value;
-            return Ok(());
+            own = i;
+            break;
         }
         if *t == 0 && free == CT_WAYS {
             free = i;
         }
     }
-    // A full set: the ways' times are read only now.
-    let victim = if free < CT_WAYS {
+    // The flow's own way is rewritten like any other (tag cleared first), so a reader on another
+    // CPU never sees half of the old entry and half of the new: the old one may be a deny
+    // tombstone, the new one an allowed connection reusing its ports.
+    let victim = if own < CT_WAYS {
+        if !replace {
+            return Err(NotInserted::Exists);
+        }
+        own
+    } else if free < CT_WAYS {
         free
     } else {
+        // A full set: the ways' times are read only now.
         let mut victim = 0;
         let mut oldest = u64::MAX;
         for (i, way) in set.ways.iter().enumerate() {
