@@ -5,9 +5,10 @@
 //! search and fill themselves. A new flow takes a free way of its set or, when all are taken,
 //! the way seen least recently (an LRU per set). Inserting into the kernel's LRU hash cost a
 //! new allowed flow ~230 of its ~320 ns (two locked regions: the bucket and the LRU's free
-//! list); writing a way of an array costs a cache line. What a set gives up against one LRU over
-//! the whole table: a flow can be evicted while other sets still have room, when
-//! [`CT_WAYS`] + 1 live flows hash to one set (see `docs/ARCHITECTURE.md`, "Conntrack").
+//! list); writing a way of an array costs a cache and TLB miss, ~100 ns. What a set gives up
+//! against one LRU over the whole table: a flow can be evicted while other sets still have
+//! room, when [`CT_WAYS`] + 1 live flows hash to one set (see `docs/ARCHITECTURE.md`,
+//! "Conntrack table").
 
 /// Key of [`crate::maps::CT`]. Oriented from the pod's side, so both hooks of one interface
 /// find the same entry: `local_port` is the pod's, `remote_*` its peer's. The pod's own address
