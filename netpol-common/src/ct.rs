@@ -112,7 +112,18 @@ pub const fn sets_for(entries: u32) -> u32 {
 /// bit folded in.
 #[inline(always)]
 pub fn set_of(w: &[u32; 7], mask: u32) -> u32 {
-    (fold(w).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32 & mask
+    set_and_tag(w, mask).0
+}
+
+/// [`set_of`] and [`tag_of`] from one fold of the key: the programs need both, and computed
+/// apart the fold was done twice (the map lookups between them are helper calls, across which
+/// the compiler reloads the key and folds it again).
+#[inline(always)]
+pub fn set_and_tag(w: &[u32; 7], mask: u32) -> (u32, u32) {
+    let f = fold(w);
+    let set = (f.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32 & mask;
+    let tag = ((f.wrapping_mul(0xc2b2_ae3d_27d4_eb4f) >> 32) as u32) | 1;
+    (set, tag)
 }
 
 #[inline(always)]
@@ -129,7 +140,7 @@ fn fold(w: &[u32; 7]) -> u64 {
 /// of the way: the key decides).
 #[inline(always)]
 pub fn tag_of(w: &[u32; 7]) -> u32 {
-    ((fold(w).wrapping_mul(0xc2b2_ae3d_27d4_eb4f) >> 32) as u32) | 1
+    set_and_tag(w, 0).1
 }
 
 /// TCP: SYN seen, no reply yet.

@@ -11,7 +11,7 @@
 use core::sync::atomic::{compiler_fence, Ordering};
 
 use netpol_common::{
-    ct::{set_of, tag_of, CtKey, CtSet, CtTags, CtValue, CtWay, CT_WAYS},
+    ct::{set_and_tag, CtKey, CtSet, CtTags, CtValue, CtWay, CT_WAYS},
     maps::CT_MAX,
 };
 
@@ -67,11 +67,11 @@ pub fn same_key(a: &KeyWords, w: &KeyWords) -> bool {
 /// The tags and ways of the set of the flow `w`, and its tag.
 #[inline(always)]
 fn set(w: &KeyWords) -> Option<(&'static mut CtTags, &'static mut CtSet, u32)> {
-    let index = set_of(w, mask());
+    let (index, tag) = set_and_tag(w, mask());
     let tags = CT_TAGS_MAP.get_ptr_mut(index)?;
     let ways = CT_MAP.get_ptr_mut(index)?;
     // SAFETY: values of the two tables; concurrent writers: see the module doc.
-    Some(unsafe { (&mut *tags, &mut *ways, tag_of(w)) })
+    Some(unsafe { (&mut *tags, &mut *ways, tag) })
 }
 
 /// The entry of the flow `w`, if it is tracked.
