@@ -170,7 +170,10 @@ impl Table {
         let table =
             Table { ways: Mapping::new(ways, maps::CT)?, tags: Mapping::new(tags, maps::CT_TAGS)? };
         if table.ways.len != table.tags.len {
-            return Err(DataplaneError::NotArray { name: maps::CT_TAGS });
+            return Err(DataplaneError::CtSizeMismatch {
+                ways: table.ways.len,
+                tags: table.tags.len,
+            });
         }
         Ok(table)
     }

@@ -73,6 +73,17 @@ pub enum DataplaneError {
         /// Map name.
         name: &'static str,
     },
+    /// The conntrack table's two maps have different set counts (pinned apart by hand).
+    #[error(
+        "conntrack maps np_ct ({ways} sets) and np_ct_tags ({tags} sets) differ in size; \
+         delete both pins (or run `netpol-agent uninstall`)"
+    )]
+    CtSizeMismatch {
+        /// Sets of `np_ct`.
+        ways: usize,
+        /// Sets of `np_ct_tags`.
+        tags: usize,
+    },
     /// Mapping a map's memory into the agent failed.
     #[error("mapping map {name} into memory")]
     Mmap {

@@ -48,6 +48,9 @@ pub enum PinnedError {
     /// Reading counters failed.
     #[error("reading counters")]
     Counters(#[source] Box<super::DataplaneError>),
+    /// Reading the conntrack table failed.
+    #[error("reading the conntrack table")]
+    Conntrack(#[source] Box<super::DataplaneError>),
 }
 
 type Result<T, E = PinnedError> = std::result::Result<T, E>;
@@ -127,7 +130,7 @@ impl PinnedMaps {
     /// Every conntrack entry.
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>> {
         let table = super::conntrack::Table::open(&self.map(maps::CT)?, &self.map(maps::CT_TAGS)?)
-            .map_err(|e| PinnedError::Counters(Box::new(e)))?;
+            .map_err(|e| PinnedError::Conntrack(Box::new(e)))?;
         Ok(super::conntrack::dump(&table))
     }
 

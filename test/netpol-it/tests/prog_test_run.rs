@@ -801,6 +801,46 @@ fn a_conntrack_map_of_the_older_layout_is_replaced() {
     drop(dp);
 }
 
+/// The CLI reading a conntrack table whose two maps were pinned with different sizes (only by
+/// hand: the agent replaces such a pair) names both and the way out, instead of misreading it.
+#[test]
+fn conntrack_maps_of_different_sizes_are_refused_by_the_cli() {
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/netpol-test-{}-ct-sizes",
+        std::process::id()
+    ));
+    let _cleanup = netpol_it::agent::RemovePins(dir.clone());
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, kind, value, entries, flags) in [
+        ("np_ep", "hash", "36", "16", "0"),
+        ("np_ct", "array", "256", "4", "1024"),
+        ("np_ct_tags", "array", "16", "8", "1024"),
+    ] {
+        let pin = dir.join(name).to_string_lossy().into_owned();
+        let args = ["map", "create", &pin, "type", kind, "key", "4", "value", value, "entries"];
+        let rest = [entries, "name", name, "flags", flags];
+        netpol_it::cmd::run("bpftool", &[&args[..], &rest[..]].concat()).unwrap();
+    }
+    let pinned = netpol_agent::dataplane::pinned::PinnedMaps::open(&dir).unwrap();
+    let err = match pinned.conntrack() {
+        Ok(flows) => panic!("read a mismatched table: {flows:?}"),
+        Err(e) => e,
+    };
+    let mut chain = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        chain = format!("{chain}: {s}");
+        source = s.source();
+    }
+    assert!(
+        chain.starts_with("reading the conntrack table")
+            && chain.contains("np_ct (4 sets)")
+            && chain.contains("np_ct_tags (8 sets)")
+            && chain.contains("uninstall"),
+        "{chain}"
+    );
+}
+
 #[test]
 fn conntrack_entries_of_a_released_interface_are_collected_at_once() {
     use netpol_agent::dataplane::conntrack::monotonic_ns;
