@@ -1,8 +1,11 @@
 //! `veth`: TCP throughput and request/response latency between two lab pods (routed topology,
-//! forwarded by the host), three variants interleaved in every repetition:
+//! forwarded by the host), four variants interleaved in every repetition:
 //! - floor: no program, no rules;
 //! - netpol: the real agent enforcing N policies that select the server;
-//! - iptables: the same N policies rendered Felix-style (see [`crate::felix`]).
+//! - iptables: the same N policies rendered Felix-style (see [`crate::felix`]);
+//! - empty: netpol's empty program `bench_floor` at the hooks netpol uses (TCX ingress and
+//!   egress of both pods' host-side interfaces), no agent: what attaching any TC program there
+//!   costs a round trip, the part of netpol's overhead its programs' logic cannot remove.
 //!
 //! The policy set: N policies select the server (`app=server`), each with one ingress rule;
 //! policies 0..N-1 allow an ipBlock (a /28 outside the lab) on one port, and the last one allows
@@ -97,15 +100,17 @@ enum Variant {
     Floor,
     Netpol,
     Iptables,
+    Empty,
 }
 
 impl Variant {
-    const ALL: [Variant; 3] = [Variant::Floor, Variant::Netpol, Variant::Iptables];
+    const ALL: [Variant; 4] = [Variant::Floor, Variant::Netpol, Variant::Iptables, Variant::Empty];
     fn name(self) -> &'static str {
         match self {
             Variant::Floor => "floor (no program)",
             Variant::Netpol => "netpol",
             Variant::Iptables => "iptables+ipset (Felix-style)",
+            Variant::Empty => "empty program (netpol hooks)",
         }
     }
 }
@@ -261,11 +266,21 @@ fn accounted() -> Result<Accounted> {
     Ok(a)
 }
 
-/// The empty program `bench_floor` at TC ingress and egress of each pod's own interface
-/// (`eth0` in its namespace), loaded from netpol's object by a separate dataplane with maps of
-/// its own: it runs once per packet and hook like netpol's programs, two hooks per pod, and
-/// its accounted time is the accounting's own cost plus an empty program's. Detached and
-/// unpinned on drop (and on Ctrl-C, with the process).
+/// Where [`EmptyPrograms`] go on each pod: TC ingress and egress of its own interface (`eth0`
+/// in its namespace), or of its host-side interface, where netpol attaches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Pod,
+    Host,
+}
+
+/// The empty program `bench_floor` at TC ingress and egress of one interface of each pod
+/// ([`Side`]), loaded from netpol's object by a separate dataplane with maps of its own: it runs
+/// once per packet and hook like netpol's programs, two hooks per pod. On the pods' own
+/// interfaces, beside netpol, its accounted time is the accounting's own cost plus an empty
+/// program's; on the host side, instead of netpol, it is the `Empty` variant: what any TC
+/// program there costs a round trip. Detached and unpinned on drop (and on Ctrl-C, with the
+/// process).
 struct EmptyPrograms {
     dp: Option<Dataplane>,
     pin_dir: PathBuf,
@@ -273,9 +288,10 @@ struct EmptyPrograms {
 }
 
 impl EmptyPrograms {
-    fn attach(pods: &[&Pod]) -> Result<EmptyPrograms> {
+    fn attach(pods: &[&Pod], side: Side) -> Result<EmptyPrograms> {
+        let suffix = if side == Side::Pod { "empty" } else { "empty-host" };
         let pin_dir =
-            PathBuf::from(format!("/sys/fs/bpf/netpol-bench-{}-empty", std::process::id()));
+            PathBuf::from(format!("/sys/fs/bpf/netpol-bench-{}-{suffix}", std::process::id()));
         let _ = remove_pins(&pin_dir);
         let unpin = pin_dir.clone();
         let _signal = on_signal(move || {
@@ -287,13 +303,17 @@ impl EmptyPrograms {
         let mut empty = EmptyPrograms { dp: Some(dp), pin_dir, _signal };
         for pod in pods {
             let dp = empty.dp.as_mut().expect("held until drop");
-            in_netns(&pod.netns, || -> Result<()> {
+            let mut both = |iface: &str| -> Result<()> {
                 for at in [TcAttachType::Ingress, TcAttachType::Egress] {
-                    dp.attach_unmanaged(PROG_BENCH_FLOOR, "eth0", at, false)?;
+                    dp.attach_unmanaged(PROG_BENCH_FLOOR, iface, at, false)?;
                 }
                 Ok(())
-            })?
-            .with_context(|| format!("attaching the empty program in {}", pod.netns))?;
+            };
+            match side {
+                Side::Pod => in_netns(&pod.netns, || both("eth0"))?,
+                Side::Host => both(&pod.host_if),
+            }
+            .with_context(|| format!("attaching the empty program for {}", pod.netns))?;
         }
         Ok(empty)
     }
@@ -309,7 +329,7 @@ impl Drop for EmptyPrograms {
 /// Per round trip, over `n` round trips with the kernel's accounting on: netpol's programs'
 /// time and runs, and the empty program's time and runs.
 fn program_cost_per_rr(client: &Pod, server: &Pod, to: SocketAddr, n: usize) -> Result<[f64; 4]> {
-    let _empty = EmptyPrograms::attach(&[client, server])?;
+    let _empty = EmptyPrograms::attach(&[client, server], Side::Pod)?;
     let _stats = BpfStats::enable()?;
     let before = accounted()?;
     rr(client, to, n)?;
@@ -560,10 +580,10 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
                     .collect(),
             },
         ];
-        let mut samples: [Vec<Sample>; 3] = Default::default();
+        let mut samples: [Vec<Sample>; Variant::ALL.len()] = Default::default();
         for rep in 0..plan.reps {
-            for k in 0..3 {
-                let v = Variant::ALL[(k + rep) % 3];
+            for k in 0..Variant::ALL.len() {
+                let v = Variant::ALL[(k + rep) % Variant::ALL.len()];
                 let s = match v {
                     Variant::Floor => measure(plan, &pods, false),
                     Variant::Netpol => {
@@ -586,6 +606,10 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
                         let r = Rendering::install(&workloads)?;
                         anyhow::ensure!(r.policy_chains() == n as usize, "rendering incomplete");
                         measure(plan, &pods, true)
+                    }
+                    Variant::Empty => {
+                        let _empty = EmptyPrograms::attach(&[&client, &server], Side::Host)?;
+                        measure(plan, &pods, false)
                     }
                 }
                 .with_context(|| format!("{n} policies, {}", v.name()))?;
@@ -680,6 +704,7 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
             "policies": n, "rr_overhead": overhead, "rr_overhead_met": overhead <= TARGET_RR_OVERHEAD,
             "rr_paired_overhead": paired, "rr_paired_overhead_met": paired <= TARGET_RR_OVERHEAD,
             "iptables_rr_paired_overhead": paired_overhead(Variant::Iptables),
+            "empty_rr_paired_overhead": paired_overhead(Variant::Empty),
             "prog_ns_per_rr": np.prog_ns_per_rr, "prog_runs_per_rr": np.prog_runs_per_rr, "prog_share_of_floor_rr": prog_share,
             "empty_ns_per_run": empty_per_run, "empty_runs_per_rr": np.empty_runs_per_rr,
             "net_prog_ns_per_rr": net_ns_per_rr, "net_prog_share_of_floor_rr": net_share,
@@ -695,6 +720,7 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
         let o = v["rr_overhead"].as_f64().unwrap_or(0.0);
         let paired = v["rr_paired_overhead"].as_f64().unwrap_or(0.0);
         let net = v["net_prog_share_of_floor_rr"].as_f64().unwrap_or(0.0);
+        let empty = v["empty_rr_paired_overhead"].as_f64().unwrap_or(0.0);
         println!(
             "TCP_RR p50 overhead ≤ 2 % ({n:>4} policies): {:+5.1} %   {}",
             o * 100.0,
@@ -704,6 +730,10 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
             "  the same, paired with the unenforced pair ({n:>4} policies): {:+5.1} %   {}",
             paired * 100.0,
             if paired <= TARGET_RR_OVERHEAD { "met" } else { "MISSED" }
+        );
+        println!(
+            "  an empty program at netpol's hooks instead, paired ({n:>4} policies): {:+5.1} %",
+            empty * 100.0
         );
         println!(
             "  programs' own time net of the accounting ({n:>4} policies): {:5.2} % of the floor's p50   {}",
