@@ -609,6 +609,14 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
                     }
                     Variant::Empty => {
                         let _empty = EmptyPrograms::attach(&[&client, &server], Side::Host)?;
+                        for pod in [&client, &server] {
+                            let progs = tcx_programs(&pod.host_if)?;
+                            anyhow::ensure!(
+                                progs == ["bench_floor", "bench_floor"],
+                                "{} runs {progs:?}, not the empty program at both hooks",
+                                pod.host_if
+                            );
+                        }
                         measure(plan, &pods, false)
                     }
                 }
