@@ -252,9 +252,9 @@ impl Subject {
         Ok(Subject { rules, peers, compile_ms, maps, samples: Default::default() })
     }
 
-    /// This row's part of a round: its maps written over the previous row's in the round's
-    /// dataplane `f` (`loaded`: what `f` holds now), conntrack emptied, then each packet kind
-    /// right after its floor.
+    /// This row's part of a round: its maps written over the previous row's in `f`, the
+    /// dataplane its peer count shares (`loaded`: what `f` holds now), conntrack emptied, then
+    /// each packet kind right after its floor. A `warm_up` visit's figures are dropped.
     fn round(
         &mut self,
         plan: &Plan,
