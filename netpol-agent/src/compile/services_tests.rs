@@ -339,3 +339,24 @@ fn service_entries_carry_the_enclosing_admin_prefix() {
     let d = after.decide(key_of("10.96.0.2".parse().unwrap()), TCP, 80);
     assert!(!d.allow && d.rule_id == 7, "other addresses unchanged: {d:?}");
 }
+
+/// The case the property test `compiled_maps_agree_with_reference` found: a slice listing the
+/// Service port's name twice (8080, then 1000). Only the first was a backend, so egress that
+/// allows 8080 reached the node port, which kube-proxy may send to 1000.
+#[test]
+fn a_slice_listing_a_port_name_twice_is_allowed_only_if_both_ports_are() {
+    let with_twice = |s: ClusterState| {
+        s.with_slice(
+            slice("web-twice", "prod", "web")
+                .port("http", Protocol::Tcp, 8080)
+                .port("http", Protocol::Tcp, 1000)
+                .endpoint("10.0.1.1", true),
+        )
+    };
+    let o = opts();
+    let s = with_twice(cluster(vec![to_web(&[8080, 9090])]));
+    assert!(!check(&s, &o, "client", "192.168.0.1", TCP, 30080).allow, "port 1000 is not allowed");
+    assert!(!check(&s, &o, "client", "10.96.0.1", TCP, 80).allow);
+    let s = with_twice(cluster(vec![to_web(&[8080, 9090, 1000])]));
+    assert!(check(&s, &o, "client", "192.168.0.1", TCP, 30080).allow);
+}

@@ -64,7 +64,8 @@ impl Service {
     /// The backends kube-proxy sends `port` traffic of address family `v6` to: every address of
     /// an endpoint of the Service's slices of that family whose slice lists a port with the
     /// Service port's name and protocol, at that slice port's number (the resolved
-    /// `targetPort`, which may differ per backend for a named `targetPort`).
+    /// `targetPort`, which may differ per backend for a named `targetPort`; at each of them if
+    /// the slice lists the name more than once).
     ///
     /// kube-proxy uses the ready endpoints (`ready` unset counts as ready); only when there is
     /// none does it fall back to the endpoints that are serving and terminating. The same rule
@@ -85,10 +86,12 @@ impl Service {
             {
                 continue;
             }
-            let Some(sp) =
-                slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol)
-            else {
-                continue;
+            // Every slice port of that name and protocol, not the first. The API wants a slice's
+            // port names unique, but a manifest directory is not validated, and with two the
+            // one kube-proxy uses depends on its map order: both are candidates, so a
+            // connection is allowed only if the policy allows each.
+            let ports = || {
+                slice.ports.iter().filter(|p| p.name == port.name && p.protocol == port.protocol)
             };
             for ep in &slice.endpoints {
                 let target = if ep.ready {
@@ -98,7 +101,9 @@ impl Service {
                 } else {
                     continue;
                 };
-                target.extend(ep.addresses.iter().map(|a| (*a, sp.port)));
+                for sp in ports() {
+                    target.extend(ep.addresses.iter().map(|a| (*a, sp.port)));
+                }
             }
         }
         if ready.is_empty() {
@@ -246,5 +251,18 @@ mod tests {
         let draining = [slices[2].clone()];
         assert_eq!(addrs(&s.backends(draining.iter(), &p, false)), ["10.0.0.4:8080"]);
         assert!(s.backends([].iter(), &p, false).is_empty());
+    }
+
+    #[test]
+    fn a_port_name_listed_twice_in_a_slice_makes_both_ports_backends() {
+        let (s, p) = svc();
+        let mut twice = slice("a", false, 8080, vec![ep("10.0.0.1", true, true, false)]);
+        let mut second = twice.ports[0].clone();
+        second.port = 1000;
+        twice.ports.push(second);
+        assert_eq!(
+            addrs(&s.backends([&twice].into_iter(), &p, false)),
+            ["10.0.0.1:1000", "10.0.0.1:8080"]
+        );
     }
 }
