@@ -54,6 +54,11 @@ enum Command {
         /// Tiny sizes: checks the benchmark's code path; the figures mean nothing.
         #[arg(long)]
         quick: bool,
+        /// datapath only: capacity of the conntrack table in flows, as the agent's
+        /// --conntrack-size [default: the agent's default]. The JSON then goes to
+        /// bench/results/datapath-conntrack-<FLOWS>.json, beside the published datapath.json.
+        #[arg(long, value_name = "FLOWS")]
+        conntrack_size: Option<u32>,
     },
 }
 
@@ -82,23 +87,34 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test::soak()
         }
-        Command::Bench { name, quick } => {
-            setup::run()?;
+        Command::Bench { name, quick, conntrack_size } => {
             anyhow::ensure!(
                 BENCHMARKS.contains(&name.as_str()),
                 "unknown benchmark {name:?}; available: {}",
                 BENCHMARKS.join(", ")
             );
+            anyhow::ensure!(
+                conntrack_size.is_none() || name == "datapath",
+                "--conntrack-size applies to the datapath benchmark only, not to {name:?}"
+            );
+            setup::run()?;
             exec::cargo(&["build", "--release", "-p", "netpol-it", "--bin", "netpol-bench"])?;
             // A quick run's figures mean nothing: never over the published results.
-            let out = if quick {
-                exec::target_dir().join(format!("bench-quick/{name}.json"))
-            } else {
-                exec::workspace_root().join(format!("bench/results/{name}.json"))
+            let file = match conntrack_size {
+                Some(flows) => format!("{name}-conntrack-{flows}.json"),
+                None => format!("{name}.json"),
             };
-            let mut args = vec![std::ffi::OsStr::new(&name), out.as_os_str()];
+            let out = if quick {
+                exec::target_dir().join("bench-quick").join(file)
+            } else {
+                exec::workspace_root().join("bench/results").join(file)
+            };
+            let mut args = vec![std::ffi::OsString::from(&name), out.into_os_string()];
             if quick {
-                args.push(std::ffi::OsStr::new("--quick"));
+                args.push("--quick".into());
+            }
+            if let Some(flows) = conntrack_size {
+                args.extend(["--conntrack-size".into(), flows.to_string().into()]);
             }
             exec::run_status(exec::target_dir().join("release/netpol-bench"), &args)
         }

@@ -4,9 +4,19 @@
 use std::process::Command;
 
 fn quick(name: &str, fields: &[&str]) -> serde_json::Value {
-    let out = std::env::temp_dir().join(format!("netpol-bench-{}-{name}.json", std::process::id()));
+    quick_with(name, &[], fields)
+}
+
+/// [`quick`] with more arguments for the benchmark.
+fn quick_with(name: &str, extra: &[&str], fields: &[&str]) -> serde_json::Value {
+    let out = std::env::temp_dir().join(format!(
+        "netpol-bench-{}-{name}{}.json",
+        std::process::id(),
+        extra.join("")
+    ));
     let run = Command::new(env!("CARGO_BIN_EXE_netpol-bench"))
         .args([name, out.to_str().expect("utf-8 path"), "--quick"])
+        .args(extra)
         .output()
         .expect("starting netpol-bench");
     let stdout = String::from_utf8_lossy(&run.stdout);
@@ -36,6 +46,29 @@ fn quick(name: &str, fields: &[&str]) -> serde_json::Value {
 fn datapath_quick() {
     let doc = quick("datapath", &["floor_ns", "established_ns", "new_denied_ns", "new_allowed_ns"]);
     assert_eq!(doc["rows"].as_array().map(Vec::len), Some(2), "one row per rule count");
+    assert_eq!(doc["conntrack_flows"], netpol_common::maps::CT_MAX as u64, "the agent's default");
+    assert_eq!(doc["conntrack_default"], true);
+}
+
+/// `--conntrack-size` loads the table the agent would for that size (rounded down to whole sets,
+/// a power of two of them), and says so in the JSON.
+#[test]
+fn datapath_quick_with_another_conntrack_size() {
+    let doc = quick_with("datapath", &["--conntrack-size", "20000"], &["new_allowed_ns"]);
+    assert_eq!(doc["conntrack_flows"], 16_384, "20,000 flows round down to 4,096 sets of 4");
+    assert_eq!(doc["conntrack_default"], false);
+}
+
+/// The option is the datapath benchmark's: any other refuses it before running.
+#[test]
+fn conntrack_size_is_refused_by_other_benchmarks() {
+    let run = Command::new(env!("CARGO_BIN_EXE_netpol-bench"))
+        .args(["compile", "/dev/null", "--quick", "--conntrack-size", "1024"])
+        .output()
+        .expect("starting netpol-bench");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "compile ran with --conntrack-size");
+    assert!(stderr.contains("--conntrack-size applies to the datapath benchmark only"), "{stderr}");
 }
 
 #[test]

@@ -41,7 +41,11 @@ use netpol_agent::{
     dataplane::DataplaneOptions,
     layout::{KernelMaps, Layout},
 };
-use netpol_common::{counters::Reason, maps, DIR_INGRESS};
+use netpol_common::{
+    counters::Reason,
+    ct::{sets_for, CtSet, CtTags, CT_WAYS},
+    maps, DIR_INGRESS,
+};
 use netpol_it::{
     fixture::{Fixture, DROP, PASS, TEST_IFINDEX},
     packet::{tcp, Frame, L4},
@@ -88,12 +92,24 @@ const QUICK: Plan = Plan {
 };
 
 /// The programs under test: the object built into the agent, or the one named by
-/// `NETPOL_BENCH_OBJECT` (to compare a variant build against the floor of the same run).
-fn fixture(name: &str) -> Fixture {
+/// `NETPOL_BENCH_OBJECT` (to compare a variant build against the floor of the same run), with a
+/// conntrack table of `ct_flows` flows.
+fn fixture(name: &str, ct_flows: u32) -> Fixture {
     let object = std::env::var_os("NETPOL_BENCH_OBJECT").map(std::path::PathBuf::from);
-    let opts =
-        DataplaneOptions { events_per_sec: 1000, events_burst: 1000, object, ..Default::default() };
+    let opts = DataplaneOptions {
+        events_per_sec: 1000,
+        events_burst: 1000,
+        object,
+        ct_max_entries: Some(ct_flows),
+        ..Default::default()
+    };
     Fixture::with_options(name, opts)
+}
+
+/// Flows of the conntrack table the agent creates when asked for `requested` (its default
+/// without): whole sets, a power of two of them.
+fn conntrack_flows(requested: Option<u32>) -> u32 {
+    sets_for(requested.unwrap_or(maps::CT_MAX as u32)) * CT_WAYS as u32
 }
 
 fn frame(src: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
@@ -349,7 +365,7 @@ impl Subject {
 /// reaches every row alike and does not pass for a difference between rule counts. The first
 /// visit is a warm-up whose figures are dropped: in a dataplane just loaded, the first row's
 /// one-packet-per-run figure was 250–280 ns where the rows after it took ~180 ns.
-fn measure_peers(plan: &Plan, peers: u32) -> Result<Vec<Row>> {
+fn measure_peers(plan: &Plan, peers: u32, ct_flows: u32) -> Result<Vec<Row>> {
     let mut subjects = plan
         .rules
         .iter()
@@ -358,7 +374,7 @@ fn measure_peers(plan: &Plan, peers: u32) -> Result<Vec<Row>> {
         })
         .collect::<Result<Vec<_>>>()?;
     let n = subjects.len();
-    let mut f = fixture(&format!("bench-{peers}"));
+    let mut f = fixture(&format!("bench-{peers}"), ct_flows);
     let mut loaded = KernelMaps::default();
     let visits = (0..plan.rounds).flat_map(|round| (0..n).map(move |i| (round + i) % n));
     for (generation, (i, warm_up)) in
@@ -391,7 +407,7 @@ pub enum Spin {
 pub fn spin(secs: u64, packets: Spin) -> Result<serde_json::Value> {
     let state = one_endpoint(1_000, 1_000);
     let maps = Layout::new().update(&compile(&state, &CompileOptions::new(ONE_ENDPOINT_NODE)))?;
-    let mut f = fixture("bench-spin");
+    let mut f = fixture("bench-spin", conntrack_flows(None));
     write_maps(&mut f, &KernelMaps::default(), &maps, 1)?;
     let allowed = peer_ip(0);
     open_flow(&mut f, allowed, 1, FIRST_RULE_PORT)?;
@@ -455,13 +471,23 @@ fn verdict(met: bool) -> &'static str {
     }
 }
 
-pub fn run(size: Size) -> Result<serde_json::Value> {
+/// Runs the benchmark with a conntrack table of `conntrack_size` flows (the agent's default
+/// without).
+pub fn run(size: Size, conntrack_size: Option<u32>) -> Result<serde_json::Value> {
     let plan = match size {
         Size::Full => &FULL,
         Size::Quick => &QUICK,
     };
+    let ct_flows = conntrack_flows(conntrack_size);
+    let ct_sets = ct_flows / CT_WAYS as u32;
     println!("netpol datapath benchmark: BPF_PROG_TEST_RUN, kernel-measured ns/packet");
     println!("maps filled by the real compiler + layout; floor = empty TC program in the same run");
+    println!(
+        "conntrack table: {ct_flows} flows ({} KiB of ways, {} KiB of tags), {}",
+        ct_sets as usize * size_of::<CtSet>() / 1024,
+        ct_sets as usize * size_of::<CtTags>() / 1024,
+        if conntrack_size.is_some() { "--conntrack-size" } else { "the agent's default" }
+    );
     println!(
         "rows of a peer count interleaved; median of {} rounds; (×) = median of program / floor per round\n",
         plan.rounds
@@ -484,7 +510,7 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
     );
     let mut rows = Vec::new();
     for &peers in plan.peers {
-        for r in measure_peers(plan, peers)? {
+        for r in measure_peers(plan, peers, ct_flows)? {
             let cell = |v: f64, ratio: f64| format!("{v:6.1} ns ({ratio:5.2}×)");
             println!(
                 "{:>6} {:>7} {:>8} {:>7}  {:>5.1} ns {:>18} {:>18} {:>18}  {:>5.1} ns {:>18} {:>18}  {:>5.1} ns {:>18}",
@@ -578,6 +604,7 @@ pub fn run(size: Size) -> Result<serde_json::Value> {
     Ok(json!({
         "benchmark": "datapath",
         "method": "BPF_PROG_TEST_RUN, kernel-measured; maps from compile() + Layout of synth::one_endpoint; established (an ACK: flow cache hit), established uncached (a FIN-ACK: conntrack lookup) and new denied (one SYN repeated) batched; new denied and new allowed as streams of new flows, batched through bench_new_flows (source port bumped per run, tail call into to_pod; floor: the same into the empty program; the endpoint's counters checked for one policy drop or new allowed flow per run) and one packet per run against the empty program run the same way; the rows of a peer count interleaved round by round in one dataplane (each visit writes the row's maps over the previous row's and empties conntrack; a first visit is a warm-up, dropped); single runs: median of a round's runs; ns = median over rounds, ratio = median over rounds of the ratio to the floor measured just before; flatness over the batched measures, and apart over the one-per-run column",
+        "conntrack_flows": ct_flows, "conntrack_default": conntrack_size.is_none(),
         "repeat": plan.repeat, "new_flow_repeat": plan.new_repeat, "single_runs": plan.single_runs, "rounds": plan.rounds,
         "targets": {
             "established_ns": TARGET_ESTABLISHED_NS, "new_ns": TARGET_NEW_NS, "flat": TARGET_FLAT,

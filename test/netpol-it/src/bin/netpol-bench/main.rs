@@ -1,8 +1,10 @@
 //! `cargo xtask bench <name>`: `datapath`, `compile`, `apply` and `veth`.
 //!
-//! `netpol-bench <name> [OUT.json] [--quick]`: runs one benchmark, prints its table and writes
-//! its JSON to OUT (default `bench/results/<name>.json`). `--quick` runs tiny sizes, for the
-//! smoke test that checks each benchmark's code path (its figures mean nothing).
+//! `netpol-bench <name> [OUT.json] [--quick] [--conntrack-size FLOWS]`: runs one benchmark,
+//! prints its table and writes its JSON to OUT (default `bench/results/<name>.json`). `--quick`
+//! runs tiny sizes, for the smoke test that checks each benchmark's code path (its figures mean
+//! nothing). `--conntrack-size` runs `datapath` with another conntrack table than the agent's
+//! default, to see what the table's size costs a new flow on the host at hand.
 mod apply;
 mod cleanup;
 mod compile;
@@ -61,20 +63,45 @@ pub fn machine() -> serde_json::Value {
     })
 }
 
+/// `netpol-bench`: runs one benchmark, prints its table and writes its JSON.
+#[derive(clap::Parser)]
+#[command(about)]
+struct Args {
+    /// datapath, compile, apply or veth (or spin, spin-denied, spin-allowed,
+    /// spin-allowed-single: a steady load to profile with `perf record -a` meanwhile).
+    name: String,
+    /// Where to write the JSON [default: bench/results/<name>.json, or
+    /// bench/results/datapath-conntrack-<flows>.json with --conntrack-size].
+    out: Option<String>,
+    /// Tiny sizes: checks the benchmark's code path; the figures mean nothing.
+    #[arg(long)]
+    quick: bool,
+    /// datapath only: capacity of the conntrack table in flows, as the agent's
+    /// --conntrack-size (rounded down the same way) [default: the agent's default].
+    #[arg(long, value_name = "FLOWS")]
+    conntrack_size: Option<u32>,
+}
+
+/// Where a run's JSON goes by default: a run with another conntrack size than the agent's
+/// default never overwrites the published `datapath.json`.
+fn default_out(name: &str, conntrack_size: Option<u32>) -> String {
+    match conntrack_size {
+        Some(flows) => format!("bench/results/{name}-conntrack-{flows}.json"),
+        None => format!("bench/results/{name}.json"),
+    }
+}
+
 fn main() -> Result<()> {
+    let args = <Args as clap::Parser>::parse();
     cleanup::install()?;
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let size = match args.iter().position(|a| a == "--quick") {
-        Some(i) => {
-            args.remove(i);
-            Size::Quick
-        }
-        None => Size::Full,
-    };
-    let name = args.first().cloned().unwrap_or_default();
-    let out = args.get(1).cloned().unwrap_or_else(|| format!("bench/results/{name}.json"));
-    let doc = match name.as_str() {
-        "datapath" => datapath::run(size)?,
+    let size = if args.quick { Size::Quick } else { Size::Full };
+    let name = args.name.as_str();
+    if args.conntrack_size.is_some() && name != "datapath" {
+        anyhow::bail!("--conntrack-size applies to the datapath benchmark only, not to {name:?}");
+    }
+    let out = args.out.clone().unwrap_or_else(|| default_out(name, args.conntrack_size));
+    let doc = match name {
+        "datapath" => datapath::run(size, args.conntrack_size)?,
         "compile" => compile::run(size)?,
         "apply" => apply::run(size)?,
         "veth" => veth::run(size)?,
