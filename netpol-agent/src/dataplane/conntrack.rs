@@ -144,6 +144,11 @@ impl<T> Mapping<T> {
         Ok(Mapping { base, len, bytes })
     }
 
+    /// Where the map is mapped in this process, and how many bytes.
+    fn region(&self) -> (*const u8, usize) {
+        (self.base.as_ptr() as *const u8, self.bytes)
+    }
+
     fn at(&self, i: usize) -> *mut T {
         assert!(i < self.len, "index {i} beyond {} values", self.len);
         // SAFETY: within the mapping.
@@ -183,6 +188,13 @@ impl Table {
     }
 
     /// Way `i`'s tag. Volatile: the programs write the table concurrently.
+    /// The memory of the ways and of the tags as this process maps them, for as long as the
+    /// table lives (the datapath benchmark evicts it from the CPU caches). The programs write
+    /// it meanwhile: read it only through raw pointers, never as a slice.
+    pub fn regions(&self) -> [(*const u8, usize); 2] {
+        [self.ways.region(), self.tags.region()]
+    }
+
     fn tag(&self, i: usize) -> u32 {
         let set = self.tags.at(i / CT_WAYS);
         // SAFETY: within the mapping, 4-byte aligned (a page-aligned array of 16-byte values).

@@ -44,7 +44,14 @@ fn quick_with(name: &str, extra: &[&str], fields: &[&str]) -> serde_json::Value 
 
 #[test]
 fn datapath_quick() {
-    let doc = quick("datapath", &["floor_ns", "established_ns", "new_denied_ns", "new_allowed_ns"]);
+    let fields = [
+        "floor_ns",
+        "established_ns",
+        "new_denied_ns",
+        "new_allowed_ns",
+        "new_allowed_not_evicted_ns",
+    ];
+    let doc = quick("datapath", &fields);
     assert_eq!(doc["rows"].as_array().map(Vec::len), Some(2), "one row per rule count");
     assert_eq!(doc["conntrack_flows"], netpol_common::maps::CT_MAX as u64, "the agent's default");
     assert_eq!(doc["conntrack_default"], true);

@@ -9,6 +9,7 @@ mod apply;
 mod cleanup;
 mod compile;
 mod datapath;
+mod evict;
 mod felix;
 mod veth;
 
