@@ -187,7 +187,6 @@ impl Table {
         self.ways.len * CT_WAYS
     }
 
-    /// Way `i`'s tag. Volatile: the programs write the table concurrently.
     /// The memory of the ways and of the tags as this process maps them, for as long as the
     /// table lives (the datapath benchmark evicts it from the CPU caches). The programs write
     /// it meanwhile: read it only through raw pointers, never as a slice.
@@ -195,6 +194,7 @@ impl Table {
         [self.ways.region(), self.tags.region()]
     }
 
+    /// Way `i`'s tag. Volatile: the programs write the table concurrently.
     fn tag(&self, i: usize) -> u32 {
         let set = self.tags.at(i / CT_WAYS);
         // SAFETY: within the mapping, 4-byte aligned (a page-aligned array of 16-byte values).
