@@ -66,7 +66,7 @@ pub fn same_key(a: &KeyWords, w: &KeyWords) -> bool {
 
 /// The tags and ways of the set of the flow `w`, and its tag.
 #[inline(always)]
-fn set(w: &KeyWords) -> Option<(&'static mut CtTags, &'static mut CtSet, u32)> {
+fn set(w: &KeyWords) -> Option<(&'static mut CtTags, &'static mut CtSet, u16)> {
     let (index, tag) = set_and_tag(w, mask());
     let tags = CT_TAGS_MAP.get_ptr_mut(index)?;
     let ways = CT_MAP.get_ptr_mut(index)?;

@@ -3,11 +3,11 @@
 //! expires them.
 //!
 //! The agent reads and frees ways through shared mappings of the two maps (both are mmapable),
-//! not a syscall per set: a GC pass reads the tags (2 MiB at the default size) and only the ways
+//! not a syscall per set: a GC pass reads the tags (1 MiB at the default size) and only the ways
 //! they mark taken. Freeing races with the datapath refreshing or reusing the same way, so GC is
 //! two-phase: [`scan`] records the `last_seen_ns` of every expired way, [`sweep`] re-reads each
 //! one and frees it only if it still holds that flow at that time (a packet in between keeps the
-//! flow). A way is freed by zeroing its tag, one aligned 4-byte store.
+//! flow). A way is freed by zeroing its tag, one aligned 2-byte store.
 use std::{
     collections::BTreeSet,
     os::fd::{AsFd, AsRawFd},
@@ -195,15 +195,18 @@ impl Table {
     }
 
     /// Way `i`'s tag. Volatile: the programs write the table concurrently.
-    fn tag(&self, i: usize) -> u32 {
+    fn tag(&self, i: usize) -> u16 {
         let set = self.tags.at(i / CT_WAYS);
-        // SAFETY: within the mapping, 4-byte aligned (a page-aligned array of 16-byte values).
+        // SAFETY: within the mapping, 2-byte aligned (a page-aligned array of 8-byte values).
         unsafe { std::ptr::addr_of!((*set).tags[i % CT_WAYS]).read_volatile() }
     }
 
     /// The flow in way `i`, if any: a copy taken between two reads of its tag that agree (the
     /// programs clear the tag before they rewrite a way and set it after), so never half of
-    /// one flow and half of another.
+    /// one flow and half of another, unless a flow of the same 16-bit tag replaced it during
+    /// the copy (1 in 32,768 such replacements). [`sweep`] may then free the new flow for the
+    /// old one, as it may when a flow replaces the way between its read and its free: the new
+    /// flow's next packet is decided afresh, as after an eviction.
     fn read(&self, i: usize) -> Option<(CtKey, CtValue)> {
         let tag = self.tag(i);
         if tag == 0 {

@@ -801,6 +801,35 @@ fn a_conntrack_map_of_the_older_layout_is_replaced() {
     drop(dp);
 }
 
+/// Until the ninth session a set's tags were four 32-bit words: an agent finding such a table
+/// pinned replaces both of its maps (rather than refusing to start over the tags' value size).
+#[test]
+fn a_conntrack_table_with_32_bit_tags_is_replaced() {
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/netpol-test-{}-ct-tags32",
+        std::process::id()
+    ));
+    let _cleanup = netpol_it::agent::RemovePins(dir.clone());
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, value) in [("np_ct", "256"), ("np_ct_tags", "16")] {
+        let pin = dir.join(name).to_string_lossy().into_owned();
+        let args = ["map", "create", &pin, "type", "array", "key", "4", "value", value];
+        let rest = ["entries", "1024", "name", name, "flags", "1024"];
+        netpol_it::cmd::run("bpftool", &[&args[..], &rest[..]].concat()).unwrap();
+    }
+    let old_ways = aya::maps::MapData::from_pin(dir.join("np_ct")).unwrap().info().unwrap().id();
+    let opts =
+        netpol_agent::dataplane::DataplaneOptions { pin_dir: dir.clone(), ..Default::default() };
+    let dp = netpol_agent::dataplane::Dataplane::load(&opts).expect("loads over the old pins");
+    let tags = aya::maps::MapData::from_pin(dir.join("np_ct_tags")).unwrap().info().unwrap();
+    let ways = aya::maps::MapData::from_pin(dir.join("np_ct")).unwrap().info().unwrap();
+    assert_eq!(tags.value_size() as usize, size_of::<netpol_common::ct::CtTags>());
+    assert_ne!(ways.id(), old_ways, "the ways were replaced with the tags");
+    assert_eq!(dp.conntrack_capacity().unwrap(), netpol_common::maps::CT_MAX as u64);
+    assert!(dp.conntrack().unwrap().is_empty());
+    drop(dp);
+}
+
 /// The CLI reading a conntrack table whose two maps were pinned with different sizes (only by
 /// hand: the agent replaces such a pair) names both and the way out, instead of misreading it.
 #[test]
@@ -814,7 +843,7 @@ fn conntrack_maps_of_different_sizes_are_refused_by_the_cli() {
     for (name, kind, value, entries, flags) in [
         ("np_ep", "hash", "36", "16", "0"),
         ("np_ct", "array", "256", "4", "1024"),
-        ("np_ct_tags", "array", "16", "8", "1024"),
+        ("np_ct_tags", "array", "8", "8", "1024"),
     ] {
         let pin = dir.join(name).to_string_lossy().into_owned();
         let args = ["map", "create", &pin, "type", kind, "key", "4", "value", value, "entries"];
