@@ -8,7 +8,7 @@
 //! 103 ns, 210 ns after writing 64 MiB of other memory between its batches, and 241 ns after
 //! 700 MiB. Flushing every line of the table (ways and tags) before a batch makes its figure that
 //! of flows whose conntrack lines come from memory, as a new flow's do on a node whose table the
-//! caches do not hold: 236–249 ns in every row of every run since.
+//! caches do not hold: 229–256 ns in every row of every run since, as the host's speed moved.
 use anyhow::Result;
 use netpol_agent::dataplane::conntrack::Table;
 
