@@ -697,10 +697,7 @@ fn forgetting_an_interface_deletes_its_counters_and_keeps_the_totals() {
 #[test]
 fn maps_pinned_with_another_layout_are_refused_by_name() {
     netpol_it::require_root();
-    let dir =
-        std::path::PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-layout", std::process::id()));
-    let _cleanup = netpol_it::agent::RemovePins(dir.clone());
-    std::fs::create_dir_all(&dir).unwrap();
+    let (dir, _cleanup) = scratch_pins("layout");
     // np_ep as an earlier build pinned it: 32-byte values, before `counter_slot`.
     let pin = dir.join("np_ep");
     netpol_it::cmd::run(
@@ -777,10 +774,7 @@ fn a_full_conntrack_set_evicts_the_flow_seen_least_recently() {
 /// (rather than refusing to start, as for other maps of another layout), and enforces.
 #[test]
 fn a_conntrack_map_of_the_older_layout_is_replaced() {
-    let dir =
-        std::path::PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-ct-lru", std::process::id()));
-    let _cleanup = netpol_it::agent::RemovePins(dir.clone());
-    std::fs::create_dir_all(&dir).unwrap();
+    let (dir, _cleanup) = scratch_pins("ct-lru");
     let pin = dir.join("np_ct");
     let pin_arg = pin.to_string_lossy();
     let old = ["map", "create", &pin_arg, "type", "lru_hash", "key", "28", "value", "24"];
@@ -801,22 +795,32 @@ fn a_conntrack_map_of_the_older_layout_is_replaced() {
     drop(dp);
 }
 
+/// A pin directory of this test process under bpffs, named after `test`, removed when the
+/// guard drops (also when the test fails).
+fn scratch_pins(test: &str) -> (std::path::PathBuf, netpol_it::agent::RemovePins) {
+    let dir =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-{test}", std::process::id()));
+    let guard = netpol_it::agent::RemovePins(dir.clone());
+    std::fs::create_dir_all(&dir).unwrap();
+    (dir, guard)
+}
+
+/// Pins a map `name` of `kind` (4-byte keys, `value`-byte values, `entries`, map `flags`) in
+/// `dir`, as a build of another layout, or a hand, would have left it.
+fn pin_map(dir: &std::path::Path, name: &str, kind: &str, value: &str, entries: &str, flags: &str) {
+    let pin = dir.join(name).to_string_lossy().into_owned();
+    let args = ["map", "create", &pin, "type", kind, "key", "4", "value", value, "entries"];
+    let rest = [entries, "name", name, "flags", flags];
+    netpol_it::cmd::run("bpftool", &[&args[..], &rest[..]].concat()).unwrap();
+}
+
 /// Until the ninth session a set's tags were four 32-bit words: an agent finding such a table
 /// pinned replaces both of its maps (rather than refusing to start over the tags' value size).
 #[test]
 fn a_conntrack_table_with_32_bit_tags_is_replaced() {
-    let dir = std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/netpol-test-{}-ct-tags32",
-        std::process::id()
-    ));
-    let _cleanup = netpol_it::agent::RemovePins(dir.clone());
-    std::fs::create_dir_all(&dir).unwrap();
-    for (name, value) in [("np_ct", "256"), ("np_ct_tags", "16")] {
-        let pin = dir.join(name).to_string_lossy().into_owned();
-        let args = ["map", "create", &pin, "type", "array", "key", "4", "value", value];
-        let rest = ["entries", "1024", "name", name, "flags", "1024"];
-        netpol_it::cmd::run("bpftool", &[&args[..], &rest[..]].concat()).unwrap();
-    }
+    let (dir, _cleanup) = scratch_pins("ct-tags32");
+    pin_map(&dir, "np_ct", "array", "256", "1024", "1024");
+    pin_map(&dir, "np_ct_tags", "array", "16", "1024", "1024");
     let old_ways = aya::maps::MapData::from_pin(dir.join("np_ct")).unwrap().info().unwrap().id();
     let opts =
         netpol_agent::dataplane::DataplaneOptions { pin_dir: dir.clone(), ..Default::default() };
@@ -834,22 +838,10 @@ fn a_conntrack_table_with_32_bit_tags_is_replaced() {
 /// hand: the agent replaces such a pair) names both and the way out, instead of misreading it.
 #[test]
 fn conntrack_maps_of_different_sizes_are_refused_by_the_cli() {
-    let dir = std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/netpol-test-{}-ct-sizes",
-        std::process::id()
-    ));
-    let _cleanup = netpol_it::agent::RemovePins(dir.clone());
-    std::fs::create_dir_all(&dir).unwrap();
-    for (name, kind, value, entries, flags) in [
-        ("np_ep", "hash", "36", "16", "0"),
-        ("np_ct", "array", "256", "4", "1024"),
-        ("np_ct_tags", "array", "8", "8", "1024"),
-    ] {
-        let pin = dir.join(name).to_string_lossy().into_owned();
-        let args = ["map", "create", &pin, "type", kind, "key", "4", "value", value, "entries"];
-        let rest = [entries, "name", name, "flags", flags];
-        netpol_it::cmd::run("bpftool", &[&args[..], &rest[..]].concat()).unwrap();
-    }
+    let (dir, _cleanup) = scratch_pins("ct-sizes");
+    pin_map(&dir, "np_ep", "hash", "36", "16", "0");
+    pin_map(&dir, "np_ct", "array", "256", "4", "1024");
+    pin_map(&dir, "np_ct_tags", "array", "8", "8", "1024");
     let pinned = netpol_agent::dataplane::pinned::PinnedMaps::open(&dir).unwrap();
     let err = match pinned.conntrack() {
         Ok(flows) => panic!("read a mismatched table: {flows:?}"),
