@@ -5,8 +5,8 @@
 //! batch wrote may still be cached when the next one starts, or may not, as the host's other
 //! tenants and the caches' fill policy decide. With the programs unchanged, such a stream
 //! measured 123–250 ns from run to run; a steady loop of batches (`netpol-bench spin-allowed`)
-//! 103 ns, 210 ns after writing 64 MiB of other memory between its batches, and 241 ns after
-//! 700 MiB. Flushing every line of the table (ways and tags) before a batch makes its figure that
+//! 103 ns, and, in a throwaway build that wrote other memory between its batches, 210 ns after
+//! 64 MiB and 241 ns after 700 MiB. Flushing every line of the table (ways and tags) before a batch makes its figure that
 //! of flows whose conntrack lines come from memory, as a new flow's do on a node whose table the
 //! caches do not hold: 229–256 ns in every row of every run since, as the host's speed moved.
 use anyhow::Result;
