@@ -56,7 +56,7 @@ use netpol_it::{
 };
 use serde_json::json;
 
-use crate::{evict::evict, median, Size};
+use crate::{evict::evict, median, memory::Chase, Size};
 
 /// Targets of the benchmark issue.
 const TARGET_ESTABLISHED_NS: f64 = 60.0;
@@ -71,6 +71,8 @@ struct Plan {
     new_repeat: u32,
     single_runs: u32,
     rounds: usize,
+    /// Dependent loads of a memory latency sample (`crate::memory`).
+    chase_loads: usize,
 }
 
 /// The new-flow batches' source ports start above this one, clear of the ports the round's
@@ -84,6 +86,7 @@ const FULL: Plan = Plan {
     new_repeat: 50_000,
     single_runs: 2_000,
     rounds: 27,
+    chase_loads: 2_000_000,
 };
 const QUICK: Plan = Plan {
     rules: &[1, 10],
@@ -92,6 +95,7 @@ const QUICK: Plan = Plan {
     new_repeat: 1_000,
     single_runs: 20,
     rounds: 1,
+    chase_loads: 10_000,
 };
 
 /// The programs under test: the object built into the agent, or the one named by
@@ -531,9 +535,15 @@ pub fn run(size: Size, conntrack_size: Option<u32>) -> Result<serde_json::Value>
         "floor(1)",
         "new allowed (1)"
     );
+    // The memory latency baseline (`crate::memory`), sampled before the first peer count and
+    // after each, as the host's speed moves during a run.
+    let chase = Chase::new(ct_sets as usize * size_of::<CtSet>())?;
+    let mut memory = vec![chase.latency_ns(plan.chase_loads)];
     let mut rows = Vec::new();
     for &peers in plan.peers {
-        for r in measure_peers(plan, peers, ct_flows)? {
+        let measured = measure_peers(plan, peers, ct_flows)?;
+        memory.push(chase.latency_ns(plan.chase_loads));
+        for r in measured {
             let cell = |v: f64, ratio: f64| format!("{v:6.1} ns ({ratio:5.2}×)");
             println!(
                 "{:>6} {:>7} {:>8} {:>7}  {:>5.1} ns {:>18} {:>18} {:>18}  {:>5.1} ns {:>18} {:>18} {:>18}  {:>5.1} ns {:>18}",
@@ -580,6 +590,20 @@ pub fn run(size: Size, conntrack_size: Option<u32>) -> Result<serde_json::Value>
         ],
     );
     let single_spread = largest_deviation(plan, &rows, &[|r| r.allowed_single_ratio]);
+    let memory_samples = memory.clone();
+    let memory_ns = median(&mut memory);
+    let allowed_worst = worst(&|r| r.allowed);
+    println!(
+        "\nmemory latency: {memory_ns:.1} ns (median of {} samples, {:.1}–{:.1}): a dependent load of a random line of",
+        memory_samples.len(),
+        memory_samples.iter().copied().fold(f64::MAX, f64::min),
+        memory_samples.iter().copied().fold(f64::MIN, f64::max),
+    );
+    println!(
+        "  {} KiB in 4 KiB pages, as large as the conntrack ways; new allowed (table evicted) − memory latency: {:.1} ns",
+        ct_sets as usize * size_of::<CtSet>() / 1024,
+        allowed_worst - memory_ns
+    );
     println!("\ntarget                                   measured (worst row)   verdict");
     println!(
         "established ≤ {TARGET_ESTABLISHED_NS} ns                       {est_worst:8.1} ns            {}",
@@ -648,6 +672,8 @@ pub fn run(size: Size, conntrack_size: Option<u32>) -> Result<serde_json::Value>
             "largest_deviation": spread, "flat_met": spread <= TARGET_FLAT,
             "largest_deviation_single": single_spread, "flat_single_met": single_spread <= TARGET_FLAT,
         },
+        "memory_latency_ns": memory_ns, "memory_latency_samples_ns": memory_samples,
+        "new_allowed_worst_minus_memory_latency_ns": allowed_worst - memory_ns,
         "machine": crate::machine(),
         "rows": rows_json,
     }))

@@ -11,6 +11,7 @@ mod compile;
 mod datapath;
 mod evict;
 mod felix;
+mod memory;
 mod veth;
 
 use anyhow::{Context as _, Result};
