@@ -55,11 +55,17 @@ fn datapath_quick() {
     assert_eq!(doc["rows"].as_array().map(Vec::len), Some(2), "one row per rule count");
     assert_eq!(doc["conntrack_flows"], netpol_common::maps::CT_MAX as u64, "the agent's default");
     assert_eq!(doc["conntrack_default"], true);
-    // The memory latency baseline: one sample before the peer count and one after it.
-    let samples = doc["memory_latency_samples_ns"].as_array().cloned().unwrap_or_default();
-    assert_eq!(samples.len(), 2, "{samples:?}");
-    assert!(samples.iter().all(|s| s.as_f64().is_some_and(|v| v > 0.0)), "{samples:?}");
-    assert!(doc["memory_latency_ns"].as_f64().is_some_and(|v| v > 0.0));
+    // The memory latency baseline: one sample before the peer count and one after it, in a
+    // buffer as large as the default table's ways.
+    let memory = &doc["memory_latency"];
+    assert_eq!(memory["buffer_bytes"], netpol_common::maps::CT_MAX as u64 * 64, "{memory}");
+    let samples = memory["pages_4k"]["samples_ns"].as_array().cloned().unwrap_or_default();
+    assert_eq!(samples.len(), 2, "{memory}");
+    assert!(samples.iter().all(|s| s.as_f64().is_some_and(|v| v > 0.0)), "{memory}");
+    assert!(memory["pages_4k"]["median_ns"].as_f64().is_some_and(|v| v > 0.0), "{memory}");
+    // Huge pages are the kernel's to grant: reported only where they were.
+    let share = memory["pages_2m_share"].as_f64().expect("share of huge pages");
+    assert_eq!(memory["pages_2m"].is_null(), share < 0.9, "{memory}");
 }
 
 /// `--conntrack-size` loads the table the agent would for that size (rounded down to whole sets,

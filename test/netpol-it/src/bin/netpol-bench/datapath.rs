@@ -56,7 +56,7 @@ use netpol_it::{
 };
 use serde_json::json;
 
-use crate::{evict::evict, median, memory::Chase, Size};
+use crate::{evict::evict, median, memory::Baseline, Size};
 
 /// Targets of the benchmark issue.
 const TARGET_ESTABLISHED_NS: f64 = 60.0;
@@ -537,12 +537,12 @@ pub fn run(size: Size, conntrack_size: Option<u32>) -> Result<serde_json::Value>
     );
     // The memory latency baseline (`crate::memory`), sampled before the first peer count and
     // after each, as the host's speed moves during a run.
-    let chase = Chase::new(ct_sets as usize * size_of::<CtSet>())?;
-    let mut memory = vec![chase.latency_ns(plan.chase_loads)];
+    let mut memory = Baseline::new(ct_sets as usize * size_of::<CtSet>(), plan.chase_loads)?;
+    memory.sample();
     let mut rows = Vec::new();
     for &peers in plan.peers {
         let measured = measure_peers(plan, peers, ct_flows)?;
-        memory.push(chase.latency_ns(plan.chase_loads));
+        memory.sample();
         for r in measured {
             let cell = |v: f64, ratio: f64| format!("{v:6.1} ns ({ratio:5.2}×)");
             println!(
@@ -590,19 +590,36 @@ pub fn run(size: Size, conntrack_size: Option<u32>) -> Result<serde_json::Value>
         ],
     );
     let single_spread = largest_deviation(plan, &rows, &[|r| r.allowed_single_ratio]);
-    let memory_samples = memory.clone();
-    let memory_ns = median(&mut memory);
     let allowed_worst = worst(&|r| r.allowed);
+    let base = memory.base();
+    let (huge, huge_share) = memory.huge()?;
     println!(
-        "\nmemory latency: {memory_ns:.1} ns (median of {} samples, {:.1}–{:.1}): a dependent load of a random line of",
-        memory_samples.len(),
-        memory_samples.iter().copied().fold(f64::MAX, f64::min),
-        memory_samples.iter().copied().fold(f64::MIN, f64::max),
+        "\nmemory latency, a dependent load of a random line of {} KiB (as large as the conntrack ways):",
+        ct_sets as usize * size_of::<CtSet>() / 1024
     );
     println!(
-        "  {} KiB in 4 KiB pages, as large as the conntrack ways; new allowed (table evicted) − memory latency: {:.1} ns",
-        ct_sets as usize * size_of::<CtSet>() / 1024,
-        allowed_worst - memory_ns
+        "  4 KiB pages (as the conntrack array's): {:.1} ns (median of {} samples, {:.1}–{:.1})",
+        base.median_ns,
+        base.samples_ns.len(),
+        base.min_ns,
+        base.max_ns
+    );
+    match &huge {
+        Some(h) => println!(
+            "  2 MiB pages ({:.0} % of the buffer):     {:.1} ns ({:.1}–{:.1})",
+            huge_share * 100.0,
+            h.median_ns,
+            h.min_ns,
+            h.max_ns
+        ),
+        None => println!(
+            "  2 MiB pages: not granted ({:.0} % of the buffer; transparent huge pages off?)",
+            huge_share * 100.0
+        ),
+    }
+    println!(
+        "  new allowed (table evicted, worst row) − memory latency (4 KiB pages): {:.1} ns",
+        allowed_worst - base.median_ns
     );
     println!("\ntarget                                   measured (worst row)   verdict");
     println!(
@@ -672,8 +689,11 @@ pub fn run(size: Size, conntrack_size: Option<u32>) -> Result<serde_json::Value>
             "largest_deviation": spread, "flat_met": spread <= TARGET_FLAT,
             "largest_deviation_single": single_spread, "flat_single_met": single_spread <= TARGET_FLAT,
         },
-        "memory_latency_ns": memory_ns, "memory_latency_samples_ns": memory_samples,
-        "new_allowed_worst_minus_memory_latency_ns": allowed_worst - memory_ns,
+        "memory_latency": {
+            "buffer_bytes": ct_sets as usize * size_of::<CtSet>(),
+            "pages_4k": base, "pages_2m": huge, "pages_2m_share": huge_share,
+        },
+        "new_allowed_worst_minus_memory_latency_ns": allowed_worst - base.median_ns,
         "machine": crate::machine(),
         "rows": rows_json,
     }))
