@@ -78,32 +78,31 @@ impl Mapping {
         unsafe { self.base.add(i * LINE) as *mut u32 }
     }
 
-    /// Bytes of the window that the kernel backs with huge pages: `AnonHugePages` of its
-    /// mapping in `/proc/self/smaps` (the advice gave the window a mapping of its own).
+    /// Bytes of the window that the kernel backs with huge pages (the advice gave the window
+    /// a mapping of its own).
     fn huge_bytes(&self) -> Result<usize> {
-        let smaps = std::fs::read_to_string("/proc/self/smaps")?;
-        let start = self.base as usize;
-        let mut inside = false;
-        for line in smaps.lines() {
-            if let Some((range, _)) = line.split_once(' ') {
-                if let Some((from, to)) = range.split_once('-') {
-                    if let (Ok(from), Ok(to)) =
-                        (usize::from_str_radix(from, 16), usize::from_str_radix(to, 16))
-                    {
-                        inside = from <= start && start < to;
-                        continue;
-                    }
-                }
-            }
-            if inside {
-                if let Some(kb) = line.strip_prefix("AnonHugePages:") {
-                    let kb = kb.trim().trim_end_matches("kB").trim();
-                    return Ok(kb.parse::<usize>()? * 1024);
-                }
-            }
-        }
-        bail!("no AnonHugePages for the chase buffer at {start:#x} in /proc/self/smaps")
+        anon_huge_bytes(&std::fs::read_to_string("/proc/self/smaps")?, self.base as usize)
     }
+}
+
+/// `AnonHugePages` of the mapping that holds `addr`, in bytes, from the text of
+/// `/proc/<pid>/smaps`: each mapping's `start-end perms ...` line, then its `Key: value` lines.
+fn anon_huge_bytes(smaps: &str, addr: usize) -> Result<usize> {
+    let mut inside = false;
+    for line in smaps.lines() {
+        let range = line.split_once(' ').and_then(|(range, _)| range.split_once('-'));
+        if let Some((Ok(from), Ok(to))) =
+            range.map(|(from, to)| (usize::from_str_radix(from, 16), usize::from_str_radix(to, 16)))
+        {
+            inside = from <= addr && addr < to;
+            continue;
+        }
+        if let Some(kb) = line.strip_prefix("AnonHugePages:").filter(|_| inside) {
+            let kb = kb.trim().trim_end_matches("kB").trim();
+            return Ok(kb.parse::<usize>()? * 1024);
+        }
+    }
+    bail!("no AnonHugePages for the mapping at {addr:#x} in /proc/self/smaps")
 }
 
 impl Drop for Mapping {
@@ -261,6 +260,24 @@ mod tests {
         }
         assert_eq!(i, 0, "the cycle returns to its start after every line");
         assert!(seen.iter().all(|&s| s));
+    }
+
+    #[test]
+    fn huge_pages_are_read_from_the_mapping_that_holds_the_address() {
+        let smaps = "\
+7f0000000000-7f0000400000 rw-p 00000000 00:00 0
+Size:               4096 kB
+AnonHugePages:      2048 kB
+7f0000400000-7f0002400000 rw-p 00000000 00:00 0
+Size:              32768 kB
+AnonHugePages:     30720 kB
+7f0002400000-7f0002401000 rw-p 00000000 00:00 0
+AnonHugePages:         0 kB
+";
+        assert_eq!(anon_huge_bytes(smaps, 0x7f00_0040_0000).unwrap(), 30 << 20);
+        assert_eq!(anon_huge_bytes(smaps, 0x7f00_003f_ffff).unwrap(), 2 << 20);
+        assert_eq!(anon_huge_bytes(smaps, 0x7f00_0240_0000).unwrap(), 0);
+        assert!(anon_huge_bytes(smaps, 0x7f00_0300_0000).is_err(), "no mapping holds it");
     }
 
     #[test]
