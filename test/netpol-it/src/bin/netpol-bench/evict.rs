@@ -12,7 +12,7 @@
 use anyhow::Result;
 use netpol_agent::dataplane::conntrack::Table;
 
-const LINE: usize = 64;
+use crate::LINE;
 
 /// Flushes every cache line of `table`'s ways and tags from every cache of the machine.
 pub fn evict(table: &Table) -> Result<()> {

@@ -16,6 +16,9 @@ mod veth;
 
 use anyhow::{Context as _, Result};
 
+/// A cache line, the unit `evict` flushes and `memory` chases.
+pub const LINE: usize = 64;
+
 /// Full benchmark, or tiny sizes for a smoke test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Size {

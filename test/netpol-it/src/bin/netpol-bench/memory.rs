@@ -15,7 +15,7 @@
 //! pages could save at most.
 use anyhow::{bail, Result};
 
-const LINE: usize = 64;
+use crate::LINE;
 
 /// Size of a huge page (x86_64 and aarch64 with 4 KiB base pages).
 const HUGE: usize = 2 << 20;
@@ -143,8 +143,9 @@ impl Chase {
         Ok(Chase { map, lines })
     }
 
-    /// Nanoseconds per load over `loads` dependent loads (after a first pass over the buffer,
-    /// so that page faults and first touches are not counted).
+    /// Nanoseconds per load over `loads` dependent loads, after a pass over the whole buffer:
+    /// the benchmark's packets run between samples, and that pass makes each sample start from
+    /// what a chase itself leaves in the caches and TLB, not from what they left.
     pub fn latency_ns(&self, loads: usize) -> f64 {
         let mut i = self.walk(0, self.lines);
         let start = std::time::Instant::now();
