@@ -312,7 +312,9 @@ impl Compiler {
         dirty_pods
     }
 
-    /// Policies and endpoints a pod (as it is before or after the change) touches.
+    /// Policies and endpoints a pod (as it is before or after the change) touches: policies
+    /// whose peers select it or a pod at one of its addresses (whose egress named ports it
+    /// changes), or whose named egress ports reach ranges.
     fn pod_dirt(
         &self,
         pod: Option<&Pod>,
@@ -324,22 +326,30 @@ impl Compiler {
         if !pod.in_scope() {
             return;
         }
+        let sharers = self.index.sharers(&self.state, pod);
         for (key, policy) in &self.state.policies {
             let broad = self.infos.get(key).is_some_and(|i| i.broad_named_egress);
-            if broad || peers_match_pod(&self.state, policy, pod) {
+            if broad
+                || peers_match_pod(&self.state, policy, pod)
+                || sharers.iter().any(|s| peers_match_pod(&self.state, policy, s))
+            {
                 policies.insert(key.clone());
             }
         }
     }
 
-    /// Local pods that cluster policies whose peers contain `pod` select (their tier sets hold
-    /// the pod's addresses and, for egress named ports, its container ports).
+    /// Local pods that cluster policies whose peers contain `pod`, or a pod at one of its
+    /// addresses, select (their tier sets hold the pod's addresses and, for egress named ports,
+    /// the container ports of every pod at them).
     fn cluster_pod_dirt(&self, pod: &Pod, pods: &mut BTreeSet<PodRef>) {
         if !pod.in_scope() {
             return;
         }
+        let sharers = self.index.sharers(&self.state, pod);
         for policy in self.state.cluster_policies.values() {
-            if tiers::peers_match_pod(&self.state, policy, pod) {
+            if tiers::peers_match_pod(&self.state, policy, pod)
+                || sharers.iter().any(|s| tiers::peers_match_pod(&self.state, policy, s))
+            {
                 pods.extend(self.cluster_selected_local(policy));
             }
         }

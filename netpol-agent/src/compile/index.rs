@@ -41,6 +41,19 @@ impl Index {
             .collect()
     }
 
+    /// The other in-scope pods at one of `pod`'s addresses. What an egress named port resolves
+    /// to at an address is the union of their container ports ([`Index::ports_at`]: the maps
+    /// key on addresses, which cannot tell two pods claiming one apart), so a change of `pod`
+    /// also changes it for rules whose peers select one of these.
+    pub fn sharers<'s>(&self, state: &'s ClusterState, pod: &Pod) -> Vec<&'s Pod> {
+        let key = pod.key();
+        let mut keys: BTreeSet<&PodRef> = BTreeSet::new();
+        for ip in &pod.ips {
+            keys.extend(self.by_ip.get(&key_of(*ip)).into_iter().flatten().filter(|k| **k != key));
+        }
+        keys.into_iter().filter_map(|k| state.pods.get(k)).collect()
+    }
+
     /// Indexes `state` for node `node`.
     pub fn new(state: &ClusterState, node: &str) -> Self {
         let mut index = Index::default();

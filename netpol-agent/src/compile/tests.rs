@@ -374,6 +374,43 @@ fn incremental_matches_full_for_simple_changes() {
     );
 }
 
+/// An egress named port resolves against every pod at the destination address: the maps see
+/// addresses, and two pods can claim one for a moment (a terminating pod and the pod its
+/// address went to). A pod the rule does not select therefore changes what the port resolves
+/// to when it takes or leaves the address of a pod the rule selects, and the incremental
+/// compiler must see that. Found by `incremental_equals_full` in a long run.
+#[test]
+fn a_pod_at_a_selected_peers_address_changes_its_named_ports_incrementally() {
+    let eg = policy("eg", "prod").select(sel(&[("app", "web")])).egress(
+        rule().peer(pods(None, Some(sel(&[("app", "db")])))).port(named(Protocol::Tcp, "metrics")),
+    );
+    let start = state(base_ns(), base_pods(), vec![eg]);
+    let mut c = Compiler::new(start, opts());
+    // Not selected (namespace dev, no app label), at db's address.
+    let stale = |ip, port| {
+        pod("stale", "dev").ip(ip).node(Some("node-b")).port(Some("metrics"), port, Protocol::Tcp)
+    };
+    let web_to_db = |c: &Compiler, port| {
+        let maps = Layout::new().update(c.compiled()).unwrap();
+        let ep = &maps.endpoints[&PodRef::new("prod", "web")];
+        evaluate(&maps, &ep.value, E, "10.0.0.2".parse().unwrap(), TCP, port).allow
+    };
+    assert!(!web_to_db(&c, 9100), "db has no port named metrics");
+    let changes = [
+        (Change::UpsertPod(stale("10.0.0.2", 9100).build()), 9100, true),
+        (Change::UpsertPod(stale("10.0.0.2", 9200).build()), 9100, false),
+        (Change::UpsertPod(stale("10.0.1.9", 9200).build()), 9200, false),
+        (Change::UpsertPod(stale("10.0.0.2", 9200).build()), 9200, true),
+        (Change::DeletePod(PodRef::new("dev", "stale")), 9200, false),
+    ];
+    for (ch, port, want) in changes {
+        let what = format!("{ch:?}");
+        c.apply(ch);
+        assert_eq!(c.compiled(), &compile(c.state(), &opts()), "after {what}");
+        assert_eq!(web_to_db(&c, port), want, "web to db:{port} after {what}");
+    }
+}
+
 /// The endpoint map flags of every local pod, from a full compile and from a compiler that
 /// reached `s` incrementally from `from` (both must agree).
 fn audit_flags(from: &ClusterState, s: &ClusterState) -> BTreeMap<String, u32> {

@@ -511,3 +511,38 @@ fn incremental_matches_full_compile() {
         assert_eq!(c.compiled(), &compile(c.state(), &o), "after {ch:?}");
     }
 }
+
+/// A cluster rule's egress named port resolves against every pod at the destination address,
+/// like a NetworkPolicy's (`tests.rs`): a pod the rule does not select, at the address of one it
+/// selects, changes it, and the incremental compiler must see that.
+#[test]
+fn a_pod_at_a_selected_peers_address_changes_cluster_named_ports_incrementally() {
+    let o = CompileOptions::new("node-a");
+    let start = base()
+        .with(cnp("dns", Tier::Admin, 1).egress(
+            crule(Accept).pods(ns("kube-system"), sel(&[("k8s-app", "kube-dns")])).named("dns"),
+        ))
+        .with(cnp("default-deny", Tier::Baseline, 1).egress(crule(Deny).networks(&["0.0.0.0/0"])));
+    let mut c = Compiler::new(start, o.clone());
+    // Not selected (namespace dev, no k8s-app label), at the DNS pod's address.
+    let stale = |ip, port| pod("stale", "dev").ip(ip).port(Some("dns"), port, Protocol::Udp);
+    let cli_to_dns = |c: &Compiler, port| {
+        let maps = Layout::new().update(c.compiled()).unwrap();
+        let ep = &maps.endpoints[&PodRef::new("dev", "cli")];
+        evaluate(&maps, &ep.value, E, DNS.parse().unwrap(), UDP, port).allow
+    };
+    assert!(!cli_to_dns(&c, 5353));
+    let changes = [
+        (Change::UpsertPod(stale(DNS, 5353).build()), 5353, true),
+        (Change::UpsertPod(stale(DNS, 5354).build()), 5353, false),
+        (Change::UpsertPod(stale("10.0.1.9", 5354).build()), 5354, false),
+        (Change::UpsertPod(stale(DNS, 5354).build()), 5354, true),
+        (Change::DeletePod(PodRef::new("dev", "stale")), 5354, false),
+    ];
+    for (ch, port, want) in changes {
+        let what = format!("{ch:?}");
+        c.apply(ch);
+        assert_eq!(c.compiled(), &compile(c.state(), &o), "after {what}");
+        assert_eq!(cli_to_dns(&c, port), want, "cli to dns:{port} after {what}");
+    }
+}
