@@ -2,8 +2,10 @@
 //! reference evaluator written here directly from the NetworkPolicy API reference, the
 //! network-policy-api ClusterNetworkPolicy reference (Admin tier → NetworkPolicy → Baseline tier
 //! → allow, lowest priority first, rule order within a policy) and, for egress to a Service
-//! address, the rule "allowed iff every backend kube-proxy may pick is allowed"; and the
-//! incremental compiler must produce exactly what a full compile produces.
+//! address, the rule "allowed iff every backend kube-proxy may pick is allowed"; the
+//! incremental compiler must produce exactly what a full compile produces; and the map updates
+//! of a long-lived layout must give every packet the old verdict or the new one at each point of
+//! the dataplane's write order.
 //!
 //! The reference evaluator deliberately shares no code with the compiler (not even label
 //! selector or CIDR matching).
@@ -11,7 +13,7 @@
 use std::net::IpAddr;
 
 use netpol_agent::compile::{compile, Change, CompileOptions, Compiler, RuleOrigin};
-use netpol_agent::layout::{evaluate, Layout};
+use netpol_agent::layout::{evaluate, KernelMaps, Layout};
 use netpol_agent::model::{
     AddressType, Cidr, ClusterAction, ClusterKind, ClusterPeer, ClusterPolicy, ClusterPort,
     ClusterRule, ClusterState, ContainerPort, Direction, EndpointPort, EndpointSlice, IpBlock,
@@ -19,6 +21,7 @@ use netpol_agent::model::{
     PolicyPort, PolicyType, PortRef, Protocol, Requirement, Rule, Service, ServicePort,
     SliceEndpoint, Tier, NAMESPACE_NAME_LABEL,
 };
+use netpol_common::policy::Decision;
 use proptest::prelude::*;
 use proptest::sample::select;
 
@@ -1018,6 +1021,64 @@ proptest! {
             c.apply(change.clone());
             let full = compile(c.state(), &o);
             prop_assert_eq!(c.compiled(), &full, "after {:?}", change);
+        }
+    }
+}
+
+/// The peer and port maps the kernel holds between the writes that take it from `old` to `new`,
+/// in the dataplane's order: upsert ports; upsert peers; switch endpoints; delete peers; delete
+/// ports. Endpoints are `old`'s before the switch and `new`'s after it.
+fn write_order(old: &KernelMaps, new: &KernelMaps) -> [KernelMaps; 3] {
+    let mut ports_up =
+        KernelMaps { peers: old.peers.clone(), ports: old.ports.clone(), ..KernelMaps::default() };
+    ports_up.ports.extend(new.ports.iter().map(|(k, v)| (*k, *v)));
+    let mut both_up = ports_up.clone();
+    both_up.peers.extend(new.peers.iter().map(|(k, v)| (*k, *v)));
+    let peers_gone = KernelMaps { peers: new.peers.clone(), ..ports_up.clone() };
+    [ports_up, both_up, peers_gone]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// 2,000 cases: a random cluster, then up to 8 random changes, each compiled incrementally
+    /// and laid out by one long-lived `Layout`, as the agent does. At every point of the write
+    /// order a packet sees the old verdicts or the new ones, never a mix (no set changes under
+    /// its id, and upserts precede the endpoint switch); and the ids the long-lived layout
+    /// gives give the verdicts of a fresh layout.
+    #[test]
+    fn map_updates_are_hitless(start in cluster_strategy(), pool in cluster_strategy(), o in options_strategy(), ops in proptest::collection::vec(any::<u8>(), 1..8), flows in flows_strategy()) {
+        let mut c = Compiler::new(start.clone(), o.clone());
+        let mut layout = Layout::new();
+        let mut old = layout.update(c.compiled()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let mut remotes: Vec<IpAddr> = start.pods.values().chain(pool.pods.values()).flat_map(|p| p.ips.iter().copied()).collect();
+        remotes.extend(EXTRA_REMOTES.iter().map(|r| r.parse::<IpAddr>().unwrap()));
+        let verdicts = |maps: &KernelMaps, eps: &KernelMaps| -> Vec<(String, Decision)> {
+            let mut out = Vec::new();
+            for (pod, ep) in &eps.endpoints {
+                for &(_, egress, ri, proto, port) in &flows {
+                    let dir = if egress { Direction::Egress } else { Direction::Ingress };
+                    let remote = remotes[ri % remotes.len()];
+                    let port = if proto == 1 { 0 } else { port };
+                    let d = evaluate(maps, &ep.value, dir, remote, proto, port);
+                    out.push((format!("{pod} {dir:?} {remote} {proto}/{port}"), d));
+                }
+            }
+            out
+        };
+        for op in ops {
+            let Some(change) = pick_change(c.state(), &pool, op) else { continue };
+            c.apply(change.clone());
+            let new = layout.update(c.compiled()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let fresh = Layout::new().update(c.compiled()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(verdicts(&new, &new), verdicts(&fresh, &fresh), "after {:?}", change);
+            let [ports_up, both_up, peers_gone] = write_order(&old, &new);
+            let (before, after) = (verdicts(&old, &old), verdicts(&new, &new));
+            prop_assert_eq!(&verdicts(&ports_up, &old), &before, "ports upserted, after {:?}", change);
+            prop_assert_eq!(&verdicts(&both_up, &old), &before, "peers upserted, after {:?}", change);
+            prop_assert_eq!(&verdicts(&both_up, &new), &after, "endpoints switched, after {:?}", change);
+            prop_assert_eq!(&verdicts(&peers_gone, &new), &after, "peers deleted, after {:?}", change);
+            old = new;
         }
     }
 }
