@@ -3,9 +3,9 @@
 //! network-policy-api ClusterNetworkPolicy reference (Admin tier → NetworkPolicy → Baseline tier
 //! → allow, lowest priority first, rule order within a policy) and, for egress to a Service
 //! address, the rule "allowed iff every backend kube-proxy may pick is allowed"; the
-//! incremental compiler must produce exactly what a full compile produces; and the map updates
-//! of a long-lived layout must give every packet the old verdict or the new one at each point of
-//! the dataplane's write order.
+//! incremental compiler must produce exactly what a full compile produces, change by change and
+//! from a snapshot's diff; and the map updates of a long-lived layout must give every packet
+//! the old verdict or the new one at each point of the dataplane's write order.
 //!
 //! The reference evaluator deliberately shares no code with the compiler (not even label
 //! selector or CIDR matching).
@@ -1022,6 +1022,24 @@ proptest! {
             let full = compile(c.state(), &o);
             prop_assert_eq!(c.compiled(), &full, "after {:?}", change);
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// 2,000 cases: the agent turns each snapshot into the changes from the previous one
+    /// (`agent::changes`, in its order: policies, cluster policies, namespaces, pods, Services,
+    /// slices); applied to a compiler at a random cluster, those of another random cluster
+    /// reach that cluster's state and its full compile.
+    #[test]
+    fn snapshot_changes_reach_the_full_compile(from in cluster_strategy(), to in cluster_strategy(), o in options_strategy()) {
+        let mut c = Compiler::new(from.clone(), o.clone());
+        for change in netpol_agent::agent::changes(&from, &to) {
+            c.apply(change);
+        }
+        prop_assert_eq!(c.state(), &to);
+        prop_assert_eq!(c.compiled(), &compile(&to, &o));
     }
 }
 
