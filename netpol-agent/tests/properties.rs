@@ -1052,7 +1052,11 @@ fn write_order(old: &KernelMaps, new: &KernelMaps) -> [KernelMaps; 3] {
     ports_up.ports.extend(new.ports.iter().map(|(k, v)| (*k, *v)));
     let mut both_up = ports_up.clone();
     both_up.peers.extend(new.peers.iter().map(|(k, v)| (*k, *v)));
-    let peers_gone = KernelMaps { peers: new.peers.clone(), ..ports_up.clone() };
+    let peers_gone = KernelMaps {
+        peers: new.peers.clone(),
+        ports: ports_up.ports.clone(),
+        ..KernelMaps::default()
+    };
     [ports_up, both_up, peers_gone]
 }
 
@@ -1062,8 +1066,8 @@ proptest! {
     /// 2,000 cases: a random cluster, then up to 8 random changes, each compiled incrementally
     /// and laid out by one long-lived `Layout`, as the agent does. At every point of the write
     /// order a packet sees the old verdicts or the new ones, never a mix (no set changes under
-    /// its id, and upserts precede the endpoint switch); and the ids the long-lived layout
-    /// gives give the verdicts of a fresh layout.
+    /// its id, and upserts precede the endpoint switch); and the long-lived layout's ids give
+    /// the verdicts of a fresh layout's.
     #[test]
     fn map_updates_are_hitless(start in cluster_strategy(), pool in cluster_strategy(), o in options_strategy(), ops in proptest::collection::vec(any::<u8>(), 1..8), flows in flows_strategy()) {
         let mut c = Compiler::new(start.clone(), o.clone());
@@ -1084,19 +1088,20 @@ proptest! {
             }
             out
         };
+        let mut before = verdicts(&old, &old);
         for op in ops {
             let Some(change) = pick_change(c.state(), &pool, op) else { continue };
             c.apply(change.clone());
             let new = layout.update(c.compiled()).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let fresh = Layout::new().update(c.compiled()).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert_eq!(verdicts(&new, &new), verdicts(&fresh, &fresh), "after {:?}", change);
+            let after = verdicts(&new, &new);
+            prop_assert_eq!(&after, &verdicts(&fresh, &fresh), "after {:?}", change);
             let [ports_up, both_up, peers_gone] = write_order(&old, &new);
-            let (before, after) = (verdicts(&old, &old), verdicts(&new, &new));
             prop_assert_eq!(&verdicts(&ports_up, &old), &before, "ports upserted, after {:?}", change);
             prop_assert_eq!(&verdicts(&both_up, &old), &before, "peers upserted, after {:?}", change);
             prop_assert_eq!(&verdicts(&both_up, &new), &after, "endpoints switched, after {:?}", change);
             prop_assert_eq!(&verdicts(&peers_gone, &new), &after, "peers deleted, after {:?}", change);
-            old = new;
+            (old, before) = (new, after);
         }
     }
 }
